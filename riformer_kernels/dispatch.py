@@ -1,0 +1,141 @@
+"""Backend registry and selection: which implementation runs a block, and why.
+
+Selection order of precedence: `use_backend(...)` (global setter or context manager), then the
+environment variable RIFORMER_BACKEND, then `auto`. `auto` walks a per-device preference list and
+takes the first backend that is usable and supports the call; `explain_dispatch` says which one
+that is and why each one before it was skipped. An explicitly requested backend that cannot run
+raises `BackendUnavailableError` with the reason instead of silently falling back.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+
+BACKEND_NAMES = ('reference', 'torch', 'triton', 'cuda', 'cpu')
+# Fastest first. The interpreter-run Triton backend is never auto-picked for CPU tensors: it is a
+# test vehicle, orders of magnitude slower than the others there.
+AUTO_ORDER = {
+    'cuda': ('triton', 'cuda', 'torch', 'reference'),
+    'cpu': ('cpu', 'torch', 'reference'),
+}
+DEFAULT_AUTO_ORDER = ('torch', 'reference')
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run here (the message says why)."""
+
+
+@dataclass
+class Backend:
+    """One implementation of the block forward.
+
+    availability() -> None when usable in this process, else the reason it is not.
+    supports(block, x) -> None when it can run this call, else the reason it cannot.
+    forward(block, x, dp1, dp2) -> output; dp1/dp2 are per-sample drop-path factors or None.
+    """
+    name: str
+    availability: Callable[[], str | None]
+    supports: Callable[[object, torch.Tensor], str | None] = field(default=lambda block, x: None)
+    forward: Callable | None = None
+
+
+_REGISTRY: dict[str, Backend] = {}
+_selected: str | None = None
+
+
+def register_backend(backend: Backend) -> None:
+    if backend.name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend name {backend.name!r}; expected one of {BACKEND_NAMES}")
+    _REGISTRY[backend.name] = backend
+
+
+def _not_built(name: str) -> str:
+    return f"the {name} backend has no kernels in this build yet"
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKEND_NAMES}")
+    return _REGISTRY.get(name) or Backend(name, availability=lambda: _not_built(name))
+
+
+class BackendInfo(NamedTuple):
+    usable: bool
+    reason: str
+
+
+def available_backends() -> dict[str, BackendInfo]:
+    """Every backend with whether it is usable in this process and, if not, why."""
+    result = {}
+    for name in BACKEND_NAMES:
+        reason = get_backend(name).availability()
+        result[name] = BackendInfo(reason is None, reason or 'usable')
+    return result
+
+
+def requested_backend() -> str:
+    """The backend asked for now: use_backend(...) > $RIFORMER_BACKEND > 'auto'."""
+    name = _selected or os.environ.get('RIFORMER_BACKEND', '').strip() or 'auto'
+    if name != 'auto' and name not in BACKEND_NAMES:
+        raise ValueError(f"RIFORMER_BACKEND={name!r} is not a backend; choose one of "
+                         f"{('auto',) + BACKEND_NAMES}")
+    return name
+
+
+class use_backend:
+    """Select a backend: `rk.use_backend('torch')` sets it globally; `with rk.use_backend(...)`
+    sets it for the block and restores the previous choice on exit. 'auto' restores automatic
+    selection; None clears the setting so RIFORMER_BACKEND applies again."""
+
+    def __init__(self, name: str | None):
+        global _selected
+        if name is not None and name != 'auto' and name not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKEND_NAMES}")
+        self._previous = _selected
+        _selected = name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _selected
+        _selected = self._previous
+        return False
+
+
+class Choice(NamedTuple):
+    backend: Backend
+    skipped: tuple  # ((name, reason), ...) for backends auto tried first
+
+
+def _why_not(backend: Backend, block, x) -> str | None:
+    return backend.availability() or backend.supports(block, x)
+
+
+def choose_backend(block, x: torch.Tensor) -> Choice:
+    name = requested_backend()
+    if name != 'auto':
+        backend = get_backend(name)
+        reason = _why_not(backend, block, x)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {name!r} cannot run this call: {reason}")
+        return Choice(backend, ())
+    skipped = []
+    for candidate in AUTO_ORDER.get(x.device.type, DEFAULT_AUTO_ORDER):
+        backend = get_backend(candidate)
+        reason = _why_not(backend, block, x)
+        if reason is None:
+            return Choice(backend, tuple(skipped))
+        skipped.append((candidate, reason))
+    raise BackendUnavailableError(f"no backend can run this call: {skipped}")
+
+
+def explain_dispatch(block, x: torch.Tensor) -> str:
+    """A readable account of which backend `block(x)` would run and why."""
+    choice = choose_backend(block, x)
+    lines = [f"requested: {requested_backend()}", f"chosen: {choice.backend.name}"]
+    lines += [f"skipped {name}: {reason}" for name, reason in choice.skipped]
+    return "\n".join(lines)

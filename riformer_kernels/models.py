@@ -1,0 +1,285 @@
+"""Whole models with upstream (mmpretrain) structure and keys, and checkpoint loading.
+
+`RIFormer` is the backbone (`patch_embed.proj`, `network.{i}`, `norm{idx}`); `RIFormerClassifier`
+adds global average pooling and a linear head (`backbone.*`, `head.fc.*`), like upstream's
+ImageClassifier with a GlobalAveragePooling neck and a LinearClsHead.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .block import RIFormerBlock
+from .reference import PatchEmbed, fused_scale_shift, group_norm_1
+
+ARCH_SETTINGS = {
+    's12': dict(layers=[2, 2, 6, 2], embed_dims=[64, 128, 320, 512],
+                mlp_ratios=[4, 4, 4, 4], layer_scale_init_value=1e-5),
+    's24': dict(layers=[4, 4, 12, 4], embed_dims=[64, 128, 320, 512],
+                mlp_ratios=[4, 4, 4, 4], layer_scale_init_value=1e-5),
+    's36': dict(layers=[6, 6, 18, 6], embed_dims=[64, 128, 320, 512],
+                mlp_ratios=[4, 4, 4, 4], layer_scale_init_value=1e-6),
+    'm36': dict(layers=[6, 6, 18, 6], embed_dims=[96, 192, 384, 768],
+                mlp_ratios=[4, 4, 4, 4], layer_scale_init_value=1e-6),
+    'm48': dict(layers=[8, 8, 24, 8], embed_dims=[96, 192, 384, 768],
+                mlp_ratios=[4, 4, 4, 4], layer_scale_init_value=1e-6),
+}
+
+
+def basic_blocks(dim, index, layers, mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0,
+                 layer_scale_init_value=1e-5, deploy=False) -> nn.Sequential:
+    """One stage; drop-path rates grow linearly with the block's depth in the whole network."""
+    blocks = []
+    for block_idx in range(layers[index]):
+        block_dpr = drop_path_rate * (block_idx + sum(layers[:index])) / (sum(layers) - 1)
+        blocks.append(RIFormerBlock(dim, mlp_ratio=mlp_ratio, drop=drop_rate, drop_path=block_dpr,
+                                    layer_scale_init_value=layer_scale_init_value, deploy=deploy))
+    return nn.Sequential(*blocks)
+
+
+class RIFormer(nn.Module):
+    """The RIFormer backbone. Returns a tuple of normalised features at `out_indices`."""
+    arch_settings = ARCH_SETTINGS
+
+    def __init__(self, arch='s12', in_channels=3, out_indices=-1, drop_rate=0.0,
+                 drop_path_rate=0.0, frozen_stages=-1, deploy=False,
+                 in_patch_size=7, in_stride=4, in_pad=2,
+                 down_patch_size=3, down_stride=2, down_pad=1):
+        super().__init__()
+        if isinstance(arch, str):
+            if arch not in self.arch_settings:
+                raise ValueError(f"unknown arch {arch!r}; choose one of "
+                                 f"{sorted(self.arch_settings)} or pass a dict")
+            arch = self.arch_settings[arch]
+        elif isinstance(arch, Mapping):
+            missing = {'layers', 'embed_dims'} - set(arch)
+            if missing:
+                raise ValueError(f"an arch dict needs the keys {sorted(missing)}")
+        else:
+            raise TypeError(f"arch must be a name or a dict, got {type(arch).__name__}")
+        layers = list(arch['layers'])
+        embed_dims = list(arch['embed_dims'])
+        mlp_ratios = list(arch.get('mlp_ratios', [4, 4, 4, 4]))
+        layer_scale_init_value = arch.get('layer_scale_init_value', 1e-5)
+        self.embed_dims = embed_dims
+
+        self.patch_embed = PatchEmbed(patch_size=in_patch_size, stride=in_stride,
+                                      padding=in_pad, in_chans=in_channels,
+                                      embed_dim=embed_dims[0])
+        network = []
+        for i in range(len(layers)):
+            network.append(basic_blocks(embed_dims[i], i, layers, mlp_ratio=mlp_ratios[i],
+                                        drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                                        layer_scale_init_value=layer_scale_init_value,
+                                        deploy=deploy))
+            if i >= len(layers) - 1:
+                break
+            if embed_dims[i] != embed_dims[i + 1]:
+                network.append(PatchEmbed(patch_size=down_patch_size, stride=down_stride,
+                                          padding=down_pad, in_chans=embed_dims[i],
+                                          embed_dim=embed_dims[i + 1]))
+        self.network = nn.ModuleList(network)
+
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        if not isinstance(out_indices, Sequence):
+            raise TypeError(f"out_indices must be an int or a sequence, got {type(out_indices)}")
+        out_indices = list(out_indices)
+        # Upstream counts network entries (4 stages + 3 downsamplings = 7) for negative indices.
+        for i, index in enumerate(out_indices):
+            if index < 0:
+                out_indices[i] = 7 + index
+                if out_indices[i] < 0:
+                    raise ValueError(f"invalid out_indices {index}")
+        self.out_indices = out_indices
+        for i_layer in self.out_indices:
+            self.add_module(f'norm{i_layer}', group_norm_1(embed_dims[(i_layer + 1) // 2]))
+        self.frozen_stages = frozen_stages
+        self._freeze_stages()
+        self.deploy = deploy
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        outs = []
+        for idx, block in enumerate(self.network):
+            x = block(x)
+            if idx in self.out_indices:
+                outs.append(getattr(self, f'norm{idx}')(x))
+        return tuple(outs)
+
+    def _freeze_stages(self):
+        # As upstream: `frozen_stages` counts entries of `network` (stages and downsamplings).
+        if self.frozen_stages >= 0:
+            self.patch_embed.eval()
+            for param in self.patch_embed.parameters():
+                param.requires_grad = False
+        for i in range(0, self.frozen_stages + 1):
+            module = self.network[i]
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+            if i in self.out_indices:
+                norm_layer = getattr(self, f'norm{i}')
+                norm_layer.eval()
+                for param in norm_layer.parameters():
+                    param.requires_grad = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    def switch_to_deploy(self):
+        for m in self.modules():
+            if isinstance(m, RIFormerBlock):
+                m.switch_to_deploy()
+        self.deploy = True
+
+
+class LinearClsHead(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, feats):
+        return self.fc(feats)
+
+
+class RIFormerClassifier(nn.Module):
+    """Backbone -> global average pooling of the last output -> linear head; returns logits."""
+
+    def __init__(self, arch='s12', num_classes=1000, **backbone_kwargs):
+        super().__init__()
+        self.backbone = RIFormer(arch, **backbone_kwargs)
+        in_channels = self.backbone.embed_dims[-1]
+        self.head = LinearClsHead(num_classes, in_channels)
+
+    def forward(self, x):
+        feats = self.backbone(x)[-1]
+        pooled = nn.functional.adaptive_avg_pool2d(feats, 1).flatten(1)  # upstream's GAP neck
+        return self.head(pooled)
+
+    def switch_to_deploy(self):
+        self.backbone.switch_to_deploy()
+
+
+MODEL_NAMES = tuple(f'riformer_{a}' for a in ARCH_SETTINGS)
+
+
+def create_model(name: str, num_classes: int = 1000, checkpoint=None, deploy: bool = False,
+                 **kwargs) -> RIFormerClassifier:
+    """`riformer_s12` ... `riformer_m48` as a classifier; optionally load an upstream checkpoint."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+    model = RIFormerClassifier(name[len('riformer_'):], num_classes=num_classes, deploy=deploy,
+                               **kwargs)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+_IGNORED_PREFIXES = ('data_preprocessor.',)
+
+
+def _read_state_dict(source, weights_only: bool) -> dict:
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            source = torch.load(source, map_location='cpu', weights_only=weights_only)
+        except Exception as err:  # pickle errors carry no hint about the fix
+            if weights_only:
+                raise ValueError(f"could not load {source!r} with weights_only=True ({err}); if "
+                                 f"you trust the file, pass weights_only=False") from err
+            raise
+    if not isinstance(source, Mapping):
+        raise TypeError(f"a checkpoint must be a mapping, got {type(source).__name__}")
+    for key in ('state_dict', 'model'):
+        if key in source and isinstance(source[key], Mapping):
+            source = source[key]
+            break
+    state = {}
+    for key, value in source.items():
+        if key.startswith('module.'):   # saved from DistributedDataParallel
+            key = key[len('module.'):]
+        if not key.startswith(_IGNORED_PREFIXES):
+            state[key] = value
+    return state
+
+
+def _match_prefixes(state: dict, model: nn.Module) -> dict:
+    """Map checkpoint keys onto the model: classifier <-> backbone-only files."""
+    is_classifier = isinstance(model, RIFormerClassifier)
+    has_backbone_prefix = any(k.startswith('backbone.') for k in state)
+    if is_classifier and not has_backbone_prefix:
+        return {f'backbone.{k}': v for k, v in state.items()}
+    if not is_classifier and has_backbone_prefix:
+        # A backbone takes the backbone part of a classifier checkpoint; the head is not its own.
+        return {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
+    return state
+
+
+def _convert_to_deploy_form(state: dict, model: nn.Module) -> dict:
+    """Fold each training-form block (norm1 + token_mixer) whose model block is deploy form."""
+    expected = model.state_dict()
+    state = dict(state)
+    for key in list(state):
+        if not key.endswith('.token_mixer.affine.weight'):
+            continue
+        prefix = key[:-len('token_mixer.affine.weight')]
+        if prefix + 'norm_reparam.weight' not in expected:
+            continue
+        try:
+            g1 = state.pop(prefix + 'norm1.weight')
+            beta1 = state.pop(prefix + 'norm1.bias')
+            w_aff = state.pop(prefix + 'token_mixer.affine.weight')
+            b_aff = state.pop(prefix + 'token_mixer.affine.bias')
+        except KeyError as err:
+            raise ValueError(f"checkpoint block {prefix!r} has a token mixer but no "
+                             f"{err.args[0]!r}; cannot convert it to the deploy form") from err
+        s, t = fused_scale_shift(g1, beta1, w_aff, b_aff)
+        state[prefix + 'norm_reparam.weight'] = s
+        state[prefix + 'norm_reparam.bias'] = t
+    return state
+
+
+def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
+                    weights_only: bool = True) -> nn.Module:
+    """Load an upstream checkpoint (file or dict) into a RIFormer / RIFormerClassifier / block.
+
+    Accepts a `state_dict` entry or a bare dict, with or without `backbone.`/`head.` prefixes, in
+    training or deploy form; a training-form checkpoint loaded into a deploy-form model is
+    converted. A deploy-form checkpoint cannot fill a training-form model (norm1 and the affine
+    mixer are not recoverable from their product). All missing, unexpected and mis-shaped keys
+    are reported together in one error.
+    """
+    state = _read_state_dict(path_or_state_dict, weights_only)
+    state = _match_prefixes(state, model)
+    state = _convert_to_deploy_form(state, model)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model "
+                        f"{tuple(expected[k].shape)}" for k in set(state) & set(expected)
+                        if tuple(state[k].shape) != tuple(expected[k].shape))
+    problems = []
+    if strict and missing:
+        problems.append(f"missing keys ({len(missing)}): {missing}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    if mis_shaped:
+        problems.append(f"shape mismatches ({len(mis_shaped)}): {mis_shaped}")
+    if problems:
+        hint = ""
+        if any(k.endswith(('norm1.weight', 'token_mixer.affine.weight')) for k in missing) and \
+                any(k.endswith('norm_reparam.weight') for k in unexpected):
+            hint = (" (the checkpoint is deploy form and the model training form: build the "
+                    "model with deploy=True)")
+        raise ValueError("checkpoint does not match the model" + hint + ":\n  " +
+                         "\n  ".join(problems))
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=strict)
+    return model

@@ -1,0 +1,62 @@
+"""A block's parameters as the fused backends see them, in either form.
+
+The training form carries norm1 and the affine mixer; the deploy form carries `norm_reparam`.
+Both reduce to one (s, t) pair (DESIGN.md section 1), computed here inside autograd so the
+gradients of g1, b1, w_aff and b_aff flow through it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .reference import fused_scale_shift
+
+
+@dataclass
+class BlockParams:
+    w1: torch.Tensor          # (4C, C, 1, 1)
+    b1: torch.Tensor          # (4C,)
+    w2: torch.Tensor          # (C, 4C, 1, 1)
+    b2: torch.Tensor          # (C,)
+    ls1: torch.Tensor         # (C,)
+    ls2: torch.Tensor         # (C,)
+    g2: torch.Tensor          # norm2 weight (C,)
+    beta2: torch.Tensor       # norm2 bias (C,)
+    eps1: float
+    eps2: float
+    # training form
+    g1: torch.Tensor | None = None
+    beta1: torch.Tensor | None = None
+    w_aff: torch.Tensor | None = None   # (C, 1, 1, 1)
+    b_aff: torch.Tensor | None = None
+    # deploy form
+    s_reparam: torch.Tensor | None = None
+    t_reparam: torch.Tensor | None = None
+
+    @property
+    def deploy(self) -> bool:
+        return self.s_reparam is not None
+
+    def scale_shift(self):
+        """(s, t) of the single GroupNorm equal to norm1 then the affine mixer."""
+        if self.deploy:
+            return self.s_reparam, self.t_reparam
+        return fused_scale_shift(self.g1, self.beta1, self.w_aff, self.b_aff)
+
+    def tensors(self):
+        return [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
+
+    @classmethod
+    def of(cls, block) -> "BlockParams":
+        common = dict(
+            w1=block.mlp.fc1.weight, b1=block.mlp.fc1.bias,
+            w2=block.mlp.fc2.weight, b2=block.mlp.fc2.bias,
+            ls1=block.layer_scale_1, ls2=block.layer_scale_2,
+            g2=block.norm2.weight, beta2=block.norm2.bias, eps2=block.norm2.eps)
+        if hasattr(block, 'norm_reparam'):
+            nr = block.norm_reparam
+            return cls(eps1=nr.eps, s_reparam=nr.weight, t_reparam=nr.bias, **common)
+        return cls(eps1=block.norm1.eps, g1=block.norm1.weight, beta1=block.norm1.bias,
+                   w_aff=block.token_mixer.affine.weight, b_aff=block.token_mixer.affine.bias,
+                   **common)

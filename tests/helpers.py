@@ -1,0 +1,63 @@
+"""Helpers the tests share. Tolerances live in the tests that use them, with their reasons."""
+import copy
+
+import torch
+
+import riformer_kernels as rk
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: relative to the tensor's scale, not per element
+    (per-element ratios explode where the truth crosses zero)."""
+    actual = actual.detach().to(torch.float64)
+    expected = expected.detach().to(torch.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), "non-finite values in the result"
+    scale = expected.abs().max().item()
+    return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def randomize_(module: torch.nn.Module, generator: torch.Generator | None = None):
+    """Give every parameter random values of order one (layer scales included).
+
+    Upstream initialises layer scales to 1e-5, which makes a block nearly the identity: a test on
+    such a block could not see an error in either branch. Norm weights stay away from zero so
+    gradient magnitudes are comparable across parameters.
+    """
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(('layer_scale_1', 'layer_scale_2')):
+                p.copy_(0.5 + torch.rand(p.shape, generator=generator, dtype=p.dtype))
+            elif 'norm' in name and name.endswith('weight'):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+            else:
+                fan_in = p[0].numel() if p.dim() > 1 else 4
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) / fan_in ** 0.5)
+    return module
+
+
+def make_block(dim, deploy=False, dtype=torch.float64, **kwargs):
+    block = rk.RIFormerBlock(dim, deploy=deploy, **kwargs)
+    return randomize_(block).to(dtype)
+
+
+def run_block(block, x, backend, grad_out=None):
+    """Output and the gradients of x and every parameter (name -> grad) under `backend`."""
+    block = copy.deepcopy(block)
+    x = x.detach().clone().requires_grad_(True)
+    with rk.use_backend(backend):
+        out = block(x)
+    if grad_out is None:
+        return out.detach(), None
+    out.backward(grad_out)
+    grads = {'x': x.grad}
+    grads.update({n: p.grad for n, p in block.named_parameters()})
+    return out.detach(), grads
+
+
+def random_input(shape, dtype=torch.float64, channels_last=False, offset=0.0):
+    x = torch.randn(shape, dtype=torch.float64) * 1.5 + 0.3 + offset
+    x = x.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
