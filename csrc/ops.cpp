@@ -1,0 +1,46 @@
+// Operator schemas of the `riformer` namespace, defined exactly once here.
+// Kernels register per backend in their own translation units with
+// TORCH_LIBRARY_IMPL(riformer, CPU|CUDA, m). Fake (meta) kernels for
+// torch.compile are registered from Python with torch.library.register_fake,
+// which refuses to run if a C++ Meta kernel exists, so none is defined here.
+//
+// This file also provides the Python module init, so that
+// `import riformer_kernels._C` loads the shared library (and with it the
+// static registrations above) without pulling pybind11/torch/extension.h
+// into any translation unit.
+
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(riformer, m) {
+  // Per-(n, c) mean and population variance over H*W of a 4-D tensor
+  // (fp32/fp16/bf16 -> fp32 outputs, fp64 -> fp64), shape (N, C).
+  m.def("moments(Tensor x) -> (Tensor mean, Tensor var)");
+
+  // Schemas only: the fused block kernels are implemented by later work.
+  // Calling these now fails with "no kernel registered" for every backend.
+  m.def(
+      "mlp_forward(Tensor x, Tensor A, Tensor B, Tensor a, Tensor b, "
+      "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor l2, "
+      "bool emit_moments) -> (Tensor out, Tensor out_mean, Tensor out_var)");
+  m.def(
+      "mlp_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor A, "
+      "Tensor B, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor l2, "
+      "Tensor? u_saved) -> (Tensor dz, Tensor dw1, Tensor db1, Tensor dw2, "
+      "Tensor db2, Tensor sums)");
+  m.def(
+      "input_grad(Tensor grad_out, Tensor dz, Tensor x, Tensor mean, "
+      "Tensor P, Tensor Q, Tensor R, Tensor S) -> Tensor");
+}
+
+// An empty Python module: the library's value is in its static operator
+// registrations, reached through torch.ops.riformer.*.
+static PyModuleDef riformer_c_module = {
+    PyModuleDef_HEAD_INIT,
+    "_C",
+    "riformer_kernels native ops; use torch.ops.riformer.*",
+    -1,
+    nullptr,
+};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&riformer_c_module); }

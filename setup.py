@@ -1,0 +1,149 @@
+"""Build riformer_kernels and its native extension riformer_kernels._C.
+
+    pip install -e . --no-build-isolation      # torch must already be installed
+
+The C++ (CPU) kernels are always built. The CUDA kernels are built when torch
+is a CUDA build and a CUDA toolkit (nvcc) is found; no GPU is needed to build.
+
+Environment:
+    RIFORMER_SKIP_CUDA=1    never build the CUDA sources
+    RIFORMER_FORCE_CUDA=1   build them even if detection says no; fail loudly
+                            if that is impossible
+    CUDA_HOME               toolkit root; else derived from `nvcc -dryrun`
+    TORCH_CUDA_ARCH_LIST    default "8.0;9.0" (torch raises without a GPU
+                            when it is unset)
+    MAX_JOBS                parallel compile jobs (ninja)
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = "csrc"
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_cuda_home():
+    """Return the CUDA toolkit root, or None.
+
+    An explicit CUDA_HOME wins. Otherwise ask nvcc itself: `nvcc -dryrun`
+    prints `#$ TOP=<root>/bin/..`. torch's own guess follows the nvcc found on
+    PATH, which may be a wrapper script outside the toolkit (linking then
+    fails with -lcudart not found).
+    """
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env:
+        return env if Path(env, "bin").is_dir() else None
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        default = Path("/usr/local/cuda/bin/nvcc")
+        nvcc = str(default) if default.exists() else None
+    if nvcc is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp, "probe.cu")
+        probe.write_text("")
+        try:
+            res = subprocess.run([nvcc, "-dryrun", str(probe)], capture_output=True,
+                                 text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    m = re.search(r"^#\$ TOP=(.+)$", res.stdout + res.stderr, re.MULTILINE)
+    if not m:
+        return None
+    root = Path(m.group(1).strip()).resolve()
+    return str(root) if (root / "bin" / "nvcc").exists() else None
+
+
+def decide_cuda():
+    """Return (build_cuda: bool, cuda_home: str|None, reason: str)."""
+    import torch
+
+    if _truthy("RIFORMER_SKIP_CUDA"):
+        return False, None, "RIFORMER_SKIP_CUDA is set"
+    force = _truthy("RIFORMER_FORCE_CUDA")
+    cuda_home = find_cuda_home()
+    problems = []
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is not a CUDA build")
+    if cuda_home is None:
+        problems.append("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    if problems:
+        if force:
+            raise RuntimeError("RIFORMER_FORCE_CUDA=1 but the CUDA sources cannot be "
+                               "built: " + "; ".join(problems))
+        return False, None, "; ".join(problems)
+    why = "RIFORMER_FORCE_CUDA is set" if force else (
+        f"torch CUDA {torch.version.cuda}, toolkit at {cuda_home}")
+    return True, cuda_home, why
+
+
+def build_extensions():
+    import torch.utils.cpp_extension as cpp_ext
+
+    build_cuda, cuda_home, reason = decide_cuda()
+    if build_cuda:
+        # torch reads CUDA_HOME at import time; set both the variable and the
+        # module attribute before any extension object is created.
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_ext.CUDA_HOME = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        arch = os.environ["TORCH_CUDA_ARCH_LIST"]
+        print(f"riformer_kernels: building CUDA kernels (archs {arch}): {reason}")
+    else:
+        print(f"riformer_kernels: NOT building CUDA kernels: {reason}")
+
+    # Few translation units on purpose: each one costs seconds of header
+    # parsing, so kernels of one op share a file.
+    sources = [f"{CSRC}/ops.cpp", f"{CSRC}/cpu/moments.cpp"]
+    # -fopenmp in compile AND link flags, or at::parallel_for runs on one
+    # thread. No -march=native: the wheel must run on other CPUs.
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    macros = []
+    if build_cuda:
+        sources += [f"{CSRC}/cuda/moments.cu"]
+        macros.append(("RIFORMER_WITH_CUDA", "1"))
+        nvcc_flags = ["-O3", "-lineinfo", "-DRIFORMER_WITH_CUDA=1"]
+        ext = cpp_ext.CUDAExtension(
+            name="riformer_kernels._C",
+            sources=sources,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
+        )
+    else:
+        ext = cpp_ext.CppExtension(
+            name="riformer_kernels._C",
+            sources=sources,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
+    return [ext], cpp_ext.BuildExtension.with_options(use_ninja=True)
+
+
+ext_modules, build_ext_cls = build_extensions()
+
+setup(
+    name="riformer_kernels",
+    version="0.1.0",
+    description="Fused RIFormer block kernels for PyTorch",
+    python_requires=">=3.9",
+    packages=find_packages(include=["riformer_kernels", "riformer_kernels.*",
+                                    "benchmarks", "benchmarks.*"]),
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext_cls},
+    # Added later, once benchmarks/cli.py exists:
+    # entry_points={"console_scripts": ["riformer-bench = benchmarks.cli:main"]},
+    zip_safe=False,
+)
