@@ -23,6 +23,14 @@ TORCH_LIBRARY(riformer, m) {
       "mlp_forward(Tensor x, Tensor A, Tensor B, Tensor a, Tensor b, "
       "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor l2, "
       "bool emit_moments) -> (Tensor out, Tensor out_mean, Tensor out_var)");
+  // mlp_forward that also returns u = W1 z + b1 (N, 4C, H, W) in x's dtype and
+  // memory format, for a backward that reads u instead of recomputing it
+  // (recompute=False). A separate op so mlp_forward keeps its three outputs.
+  m.def(
+      "mlp_forward_save_u(Tensor x, Tensor A, Tensor B, Tensor a, Tensor b, "
+      "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor l2, "
+      "bool emit_moments) -> (Tensor out, Tensor out_mean, Tensor out_var, "
+      "Tensor u)");
   m.def(
       "mlp_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor A, "
       "Tensor B, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor l2, "

@@ -2,7 +2,7 @@
 from . import _ext
 from .block import RIFormerBlock
 from .dispatch import (BackendUnavailableError, available_backends, explain_dispatch,
-                       register_backend, requested_backend, use_backend)
+                       register_backend, requested_backend, set_recompute, use_backend)
 from .models import (MODEL_NAMES, RIFormer, RIFormerClassifier, create_model, load_checkpoint)
 from . import torch_backend  # noqa: F401  (registers the `torch` backend)
 from . import native_backends  # noqa: F401  (registers `triton`, `cuda`, `cpu` when present)
@@ -10,6 +10,6 @@ from . import native_backends  # noqa: F401  (registers `triton`, `cuda`, `cpu` 
 __all__ = [
     'RIFormerBlock', 'RIFormer', 'RIFormerClassifier', 'create_model', 'load_checkpoint',
     'MODEL_NAMES', 'available_backends', 'use_backend', 'explain_dispatch', 'requested_backend',
-    'register_backend', 'BackendUnavailableError',
+    'register_backend', 'BackendUnavailableError', 'set_recompute',
 ]
 __version__ = '0.1.0'

@@ -16,7 +16,8 @@ from .reference import (Affine, DropPath, Mlp, drop_path_factors, fuse_norm_and_
 
 class RIFormerBlock(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0,
-                 layer_scale_init_value: float = 1e-5, deploy: bool = False):
+                 layer_scale_init_value: float = 1e-5, deploy: bool = False,
+                 recompute: bool = True):
         super().__init__()
         if deploy:
             self.norm_reparam = group_norm_1(dim)
@@ -30,6 +31,10 @@ class RIFormerBlock(nn.Module):
         self.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
         self.dim = dim
         self.deploy = deploy
+        # Fused backends' training memory mode (rk.set_recompute overrides it globally): True
+        # saves x and O(N*C) statistics and recomputes the hidden activation in the backward;
+        # False also saves it (4x |x|) so the backward skips fc1.
+        self.recompute = recompute
 
     @property
     def drop_path_prob(self) -> float:
@@ -82,7 +87,7 @@ class RIFormerBlock(nn.Module):
         self.deploy = True
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, deploy={self.deploy}"
+        return f"dim={self.dim}, deploy={self.deploy}, recompute={self.recompute}"
 
 
 dispatch.register_backend(dispatch.Backend('reference', availability=lambda: None))

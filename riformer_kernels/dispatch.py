@@ -139,3 +139,26 @@ def explain_dispatch(block, x: torch.Tensor) -> str:
     lines = [f"requested: {requested_backend()}", f"chosen: {choice.backend.name}"]
     lines += [f"skipped {name}: {reason}" for name, reason in choice.skipped]
     return "\n".join(lines)
+
+
+# Training memory mode of the fused backends. recompute=True: the backward recomputes the hidden
+# activation u = fc1(norm2(y)) from x (saved: x and O(N*C) statistics). recompute=False: the
+# forward also saves u (4x the size of x) and the backward reads it instead of running fc1 again.
+_recompute: bool | None = None
+
+
+def set_recompute(value: bool | None) -> None:
+    """Set the memory mode of every block: True (recompute u in the backward), False (save u in
+    the forward), or None to let each block's own `recompute` attribute (default True) decide."""
+    global _recompute
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"set_recompute expects True, False or None, got {value!r}")
+    _recompute = value
+
+
+def recompute_for(block) -> bool:
+    """Whether `block`'s backward recomputes u: the global setting if set, else the block's
+    `recompute` attribute, else True."""
+    if _recompute is not None:
+        return _recompute
+    return bool(getattr(block, 'recompute', True))

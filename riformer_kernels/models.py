@@ -30,22 +30,26 @@ ARCH_SETTINGS = {
 
 
 def basic_blocks(dim, index, layers, mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0,
-                 layer_scale_init_value=1e-5, deploy=False) -> nn.Sequential:
+                 layer_scale_init_value=1e-5, deploy=False, recompute=True) -> nn.Sequential:
     """One stage; drop-path rates grow linearly with the block's depth in the whole network."""
     blocks = []
     for block_idx in range(layers[index]):
         block_dpr = drop_path_rate * (block_idx + sum(layers[:index])) / (sum(layers) - 1)
         blocks.append(RIFormerBlock(dim, mlp_ratio=mlp_ratio, drop=drop_rate, drop_path=block_dpr,
-                                    layer_scale_init_value=layer_scale_init_value, deploy=deploy))
+                                    layer_scale_init_value=layer_scale_init_value, deploy=deploy,
+                                    recompute=recompute))
     return nn.Sequential(*blocks)
 
 
 class RIFormer(nn.Module):
-    """The RIFormer backbone. Returns a tuple of normalised features at `out_indices`."""
+    """The RIFormer backbone. Returns a tuple of normalised features at `out_indices`.
+
+    Upstream's arguments, plus `recompute` (the fused backends' training memory mode of every
+    block; see RIFormerBlock)."""
     arch_settings = ARCH_SETTINGS
 
     def __init__(self, arch='s12', in_channels=3, out_indices=-1, drop_rate=0.0,
-                 drop_path_rate=0.0, frozen_stages=-1, deploy=False,
+                 drop_path_rate=0.0, frozen_stages=-1, deploy=False, recompute=True,
                  in_patch_size=7, in_stride=4, in_pad=2,
                  down_patch_size=3, down_stride=2, down_pad=1):
         super().__init__()
@@ -74,7 +78,7 @@ class RIFormer(nn.Module):
             network.append(basic_blocks(embed_dims[i], i, layers, mlp_ratio=mlp_ratios[i],
                                         drop_rate=drop_rate, drop_path_rate=drop_path_rate,
                                         layer_scale_init_value=layer_scale_init_value,
-                                        deploy=deploy))
+                                        deploy=deploy, recompute=recompute))
             if i >= len(layers) - 1:
                 break
             if embed_dims[i] != embed_dims[i + 1]:

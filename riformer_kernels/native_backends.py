@@ -10,13 +10,11 @@ from . import _ext
 from .dispatch import Backend, register_backend
 
 
-def _cpu_availability():
-    return _ext.native_availability('CPU')
-
-
 def _cuda_availability():
     return _ext.native_availability('CUDA')
 
 
-register_backend(Backend('cpu', availability=_cpu_availability))
 register_backend(Backend('cuda', availability=_cuda_availability))
+
+# The cpu backend (riformer_kernels.cpu_backend) registers itself.
+from . import cpu_backend  # noqa: E402,F401
