@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 namespace riformer {
@@ -28,6 +29,31 @@ inline void check_moments_input(const at::Tensor& x, c10::DeviceType expected) {
 // returns float32.
 inline at::ScalarType moments_acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// What both moments kernels start from: the checked input in a layout they read
+// natively (NCHW or channels_last; any other strides are copied to NCHW) and the
+// two (N, C) outputs in the accumulation dtype.
+struct MomentsProblem {
+  at::Tensor x;
+  bool channels_last;
+  at::Tensor mean;
+  at::Tensor var;
+};
+
+inline MomentsProblem prepare_moments(const at::Tensor& x_in, c10::DeviceType expected) {
+  check_moments_input(x_in, expected);
+  const auto options = x_in.options().dtype(moments_acc_dtype(x_in));
+  MomentsProblem p{x_in, false, at::empty({x_in.size(0), x_in.size(1)}, options),
+                   at::empty({x_in.size(0), x_in.size(1)}, options)};
+  if (!p.x.is_contiguous()) {
+    if (p.x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      p.channels_last = true;
+    } else {
+      p.x = p.x.contiguous();
+    }
+  }
+  return p;
 }
 
 }  // namespace riformer

@@ -186,24 +186,11 @@ void moments_cpu_impl(const at::Tensor& x, bool channels_last,
 }
 
 std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x_in) {
-  check_moments_input(x_in, c10::DeviceType::CPU);
-  const int64_t N = x_in.size(0), C = x_in.size(1);
-  const auto acc_dtype = moments_acc_dtype(x_in);
-  at::Tensor mean = at::empty({N, C}, x_in.options().dtype(acc_dtype));
-  at::Tensor var = at::empty({N, C}, x_in.options().dtype(acc_dtype));
-  if (N * C == 0) return {mean, var};
-
-  // Read NCHW and channels_last in place; anything else (slices, permuted
-  // views) is copied to NCHW first.
-  at::Tensor x = x_in;
-  bool channels_last = false;
-  if (!x.is_contiguous()) {
-    if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-      channels_last = true;
-    } else {
-      x = x.contiguous();
-    }
-  }
+  MomentsProblem p = prepare_moments(x_in, c10::DeviceType::CPU);
+  at::Tensor mean = p.mean, var = p.var;
+  if (mean.numel() == 0) return {mean, var};
+  const at::Tensor& x = p.x;
+  const bool channels_last = p.channels_last;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "riformer_moments_cpu", [&] {

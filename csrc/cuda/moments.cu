@@ -240,23 +240,12 @@ void moments_cuda_impl(const at::Tensor& x, bool channels_last,
 }
 
 std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& x_in) {
-  check_moments_input(x_in, c10::DeviceType::CUDA);
+  MomentsProblem p = prepare_moments(x_in, c10::DeviceType::CUDA);
   c10::cuda::CUDAGuard guard(x_in.device());
-  const int64_t N = x_in.size(0), C = x_in.size(1);
-  const auto acc_dtype = moments_acc_dtype(x_in);
-  at::Tensor mean = at::empty({N, C}, x_in.options().dtype(acc_dtype));
-  at::Tensor var = at::empty({N, C}, x_in.options().dtype(acc_dtype));
-  if (N * C == 0) return {mean, var};
-
-  at::Tensor x = x_in;
-  bool channels_last = false;
-  if (!x.is_contiguous()) {
-    if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-      channels_last = true;
-    } else {
-      x = x.contiguous();
-    }
-  }
+  at::Tensor mean = p.mean, var = p.var;
+  if (mean.numel() == 0) return {mean, var};
+  const at::Tensor& x = p.x;
+  const bool channels_last = p.channels_last;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "riformer_moments_cuda", [&] {
