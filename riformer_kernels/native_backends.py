@@ -18,3 +18,6 @@ register_backend(Backend('cuda', availability=_cuda_availability))
 
 # The cpu backend (riformer_kernels.cpu_backend) registers itself.
 from . import cpu_backend  # noqa: E402,F401
+
+# The triton backend registers itself (as unusable, with the reason, when triton is missing).
+from . import triton_backend  # noqa: E402,F401

@@ -1,0 +1,183 @@
+"""The triton backend in training: fused backward, memory modes, saved bytes, bytes moved.
+
+Everything runs the Triton kernels (under the interpreter on CPU-only machines). The truth is
+the float64 `torch` backend, which equals the reference to 1e-10 (tests/test_torch_backend.py)
+including drop path, so drop-path factors can be fixed here without RNG coupling.
+"""
+import copy
+
+import pytest
+import torch
+
+import riformer_kernels as rk
+from riformer_kernels import block as block_module
+from helpers import make_block, random_input, rel_err, run_block
+
+bytes_moved = pytest.importorskip('benchmarks.bytes_moved')
+
+FP32_TOL = 1e-4   # issue 6: fp32 gradients within 1e-4 of the fp64 reference
+
+
+def _fixed_drop_path(monkeypatch, factors):
+    """Both draws of a block return these per-sample factors (dropped samples get 0)."""
+    def draw(n, drop_prob, dtype, device):
+        return torch.tensor(factors, dtype=dtype, device=device)
+    monkeypatch.setattr(block_module, 'drop_path_factors', draw)
+
+
+def _grads(block, x, g, backend, recompute=True):
+    block = copy.deepcopy(block)
+    block.recompute = recompute
+    return run_block(block, x, backend, g)
+
+
+@pytest.mark.parametrize('deploy', [False, True], ids=['training-form', 'deploy-form'])
+@pytest.mark.parametrize('recompute', [True, False], ids=['recompute', 'save-u'])
+@pytest.mark.parametrize('shape,channels_last', [((2, 16, 5, 7), False), ((1, 48, 3, 3), True),
+                                                 ((2, 10, 1, 1), False)])
+def test_fp32_gradients_match_fp64_reference(deploy, recompute, shape, channels_last):
+    block = make_block(shape[1], deploy=deploy, dtype=torch.float32).train()
+    x = random_input(shape, torch.float32, channels_last=channels_last)
+    g = random_input(shape, torch.float32)
+    out, grads = _grads(block, x, g, 'triton', recompute)
+    out_ref, grads_ref = run_block(copy.deepcopy(block).double(), x.double(), 'reference',
+                                   g.double())
+    assert rel_err(out, out_ref) <= 1e-5
+    assert set(grads) == set(grads_ref)
+    for k in grads_ref:
+        assert rel_err(grads[k], grads_ref[k]) <= FP32_TOL, k
+
+
+@pytest.mark.parametrize('recompute', [True, False], ids=['recompute', 'save-u'])
+def test_drop_path_in_the_kernels(monkeypatch, recompute):
+    _fixed_drop_path(monkeypatch, [2.0, 0.0, 2.0])
+    block = make_block(16, dtype=torch.float32, drop_path=0.5).train()
+    x = random_input((3, 16, 4, 4), torch.float32)
+    g = random_input(x.shape, torch.float32)
+    out, grads = _grads(block, x, g, 'triton', recompute)
+    out_ref, grads_ref = _grads(copy.deepcopy(block).double(), x.double(), g.double(), 'torch')
+    assert rel_err(out, out_ref) <= 1e-5
+    for k in grads_ref:
+        assert rel_err(grads[k], grads_ref[k]) <= FP32_TOL, k
+    # the dropped sample's MLP and mixer branches vanish: out = x there
+    assert torch.equal(out[1], x[1])
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_half_gradients_within_twice_the_reference_error(dtype):
+    block = make_block(32, dtype=dtype).train()
+    x = random_input((2, 32, 4, 5), dtype)
+    g = random_input(x.shape, dtype)
+    _, truth = run_block(copy.deepcopy(block).double(), x.double(), 'reference', g.double())
+    _, ref = run_block(block, x, 'reference', g)
+    _, got = _grads(block, x, g, 'triton')
+    for k in truth:
+        ref_err, err = rel_err(ref[k], truth[k]), rel_err(got[k], truth[k])
+        assert err <= 2 * ref_err, (k, err, ref_err)
+
+
+def test_gradients_are_bitwise_deterministic():
+    block = make_block(24, dtype=torch.float32).train()
+    x = random_input((2, 24, 6, 5), torch.float32)
+    g = random_input(x.shape, torch.float32)
+    _, first = _grads(block, x, g, 'triton')
+    _, second = _grads(block, x, g, 'triton')
+    for k in first:
+        assert torch.equal(first[k], second[k]), k
+
+
+def test_dropout_falls_back_to_torch_with_the_reason(monkeypatch):
+    monkeypatch.delenv('RIFORMER_BACKEND', raising=False)
+    block = make_block(8, dtype=torch.float32, drop=0.1).train()
+    x = random_input((1, 8, 2, 2), torch.float32)
+    with rk.use_backend('triton'), pytest.raises(rk.BackendUnavailableError, match='dropout'):
+        block(x)
+    block.eval()
+    with rk.use_backend('triton'):
+        block(x)   # dropout is inactive in eval: the kernels run
+
+
+def _saved_bytes(block, x):
+    """Unique storages autograd keeps for backward, parameters excluded (they live anyway)."""
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rk.use_backend('triton'):
+        block(x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize('recompute,limit', [(True, 1.2), (False, 5.2)])
+def test_saved_for_backward_bytes(recompute, limit):
+    """Issue 6: <= 1.2 |x| per block with recompute, <= 5.2 |x| when u is saved (reference: 14)."""
+    block = make_block(16, dtype=torch.float32).train()
+    block.recompute = recompute
+    x = random_input((2, 16, 16, 16), torch.float32).requires_grad_(True)
+    ratio = _saved_bytes(block, x) / (x.numel() * x.element_size())
+    assert ratio <= limit, ratio
+    if not recompute:
+        assert ratio >= 4.9   # u (4C channels) really is saved
+
+
+def test_global_recompute_setting_overrides_blocks():
+    block = make_block(16, dtype=torch.float32).train()
+    block.recompute = True
+    x = random_input((2, 16, 16, 16), torch.float32).requires_grad_(True)
+    rk.set_recompute(False)
+    try:
+        saved = _saved_bytes(block, x)
+    finally:
+        rk.set_recompute(None)
+    assert saved / (x.numel() * x.element_size()) >= 4.9
+
+
+def test_model_recompute_argument_reaches_every_block():
+    model = rk.RIFormer(dict(layers=[1, 1, 1, 1], embed_dims=[8, 8, 16, 16]), recompute=False)
+    blocks = [m for m in model.modules() if isinstance(m, rk.RIFormerBlock)]
+    assert blocks and all(b.recompute is False for b in blocks)
+
+
+def _forward_backward_bytes_ratio():
+    """Bytes moved by one training step of a block, in units of |x|, and the weights' allowance.
+
+    At a test-sized shape the weights are not negligible against |x|, so they get an explicit
+    allowance: read by the forward and by the backward, their gradients written and read back
+    by the fixed-order reduction (4 x weight bytes). The full-size table is in the issue note."""
+    block = make_block(16, dtype=torch.float32).train()
+    x = random_input((2, 16, 32, 32), torch.float32).requires_grad_(True)
+    g = random_input(x.shape, torch.float32)
+
+    def step():
+        with rk.use_backend('triton'):
+            block(x).backward(g)
+
+    moved = bytes_moved.measure_bytes(step)
+    assert moved['triton_read'] > 0 and moved['triton_write'] > 0
+    x_bytes = x.numel() * x.element_size()
+    allowance = 4 * sum(p.numel() * p.element_size() for p in block.parameters()) / x_bytes
+    return moved['total'] / x_bytes, allowance
+
+
+def test_bytes_moved_forward_backward_of_this_design():
+    """What this revision's kernels move: forward 3 |x| (moments read, MLP read + write) and
+    backward 10 |x| (x and g each read by the dz kernel, the weight-gradient kernel and the
+    input-gradient kernel; dz written and read; dx written) = 13, plus at most 0.5 for the
+    weight-gradient partials (the split rule keeps them under |x|/4, written and read back) and
+    0.5 for the O(N*C) statistics and moment/sum partials at this small shape."""
+    ratio, allowance = _forward_backward_bytes_ratio()
+    print(f"forward+backward bytes moved: {ratio:.2f} |x| (weights allowance {allowance:.2f})")
+    assert ratio <= 14.0 + allowance, ratio
+
+
+@pytest.mark.xfail(strict=True, reason="issue 6 target (<= 10 |x|) needs the weight gradients "
+                   "fused into the dz kernel; the separate weight-gradient kernel re-reads x and "
+                   "g (2 |x|). Strict: this fails loudly once the target is reached.")
+def test_bytes_moved_forward_backward_meets_the_issue_target():
+    ratio, allowance = _forward_backward_bytes_ratio()
+    assert ratio <= 10.0 + allowance, ratio
