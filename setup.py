@@ -146,7 +146,6 @@ setup(
                                     "benchmarks", "benchmarks.*"]),
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext_cls},
-    # Added later, once benchmarks/cli.py exists:
-    # entry_points={"console_scripts": ["riformer-bench = benchmarks.cli:main"]},
+    entry_points={"console_scripts": ["riformer-bench = benchmarks.cli:main"]},
     zip_safe=False,
 )
