@@ -32,7 +32,8 @@ kernel", and the two-GEMM configs are spill-free at every C. With the current ta
     fp16/bf16: flash for C <= 128 (BLOCK_C 16/32/64/128: tokens 128/64/32/16), two-GEMM above:
                S12/S24/S36 C = 64, 128 flash, 320, 512 two-GEMM; M36/M48 C = 96 flash,
                192, 384, 768 two-GEMM
-    fp32:      flash for C <= 32 (tokens 32/16), two-GEMM above (every RIFormer width)
+    fp32:      flash for C <= 64 (tokens 32/16/16; C<=64 with 3xTF32 dots, see MLP_TILES),
+               two-GEMM above: S12 C = 64 flash, 128, 320, 512 two-GEMM
 
 Registers sm_80/sm_90 (NCHW / channels_last, without -> with u; all 0 spills, `python -m
 riformer_kernels.gpu_build_report --skip-cuda --only fused_mlp mlp_gemm`):
@@ -379,10 +380,16 @@ def mlp_gemm2_kernel(h_ptr, x_ptr, out_ptr, a_ptr, b_ptr, l2_ptr, w2_ptr, b2_ptr
 # Flash-MLP tiles per (BLOCK_C, operand kind): (BLOCK_T, BLOCK_H, num_warps). Only spill-free
 # entries: a (BLOCK_C, kind) that is absent takes the two-GEMM path (`mlp_path`). Numbers: see
 # the module docstring and `python -m riformer_kernels.gpu_build_report --only fused_mlp`.
+# (BLOCK_C, operand kind) -> (BLOCK_T, BLOCK_H, num_warps[, fp32 dot precision]). fp32 dots are
+# 'ieee' unless a tile names 'tf32x3': three TF32 tensor-core products (hi*hi + hi*lo + lo*hi)
+# that keep fp32-level accuracy (~2^-21 relative per product, far inside the 1e-5 contract)
+# with MMA operand layouts instead of FMA K-slices. fp32 C<=64 needs it: with 'ieee' every
+# 16-token tile spills 24-40 bytes in channels_last; with 'tf32x3' T16 H16 w8 is spill-free in
+# all four variants at sm_80 and sm_90 (206-236 registers; T32 spills 16-48 bytes).
 MLP_TILES = {
     (16, 'half'): (128, 32, 8), (32, 'half'): (64, 32, 8), (64, 'half'): (32, 64, 8),
     (128, 'half'): (16, 16, 8),
-    (16, 'fp32'): (32, 32, 8), (32, 'fp32'): (16, 16, 8),
+    (16, 'fp32'): (32, 32, 8), (32, 'fp32'): (16, 16, 8), (64, 'fp32'): (16, 16, 8, 'tf32x3'),
 }
 # Two-GEMM tiles per operand kind. GEMM 1: (BLOCK_T, BLOCK_H, BLOCK_K over C, num_warps);
 # GEMM 2: (BLOCK_T, BLOCK_C, BLOCK_K over the hidden dim, num_warps).
@@ -442,12 +449,12 @@ def mlp_config(n: int, c: int, t: int, dtype: torch.dtype, path: str | None = No
         block_c = _flash_block_c(c)
         if (block_c, kind) not in MLP_TILES:
             raise ValueError(f"no flash-MLP tile for C={c} in {dtype} (MLP_TILES)")
-        block_t, block_h, num_warps = MLP_TILES[(block_c, kind)]
+        block_t, block_h, num_warps, *precision = MLP_TILES[(block_c, kind)]
         sub = _subtiles(lambda s: n * triton.cdiv(t, block_t * s), block_t, 512)
         span = block_t * sub
         return dict(path=path, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_H=block_h, SUBTILES=sub,
                     span=span, n_parts=triton.cdiv(t, span), num_warps=num_warps,
-                    spill_free=True)
+                    fp32_precision=precision[0] if precision else 'ieee', spill_free=True)
     if path != 'two_gemm':
         raise ValueError(f"path must be 'auto' or one of {MLP_PATHS}, not {path!r}")
     bt1, bh, bk1, w1 = GEMM1_TILES[kind]
@@ -464,12 +471,12 @@ def mlp_config(n: int, c: int, t: int, dtype: torch.dtype, path: str | None = No
 MAX_CHANNELS = None   # no limit: C beyond the flash tiles takes the two-GEMM path
 
 
-def _dot_flags(dtype: torch.dtype) -> dict:
-    # fp32 must not silently become tf32 (1e-5 accuracy contract); bf16 dots are broken in the
-    # interpreter, so there they run in fp32 on bf16-rounded operands.
+def _dot_flags(dtype: torch.dtype, fp32_precision: str = 'ieee') -> dict:
+    # fp32 must not silently become plain tf32 (1e-5 accuracy contract); bf16 dots are broken in
+    # the interpreter, so there they run in fp32 on bf16-rounded operands.
     bf16_interp = INTERPRET and dtype == torch.bfloat16
     return dict(DOT_FP32=dtype == torch.float32 or bf16_interp, ROUND_BF16=bf16_interp,
-                INPUT_PRECISION='ieee' if dtype == torch.float32 else 'tf32')
+                INPUT_PRECISION=fp32_precision if dtype == torch.float32 else 'tf32')
 
 
 def token_strides(x: torch.Tensor):
@@ -593,7 +600,7 @@ def _launch_flash(x, A, B, a, b, l2, w1, b1, w2, b2, save_u: bool, cfg: dict):
         c, t, hid, cfg['n_parts'], cfg['SUBTILES'], *token_strides(x), *token_strides(out),
         hid * t, hid, l2.stride(0), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
         BLOCK_T=cfg['BLOCK_T'], BLOCK_C=cfg['BLOCK_C'], BLOCK_H=cfg['BLOCK_H'],
-        num_warps=cfg['num_warps'], SAVE_U=save_u, **_dot_flags(x.dtype))
+        num_warps=cfg['num_warps'], SAVE_U=save_u, **_dot_flags(x.dtype, cfg['fp32_precision']))
     return out, pmean, pm2, u
 
 
@@ -709,9 +716,9 @@ def _layout_consts(sig: dict, const: dict, channels_last: bool, names):
             const[k] = 1
 
 
-def _flags(dtype: torch.dtype) -> dict:
+def _flags(dtype: torch.dtype, fp32_precision: str = 'ieee') -> dict:
     return dict(DOT_FP32=dtype == torch.float32, ROUND_BF16=False,
-                INPUT_PRECISION='ieee' if dtype == torch.float32 else 'tf32')
+                INPUT_PRECISION=fp32_precision if dtype == torch.float32 else 'tf32')
 
 
 def _mlp_spec(block_c: int, dtype: torch.dtype, channels_last: bool, save_u: bool):
@@ -726,7 +733,7 @@ def _mlp_spec(block_c: int, dtype: torch.dtype, channels_last: bool, save_u: boo
                                   'stride_ot', 'stride_un', 'stride_ut', 'stride_l2n',
                                   'stride_w1h', 'stride_w1c', 'stride_w2c', 'stride_w2h')})
     const = dict(BLOCK_T=cfg['BLOCK_T'], BLOCK_C=block_c, BLOCK_H=cfg['BLOCK_H'],
-                 SAVE_U=save_u, **_flags(dtype))
+                 SAVE_U=save_u, **_flags(dtype, cfg['fp32_precision']))
     _layout_consts(sig, const, channels_last, 'xo')
     tag = ('/cl' if channels_last else '') + ('+u' if save_u else '')
     desc = (f"fused_mlp{tag} C<={block_c} {tl_t} T{cfg['BLOCK_T']} H{cfg['BLOCK_H']} "

@@ -364,7 +364,8 @@ def test_new_custom_ops_pass_opcheck():
     (320, torch.float32, 'two_gemm'), (128, torch.float32, 'two_gemm'),
     (512, torch.float32, 'two_gemm'), (768, torch.float16, 'two_gemm'),
     (768, torch.bfloat16, 'two_gemm'), (2048, torch.float16, 'two_gemm'),
-    (64, torch.float32, 'two_gemm'), (256, torch.float16, 'two_gemm'),
+    (64, torch.float32, 'flash'), (128, torch.float32, 'two_gemm'),
+    (256, torch.float16, 'two_gemm'),
     (64, torch.float16, 'flash'), (128, torch.bfloat16, 'flash'), (16, torch.float32, 'flash'),
     (32, torch.float32, 'flash'), (96, torch.float16, 'flash'), (192, torch.bfloat16, 'two_gemm'),
     (16, torch.bfloat16, 'flash')])
@@ -385,8 +386,8 @@ def test_rule_never_picks_a_config_missing_from_gpu_build_specs():
     built = {_spec_key(fn.__name__, const, opts[0]['num_warps'])
              for fn, sig, const, desc, *opts in tfw.GPU_BUILD_SPECS}
     for dtype in tfw.SUPPORTED_DTYPES:
-        gpu = dict(DOT_FP32=dtype == torch.float32,
-                   INPUT_PRECISION='ieee' if dtype == torch.float32 else 'tf32')
+        gpu_default = dict(DOT_FP32=dtype == torch.float32,
+                           INPUT_PRECISION='ieee' if dtype == torch.float32 else 'tf32')
         for c in list(range(1, 130)) + [192, 255, 256, 257, 320, 384, 511, 512, 513, 768, 1024,
                                         1536]:
             cfg = tfw.mlp_config(4, c, 3136, dtype)
@@ -394,11 +395,15 @@ def test_rule_never_picks_a_config_missing_from_gpu_build_specs():
             for unit in ('stride_xt', 'stride_xc'):
                 for save_u in (False, True):
                     if cfg['path'] == 'flash':
+                        # a tile may name its fp32 dot precision (3xTF32); the launch uses it
+                        gpu = dict(gpu_default, INPUT_PRECISION=cfg['fp32_precision']) \
+                            if dtype == torch.float32 else gpu_default
                         want = [_spec_key('fused_mlp_kernel', dict(
                             BLOCK_T=cfg['BLOCK_T'], BLOCK_C=cfg['BLOCK_C'],
                             BLOCK_H=cfg['BLOCK_H'], SAVE_U=save_u, **{unit: 1}, **gpu),
                             cfg['num_warps'])]
                     else:
+                        gpu = gpu_default
                         g1, g2 = cfg['gemm1'], cfg['gemm2']
                         want = [_spec_key('mlp_gemm1_kernel', dict(
                             BLOCK_T=g1['BLOCK_T'], BLOCK_H=g1['BLOCK_H'],
