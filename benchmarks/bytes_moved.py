@@ -175,8 +175,10 @@ def measure_bytes(fn, *args, **kwargs) -> dict:
 
 
 def block_table(n=8, c=64, hw=(56, 56), dtype=torch.float32, backends=('reference', 'torch',
-                                                                            'triton')):
-    """Forward bytes per block in units of |x|: unchained and (triton) chained, no grad."""
+                                                                            'triton'),
+                train=False):
+    """Bytes per block in units of |x|: forward unchained and (triton) chained, no grad; with
+    `train`, also one training step (forward + backward) per memory mode."""
     import riformer_kernels as rk
 
     torch.manual_seed(0)
@@ -193,6 +195,22 @@ def block_table(n=8, c=64, hw=(56, 56), dtype=torch.float32, backends=('referenc
                     y = blocks[0](x)
                     m = measure_bytes(blocks[1], y)
                     rows.append((backend, 'forward chained', m['total'] / unit, m))
+    if train:
+        xg = x.clone().requires_grad_(True)
+        g = torch.randn_like(x)
+        block = blocks[0].train()
+        for backend in backends:
+            for recompute in ((True, False) if backend in ('triton', 'cpu') else (True,)):
+                block.recompute = recompute
+
+                def step():
+                    with rk.use_backend(backend):
+                        block(xg).backward(g)
+
+                m = measure_bytes(step)
+                kind = 'fwd+bwd' + ('' if backend not in ('triton', 'cpu') else
+                                    (' recompute' if recompute else ' save-u'))
+                rows.append((backend, kind, m['total'] / unit, m))
     return rows
 
 
@@ -202,15 +220,17 @@ def main(argv=None):
     ap.add_argument('--c', type=int, default=64)
     ap.add_argument('--hw', type=int, nargs=2, default=(56, 56))
     ap.add_argument('--backends', nargs='+', default=['reference', 'torch', 'triton'])
+    ap.add_argument('--train', action='store_true', help='also forward+backward per memory mode')
     a = ap.parse_args(argv)
-    rows = block_table(a.n, a.c, tuple(a.hw), backends=tuple(a.backends))
+    rows = block_table(a.n, a.c, tuple(a.hw), backends=tuple(a.backends), train=a.train)
     print(f"N={a.n} C={a.c} HxW={a.hw[0]}x{a.hw[1]} fp32, units of |x|")
-    print(f"{'backend':10} {'pass':16} {'total':>7} {'aten':>7} {'triton':>7} "
+    print(f"{'backend':10} {'pass':20} {'total':>7} {'aten':>7} {'opaque':>7} {'triton':>7} "
           f"{'trit.req':>8} {'ops':>4} {'launch':>6}")
     for backend, kind, total, m in rows:
         unit = total and m['total'] / total
-        print(f"{backend:10} {kind:16} {total:7.3f} "
+        print(f"{backend:10} {kind:20} {total:7.3f} "
               f"{(m['aten_read'] + m['aten_write']) / unit:7.3f} "
+              f"{(m['opaque_read'] + m['opaque_write']) / unit:7.3f} "
               f"{(m['triton_read'] + m['triton_write']) / unit:7.3f} "
               f"{(m['triton_read_requests'] + m['triton_write_requests']) / unit:8.3f} "
               f"{m['aten_ops']:4d} {m['triton_launches']:6d}")

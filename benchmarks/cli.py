@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--dtype', default=None, choices=sorted(DTYPES),
                    help='default float32 on CPU, bfloat16 on GPU')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
+    p.add_argument('--recompute', choices=('true', 'false'), default=None,
+                   help="fused backends' training memory mode for every block "
+                        "(rk.set_recompute); default: each block's own (True)")
     p.add_argument('--batch', type=int, default=None, help='block batch (default 8 CPU, 128 GPU)')
     p.add_argument('--arch', type=_list(str), default=None, help='e.g. s12,m36 (default all)')
     p.add_argument('--stage', type=_list(int), default=None, help='e.g. 1,2 (default 1,2,3,4)')
@@ -79,6 +82,9 @@ def main(argv=None) -> int:
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.recompute is not None:
+        import riformer_kernels as rk
+        rk.set_recompute(args.recompute == 'true')
     if args.cold_compile:
         import torch._inductor.config as inductor_config
         inductor_config.force_disable_caches = True
