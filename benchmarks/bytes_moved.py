@@ -202,6 +202,9 @@ def block_table(n=8, c=64, hw=(56, 56), dtype=torch.float32, backends=('referenc
         for backend in backends:
             for recompute in ((True, False) if backend in ('triton', 'cpu') else (True,)):
                 block.recompute = recompute
+                # fresh gradients: accumulating into the previous row's would add 3 |x|
+                xg.grad = None
+                block.zero_grad(set_to_none=True)
 
                 def step():
                     with rk.use_backend(backend):

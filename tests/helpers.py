@@ -61,3 +61,18 @@ def random_input(shape, dtype=torch.float64, channels_last=False, offset=0.0):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def check_same_seed_as_reference(block, x, backend, tol, seed=7):
+    """Under the same seed, `backend` draws the reference's random masks (drop path, dropout):
+    output and every gradient agree with the reference within `tol`, and the masks were active
+    (the training output differs from the eval-mode one)."""
+    g = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
+    torch.manual_seed(seed)
+    out_ref, grads_ref = run_block(block, x, 'reference', g)
+    torch.manual_seed(seed)
+    out, grads = run_block(block, x, backend, g)
+    assert rel_err(out, out_ref) <= tol
+    for k in grads_ref:
+        assert rel_err(grads[k], grads_ref[k]) <= tol, k
+    assert not torch.allclose(out_ref, run_block(copy.deepcopy(block).eval(), x, 'reference')[0])

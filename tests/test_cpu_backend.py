@@ -14,7 +14,8 @@ from torch.func import functional_call
 
 import riformer_kernels as rk
 from riformer_kernels import dispatch
-from helpers import make_block, random_input, rel_err, run_block
+from helpers import (check_same_seed_as_reference, make_block, random_input, rel_err,
+                     run_block)
 
 _REASON = rk.available_backends()['cpu'].reason
 pytestmark = pytest.mark.skipif(not rk.available_backends()['cpu'].usable,
@@ -129,17 +130,7 @@ def test_bf16_output_and_gradients_within_twice_reference_error(channels_last, m
 @pytest.mark.parametrize('mode', MODES)
 def test_drop_path_same_seed_gives_reference_masks(deploy, mode):
     block = _with_mode(make_block(12, deploy=deploy, drop_path=0.5).train(), MODES[mode])
-    x = random_input((8, 12, 3, 4))
-    g = torch.randn(x.shape, dtype=torch.float64)
-    torch.manual_seed(7)
-    out_ref, grads_ref = run_block(block, x, 'reference', g)
-    torch.manual_seed(7)
-    out, grads = run_block(block, x, 'cpu', g)
-    assert rel_err(out, out_ref) <= 1e-10
-    for k in grads_ref:
-        assert rel_err(grads[k], grads_ref[k]) <= 1e-10, k
-    # the masks really changed the result (some samples dropped, the block was not a no-op)
-    assert not torch.allclose(out_ref, run_block(copy.deepcopy(block).eval(), x, 'reference')[0])
+    check_same_seed_as_reference(block, random_input((8, 12, 3, 4)), 'cpu', tol=1e-10)
 
 
 @pytest.mark.parametrize('mode', MODES)

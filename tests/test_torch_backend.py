@@ -6,7 +6,8 @@ import torch
 from torch.func import functional_call
 
 import riformer_kernels as rk
-from helpers import make_block, rel_err, random_input, run_block
+from helpers import (check_same_seed_as_reference, make_block, rel_err, random_input,
+                     run_block)
 
 # Odd shapes on purpose: N=1, C not a multiple of 8, H*W=1, non-square, a prime spatial size.
 SHAPES = [(2, 16, 5, 7), (1, 24, 3, 3), (3, 20, 1, 1), (2, 13, 4, 9), (1, 64, 8, 8), (2, 8, 11, 1)]
@@ -111,30 +112,12 @@ def test_large_offset_loses_no_more_precision_than_reference():
 @pytest.mark.parametrize('deploy', [False, True])
 def test_drop_path_same_seed_gives_reference_masks(deploy):
     block = make_block(12, deploy=deploy, drop_path=0.5).train()
-    x = random_input((8, 12, 3, 4))
-    g = torch.randn(x.shape, dtype=torch.float64)
-    torch.manual_seed(7)
-    out_ref, grads_ref = run_block(block, x, 'reference', g)
-    torch.manual_seed(7)
-    out, grads = run_block(block, x, 'torch', g)
-    assert rel_err(out, out_ref) <= 1e-10
-    for k in grads_ref:
-        assert rel_err(grads[k], grads_ref[k]) <= 1e-10, k
-    # the masks really changed the result (drop path was active, not a no-op)
-    assert not torch.allclose(out_ref, run_block(copy.deepcopy(block).eval(), x, 'reference')[0])
+    check_same_seed_as_reference(block, random_input((8, 12, 3, 4)), 'torch', tol=1e-10)
 
 
 def test_dropout_same_seed_gives_reference_masks():
     block = make_block(12, drop=0.3).train()
-    x = random_input((2, 12, 4, 4))
-    g = torch.randn(x.shape, dtype=torch.float64)
-    torch.manual_seed(3)
-    out_ref, grads_ref = run_block(block, x, 'reference', g)
-    torch.manual_seed(3)
-    out, grads = run_block(block, x, 'torch', g)
-    assert rel_err(out, out_ref) <= 1e-10
-    for k in grads_ref:
-        assert rel_err(grads[k], grads_ref[k]) <= 1e-10, k
+    check_same_seed_as_reference(block, random_input((2, 12, 4, 4)), 'torch', tol=1e-10, seed=3)
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])

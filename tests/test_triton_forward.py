@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import riformer_kernels as rk
 from riformer_kernels import dispatch, fold
 from riformer_kernels.params import BlockParams
-from helpers import make_block, random_input, rel_err, run_block
+from helpers import (check_same_seed_as_reference, make_block, random_input, rel_err,
+                     run_block)
 
 tfw = pytest.importorskip('riformer_kernels.triton_forward')
 from riformer_kernels import triton_backend as tbk  # noqa: E402
@@ -166,15 +167,8 @@ def test_training_forward_and_all_gradients_match_reference(deploy):
 def test_drop_path_same_seed_gives_reference_masks():
     # drop-path masks are drawn in the block's dtype, so the reference runs in fp32 here
     block = make_block(12, dtype=torch.float32, drop_path=0.5).train()
-    x = random_input((8, 12, 3, 4), dtype=torch.float32)
-    g = torch.randn(x.shape)
-    torch.manual_seed(7)
-    out_ref, grads_ref = run_block(block, x, 'reference', g)
-    torch.manual_seed(7)
-    out, grads = run_block(block, x, 'triton', g)
-    assert rel_err(out, out_ref) <= 1e-5
-    for k in grads_ref:
-        assert rel_err(grads[k], grads_ref[k]) <= 1e-5, k
+    check_same_seed_as_reference(block, random_input((8, 12, 3, 4), dtype=torch.float32),
+                                 'triton', tol=1e-5)
 
 
 def test_training_forward_saves_only_x_and_per_channel_statistics():
