@@ -87,7 +87,7 @@ def test_checkpoint_round_trip_reproduces_reference_logits_fp64(tmp_path, deploy
     model = rk.RIFormerClassifier(TINY_ARCH, num_classes=10, deploy=deploy)
     rk.load_checkpoint(model, path)
     model = model.double().eval()
-    got = model(x)   # default dispatch (the fused torch backend on CPU)
+    got = model(x)   # default dispatch (the fused cpu backend when built)
     assert rel_err(got, expected) <= 1e-10
 
 
