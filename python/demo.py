@@ -15,20 +15,7 @@ import time
 import torch
 
 import riformer_kernels as rk
-
-
-def saved_for_backward_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while `fn` builds its graph."""
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out
+from benchmarks.measure import saved_for_backward_bytes
 
 
 def timed(fn, device, rounds: int) -> float:
@@ -98,7 +85,7 @@ def main(argv=None):
                 model(x).logsumexp(1).sum().backward()
 
             train_ms = timed(step, device, args.rounds)
-            saved, _ = saved_for_backward_bytes(lambda: model(x))
+            saved = saved_for_backward_bytes(lambda: model(x), exclude=list(model.parameters()))
             peak = ''
             if device.type == 'cuda':
                 torch.cuda.reset_peak_memory_stats()
