@@ -154,14 +154,19 @@ class TritonBlockFunction(torch.autograd.Function):
 
 
 def _backward_fused(ctx, g, sv: SavedForBackward):
-    """The fused backward from the saved statistics (DESIGN.md section 3): phase 1 kernels
-    (dz, weight gradients, per-(n,c) sums), the shared coefficient algebra, phase 2 (dx).
+    """The fused backward from the saved statistics (DESIGN.md section 3): the dz kernel(s)
+    (dz, per-(n,c) sums, db2), the shared coefficient algebra, then the weight-gradient kernel
+    with phase 2 fused in (dw1, db1, dw2 and dx = P g + Q dz + R (x - m) + S).
     Returns the gradients of the Function's 11 differentiable inputs."""
-    dz, dw1, db1, dw2, db2, sums = tbw.mlp_backward(g, sv.x, sv.mean, sv.A, sv.B, sv.w1, sv.b1,
-                                                    sv.w2, sv.b2, sv.l2f, u_saved=sv.u)
+    dz, sums, db2, hs, dus, db1p = tbw.backward_dz(g, sv.x, sv.mean, sv.A, sv.B, sv.w1, sv.b1,
+                                                   sv.w2, sv.b2, sv.l2f, u_saved=sv.u)
     bc = fold.backward_coefficients(sums, sv.mean, sv.var, sv.coefficients(), sv.s, sv.t,
                                     sv.l1f, sv.g2, ctx.hw)
-    dx = tbw.input_grad(g, dz, sv.x, sv.mean, bc.P, bc.Q, bc.R, bc.S)
+    # Phase 2 runs inside the weight-gradient kernel, which reads x and g anyway (FUSE_DX).
+    dw1, db1, dw2, dx = tbw.backward_weights_dx(g, sv.x, dz, sv.mean, sv.A, sv.B, sv.w1, sv.b1,
+                                                sv.w2, sv.b2, sv.l2f, sv.u, hs, dus, db1p,
+                                                bc.P, bc.Q, bc.R, bc.S)
+    del dz, hs, dus, db1p
     return (dx, bc.d_s.to(sv.s.dtype), bc.d_t.to(sv.t.dtype), bc.d_l1.to(sv.l1.dtype),
             bc.d_l2.to(sv.l2.dtype), bc.d_g2.to(sv.g2.dtype), bc.d_beta2.to(sv.beta2.dtype),
             dw1.reshape(sv.w1.shape).to(sv.w1.dtype), db1.to(sv.b1.dtype),

@@ -31,7 +31,11 @@ Every reduction across programs is two-stage in a fixed order (`_sum_partials_ke
 the partials sequentially): no float atomics, bitwise-equal results from run to run. The number of
 splits depends only on the shapes (not on the device), so results are also equal across GPUs.
 
-Phase 2 (`_input_grad_kernel`) is the elementwise dx = P g + Q dz + R (x - m) + S.
+Phase 2 is the elementwise dx = P g + Q dz + R (x - m) + S. The autograd backward fuses it into
+the weight-gradient kernel (FUSE_DX), which reads x and g anyway: `backward_dz` (dz, sums, db2;
+the large path's scratch) -> fold.backward_coefficients -> `backward_weights_dx` (dW1, db1, dW2
+and dx), so the backward moves x, g twice, dz twice and dx once: 7 |x|. `mlp_backward` (phase 1
+without dx) and `input_grad` (`_input_grad_kernel`, phase 2 alone) remain as separate entry points.
 
 dz is written in x's dtype: it is read once more (phase 2) and its per-(n,c) sums are reduced
 in-kernel from the fp32 value before rounding, so an fp32 dz would cost 2 extra |x| of traffic
@@ -235,18 +239,27 @@ def _mlp_dz_kernel(
 def _mlp_weight_grad_kernel(
     x_ptr, g_ptr, u_ptr, A_ptr, B_ptr, l2_ptr,
     w1_ptr, b1_ptr, w2_ptr, hs_ptr, dus_ptr, dw1_ptr, dw2_ptr, db1_ptr,
+    dz_ptr, mean_ptr, P_ptr, Q_ptr, R_ptr, S_ptr, dx_ptr,
     C, T, HID, TILES, TOTAL_TILES, TILES_PER_SPLIT,
-    sxn, sxc, sxt, sgn, sgc, sgt, sun, suc, sut,
-    HAS_U: tl.constexpr, SCRATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    sxn, sxc, sxt, sgn, sgc, sgt, sun, suc, sut, szn, szc, szt, sdn, sdc, sdt,
+    HAS_U: tl.constexpr, SCRATCH: tl.constexpr, FUSE_DX: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """dW1 = du z^T, dW2 = dO h^T (and db1 = sum du unless SCRATCH) of one (hidden chunk,
     channel chunk) over the token tiles of one split; one fp32 partial per split.
 
     SCRATCH (large-C path): h and du are read from the (N, HID, T) scratch the hidden kernel
     wrote (compute dtype); db1 then comes from that kernel's fp32 partials. Otherwise (small-C
-    path) they are recomputed per tile (`_hidden_tile_grads`)."""
+    path) they are recomputed per tile (`_hidden_tile_grads`).
+
+    FUSE_DX (phase 2 fused in): the programs of hidden chunk 0 (which between them cover every
+    (channel chunk, token tile) once) then loop once more over their split's token tiles and
+    write dx = P g + Q dz + R (x - m) + S of their channel chunk: x and g tiles they have just
+    read (L2) plus dz. The launch moves x, g, dz (read) and dx (written) once each instead of a
+    separate elementwise launch re-reading x and g from DRAM. A separate loop, not the weight
+    loop's body: there it spilled ((32, 16) tiles, cl fp16/bf16 at sm_80, fp32 at sm_90).
+    Without FUSE_DX the dz/dx pointers and strides are placeholders."""
     hb = tl.program_id(0)
     cb = tl.program_id(1)
     split = tl.program_id(2)
@@ -295,7 +308,6 @@ def _mlp_weight_grad_kernel(
         d_o_w = (l2_w[None, :] * g_w).to(cdt)
         acc_w1 += tl.dot(tl.trans(du.to(cdt)), z_w, input_precision=PRECISION)
         acc_w2 += tl.dot(tl.trans(d_o_w), h.to(cdt), input_precision=PRECISION)
-
     split64 = split.to(tl.int64)
     tl.store(dw1_ptr + split64 * HID * C + offs_h[:, None] * C + offs_w[None, :], acc_w1,
              mask=mh[:, None] & mw[None, :])
@@ -304,6 +316,32 @@ def _mlp_weight_grad_kernel(
     if not SCRATCH:
         if cb == 0:
             tl.store(db1_ptr + split64 * HID + offs_h, acc_b1, mask=mh)
+    if FUSE_DX:
+        if hb == 0:
+            # Its own loop, after the accumulators are stored: nothing of the weight-gradient
+            # loop is live here (in that loop the (32, 16) cl fp16/bf16 and fp32 variants
+            # spilled). The x and g tiles were read by this program moments ago (L2).
+            for i in range(start, end):
+                n = i // TILES
+                n64 = n.to(tl.int64)
+                offs_t = (i - n * TILES) * BLOCK_T + tl.arange(0, BLOCK_T)
+                mtw = (offs_t < T)[:, None] & mw[None, :]
+                pc = n * C + offs_w
+                mean_w = tl.load(mean_ptr + pc, mask=mw, other=0.0)
+                p_w = tl.load(P_ptr + pc, mask=mw, other=0.0)
+                q_w = tl.load(Q_ptr + pc, mask=mw, other=0.0)
+                r_w = tl.load(R_ptr + pc, mask=mw, other=0.0)
+                s_w = tl.load(S_ptr + pc, mask=mw, other=0.0)
+                x_w = tl.load(x_ptr + n64 * sxn + offs_t[:, None] * sxt + offs_w[None, :] * sxc,
+                              mask=mtw, other=0.0).to(tl.float32)
+                g_w = tl.load(g_ptr + n64 * sgn + offs_t[:, None] * sgt + offs_w[None, :] * sgc,
+                              mask=mtw, other=0.0).to(tl.float32)
+                dz_w = tl.load(dz_ptr + n64 * szn + offs_t[:, None] * szt + offs_w[None, :] * szc,
+                               mask=mtw, other=0.0).to(tl.float32)
+                dx = (p_w[None, :] * g_w + q_w[None, :] * dz_w
+                      + r_w[None, :] * (x_w - mean_w[None, :]) + s_w[None, :])
+                tl.store(dx_ptr + n64 * sdn + offs_t[:, None] * sdt + offs_w[None, :] * sdc,
+                         _round_for_store(dx, ROUND_BF16).to(dx_ptr.dtype.element_ty), mask=mtw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,9 +516,13 @@ _DZ_CONFIGS = {16: (16, 32, 8, 3), 32: (16, 32, 8, 3), 64: (16, 32, 8, 3), 128: 
 _DZ_CONFIGS_FP32 = {32: (16, 32, 8, 2), 64: (16, 16, 8, 2)}
 # _mlp_weight_grad_kernel, recompute mode: (BLOCK_T, BLOCK_H, BLOCK_W = BLOCK_K, num_warps).
 # 4 warps or 64-wide tiles spilled. fp32 with BLOCK_W=32: BLOCK_T 16 (32 spilled 24 bytes at
-# sm_90 in NCHW without u, compiled as launched; both layouts take 16).
+# sm_90 in NCHW without u, compiled as launched; both layouts take 16). fp32 with BLOCK_W=16
+# (C <= 16): (BLOCK_T, BLOCK_H) = (16, 64); (32, 32) spilled 8 bytes at sm_90 (channels_last,
+# no u) once FUSE_DX added its dx loop (ptxas settles these at 128 registers), and (32, 16),
+# (64, 16), (64, 32) spilled 4-8 bytes in some variant. Fused and unfused share the config.
 _WG_BLOCK_T, _WG_BLOCK_H, _WG_BLOCK_W, _WG_WARPS = 32, 32, 32, 8
-_WG_BLOCK_T_FP32 = {32: 16}
+_WG_BLOCK_T_FP32 = {16: 16, 32: 16}
+_WG_BLOCK_H_FP32 = {16: 64}
 # Large-C path: one configuration per (kernel, dtype) for every C (C is streamed, so C only
 # changes loop trip counts), each checked spill-free (u_saved both ways) by GPU_BUILD_SPECS.
 # fp32 runs IEEE fp32 dots (FMA, no tensor cores) and needs smaller tiles than fp16/bf16.
@@ -525,7 +567,8 @@ def _wg_config(c: int, dtype: torch.dtype, layout: str):
     """Recompute-mode weight-gradient config: (BLOCK_T, BLOCK_H, BLOCK_W, BLOCK_K, warps)."""
     bw = min(_WG_BLOCK_W, _pow2_channels(c))
     bt = _WG_BLOCK_T_FP32.get(bw, _WG_BLOCK_T) if dtype == torch.float32 else _WG_BLOCK_T
-    return bt, _WG_BLOCK_H, bw, bw, _WG_WARPS
+    bh = _WG_BLOCK_H_FP32.get(bw, _WG_BLOCK_H) if dtype == torch.float32 else _WG_BLOCK_H
+    return bt, bh, bw, bw, _WG_WARPS
 
 
 def _large_config(dtype: torch.dtype, layout: str) -> dict:
@@ -625,7 +668,8 @@ def _sum_partials(p: torch.Tensor, outer: int, splits: int, inner: int) -> torch
     return out
 
 
-def _mlp_backward_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
+def _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
+    """Checks the phase-1 inputs; the launch arguments shared by every phase-1 kernel."""
     if x.dim() != 4 or g.shape != x.shape:
         raise ValueError(f"x and g must both be (N, C, H, W); got {tuple(x.shape)}, "
                          f"{tuple(g.shape)}")
@@ -656,24 +700,99 @@ def _mlp_backward_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
         dot_f32=_dot_f32(cdt), prec=_precision(cdt), round_bf16=_round_bf16(cdt))
     a.update(zip(('mean', 'A', 'B', 'l2'),
                  (v.to(torch.float32).contiguous() for v in (mean, A, B, l2))))
-    if _large_path(c, cdt):
-        dz, part, tiles, dw1p, dw2p, db1p, wsplits, bsplits = _phase1_large(a)
+    return a
+
+
+def _dz_phase(a):
+    """dz, the five per-(n,c) sums, db2 and the large path's scratch (hs, dus, db1 partials;
+    None on the small path)."""
+    n, c = a['n'], a['c']
+    if _large_path(c, a['w1'].dtype):
+        dz, part, tiles, scratch = _phase1_large(a)
     else:
-        dz, part, tiles, dw1p, dw2p, db1p, wsplits, bsplits = _phase1_small(a)
+        dz, part, tiles = _phase1_small(a)
+        scratch = None
     sums = _sum_partials(part, 5 * n, tiles, c).view(5, n, c)
+    # db2 = sum_{n,t} l2 g = sum_n l2 * SG: from the sums, in a fixed order over n.
+    db2 = _sum_partials((a['l2'] * sums[0]).contiguous(), 1, n, c).view(c)
+    return dz, sums, db2, scratch
+
+
+def _weights_phase(a, scratch, fuse=None):
+    """dw1, db1, dw2 (and dx when `fuse` = dict(dz, mean, P, Q, R, S, dx) is given: phase 2
+    fused into the weight-gradient kernel)."""
+    c, hid = a['c'], a['hid']
+    if scratch is not None:
+        hs, dus, db1p = scratch
+        bt, bh, bw, warps = _large_config(a['w1'].dtype, a['layout'])['wg']
+        dw1p, dw2p, _, wsplits = _launch_weight_grad(a, bt, bh, bw, bw, warps, hs, dus, fuse)
+        bsplits = db1p.shape[0]
+    else:
+        dw1p, dw2p, db1p, wsplits = _launch_weight_grad(
+            a, *_wg_config(c, a['w1'].dtype, a['layout']), fuse=fuse)
+        bsplits = wsplits
     dw1 = _sum_partials(dw1p, 1, wsplits, hid * c).view(hid, c, 1, 1)
     dw2 = _sum_partials(dw2p, 1, wsplits, hid * c).view(c, hid, 1, 1)
     db1 = _sum_partials(db1p, 1, bsplits, hid).view(hid)
-    # db2 = sum_{n,t} l2 g = sum_n l2 * SG: from the sums, in a fixed order over n.
-    db2 = _sum_partials((a['l2'] * sums[0]).contiguous(), 1, n, c).view(c)
+    if scratch is not None and bsplits == 1:
+        db1 = db1.clone()       # else a view of backward_weights_dx's input db1p (an alias)
+    return dw1, db1, dw2
+
+
+def _mlp_backward_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
+    a = _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
+    dz, sums, db2, scratch = _dz_phase(a)
+    dw1, db1, dw2 = _weights_phase(a, scratch)
     return dz, dw1, db1, dw2, db2, sums
 
 
-def _launch_weight_grad(a, bt, bh, bw, bk, warps, hs=None, dus=None):
+def _scratch_shapes(n, c, T, hid, dtype):
+    """Shapes of the scratch `backward_dz` hands to `backward_weights_dx`: (hs, dus, db1
+    partials); 0-sized on the small path."""
+    if not _large_path(c, dtype):
+        return (0,), (0,), (0,)
+    tiles_a = triton.cdiv(T, _large_config(dtype, 'nchw')['hidden'][0])
+    return (n, hid, T), (n, hid, T), (n * tiles_a, hid)
+
+
+def _backward_dz_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
+    a = _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
+    dz, sums, db2, scratch = _dz_phase(a)
+    if scratch is None:
+        dev = a['dev']
+        scratch = (torch.empty((0,), dtype=w1.dtype, device=dev),
+                   torch.empty((0,), dtype=w1.dtype, device=dev),
+                   torch.empty((0,), dtype=torch.float32, device=dev))
+    return (dz, sums, db2, *scratch)
+
+
+def _backward_weights_dx_impl(g, x, dz, mean, A, B, w1, b1, w2, b2, l2, u_saved, hs, dus, db1p,
+                              P, Q, R, S):
+    a = _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
+    if dz.shape != x.shape:
+        raise ValueError(f"dz must have x's shape {tuple(x.shape)}; got {tuple(dz.shape)}")
+    _check_floating('dz', dz)
+    scratch = None
+    if _large_path(a['c'], w1.dtype):
+        want = _scratch_shapes(a['n'], a['c'], a['T'], a['hid'], w1.dtype)
+        if tuple(t.shape for t in (hs, dus, db1p)) != want:
+            raise ValueError("hs, dus, db1p must be the scratch backward_dz returned")
+        scratch = (hs, dus, db1p)
+    x = a['x']
+    dx = _empty_like(x)
+    fuse = dict(dz=_as_layout(dz, x), dx=dx)
+    fuse.update(zip(('P', 'Q', 'R', 'S'), (v.to(torch.float32).contiguous() for v in (P, Q, R, S))))
+    dw1, db1, dw2 = _weights_phase(a, scratch, fuse)
+    return dw1, db1, dw2, dx
+
+
+def _launch_weight_grad(a, bt, bh, bw, bk, warps, hs=None, dus=None, fuse=None):
     """_mlp_weight_grad_kernel over (hidden chunks, channel chunks, token splits); recompute
     mode, or scratch mode when the (N, HID, T) scratch hs/dus is given. Returns the fp32
     partials dw1p (S, HID, C), dw2p (S, C, HID), db1p (S, HID) (db1p unwritten in scratch mode)
-    and S."""
+    and S. `fuse` (dz, P, Q, R, S, dx in x's layout): FUSE_DX, dx written by the same launch.
+    Without it, x and its strides stand in for dz and dx (same layout: the same unit strides
+    in both variants) and a['mean'] for P, Q, R, S; none is read."""
     n, c, T, hid, dev = a['n'], a['c'], a['T'], a['hid'], a['dev']
     scratch = hs is not None
     n_hb, n_cb = triton.cdiv(hid, bh), triton.cdiv(c, bw)
@@ -694,19 +813,27 @@ def _launch_weight_grad(a, bt, bh, bw, bk, warps, hs=None, dus=None):
     # scratch mode reads h and du from the scratch, never u: no u pointer or strides (HAS_U and
     # u's strides would only make another specialisation of the same code).
     has_u = a['has_u'] and not scratch
+    m = a['mean']
+    if fuse is None:
+        dz, dx, pqrs = x, x, (m, m, m, m)
+    else:
+        dz, dx, pqrs = fuse['dz'], fuse['dx'], tuple(fuse[k] for k in 'PQRS')
     _mlp_weight_grad_kernel[(n_hb, n_cb, splits)](
         x, a['g'], a['u'] if has_u else x, a['A'], a['B'], a['l2'], a['w1'], a['b1'], a['w2'],
         hs if scratch else x, dus if scratch else x, dw1p, dw2p, dw1p if scratch else db1p,
+        dz, m, *pqrs, dx,
         c, T, hid, tiles, total, per_split, *a['sx'], *a['sg'],
-        *(a['su'] if has_u else (0, 0, 0)),
-        HAS_U=has_u, SCRATCH=scratch, BLOCK_T=bt, BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk,
-        DOT_F32=a['dot_f32'], PRECISION=a['prec'], num_warps=warps)
+        *(a['su'] if has_u else (0, 0, 0)), *_token_strides(dz), *_token_strides(dx),
+        HAS_U=has_u, SCRATCH=scratch, FUSE_DX=fuse is not None, BLOCK_T=bt, BLOCK_H=bh,
+        BLOCK_W=bw, BLOCK_K=bk, DOT_F32=a['dot_f32'], PRECISION=a['prec'],
+        ROUND_BF16=a['round_bf16'], num_warps=warps)
     return dw1p, dw2p, db1p, splits
 
 
 def _phase1_small(a):
-    """C <= SMALL_PATH_MAX_CHANNELS: dz kernel with C-wide register accumulators, weight
-    gradients recomputing u and du per tile. Nothing of size 4C*T is written."""
+    """C <= SMALL_PATH_MAX_CHANNELS: dz kernel with C-wide register accumulators (the weight
+    gradients, launched by `_weights_phase`, recompute u and du per tile). Nothing of size 4C*T
+    is written. Returns dz, the sums' partials and their tile count."""
     n, c = a['n'], a['c']
     bt, bc, bh, warps, stages = _dz_config(c, a['w1'].dtype, a['layout'])
     x = a['x']
@@ -719,8 +846,7 @@ def _phase1_small(a):
         *a['sx'], *a['sg'], *a['su'], *_token_strides(dz),
         HAS_U=a['has_u'], BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=a['dot_f32'],
         PRECISION=a['prec'], ROUND_BF16=a['round_bf16'], num_warps=warps, num_stages=stages)
-    dw1p, dw2p, db1p, splits = _launch_weight_grad(a, *_wg_config(c, a['w1'].dtype, a['layout']))
-    return dz, part, tiles, dw1p, dw2p, db1p, splits, splits
+    return dz, part, tiles
 
 
 def _phase1_large(a):
@@ -730,7 +856,9 @@ def _phase1_large(a):
       written to the scratch; sum_t du per tile into fp32 db1 partials.
     B (_mlp_dz_chunk_kernel): dz = W1^T du, o = W2 h + b2 per (token tile, C chunk) from the
       scratch; dz and the five partial sums (the small path's epilogue).
-    W (_mlp_weight_grad_kernel, scratch mode): dW1 = du z^T, dW2 = dO h^T from the scratch.
+    W (_mlp_weight_grad_kernel, scratch mode): dW1 = du z^T, dW2 = dO h^T from the scratch,
+      launched by `_weights_phase` (after the coefficients when dx is fused into it).
+    Returns dz, the sums' partials, their tile count and the scratch (hs, dus, db1 partials).
 
     Scratch dtype = the compute dtype (w1's): h and du enter every GEMM that reads them (dz, o,
     dW1, dW2) rounded to that dtype, exactly as the small path rounds them before its dots
@@ -739,7 +867,7 @@ def _phase1_large(a):
     to those GEMMs and double the scratch traffic (2 x 4C*T written once, read twice).
 
     Cost against DESIGN.md's "store nothing of size 4C*T": the scratch is 8 |x| of transient
-    memory (freed when phase 1 returns; never saved for backward) and 8 |x| written + 16 |x| read,
+    memory (freed after kernel W; never saved for backward) and 8 |x| written + 16 |x| read,
     unless it stays in L2 (S12 stage 4 at 7x7, N=64, bf16: 2 x 19 MB). Not measured on a GPU.
     """
     n, c, T, hid, dev = a['n'], a['c'], a['T'], a['hid'], a['dev']
@@ -767,9 +895,7 @@ def _phase1_large(a):
         BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=a['dot_f32'], PRECISION=a['prec'],
         ROUND_BF16=a['round_bf16'], num_warps=warps, num_stages=stages)
 
-    bt, bh, bw, warps = cfg['wg']
-    dw1p, dw2p, _, splits = _launch_weight_grad(a, bt, bh, bw, bw, warps, hs, dus)
-    return dz, part, tiles, dw1p, dw2p, db1p, splits, n * tiles_a
+    return dz, part, tiles, (hs, dus, db1p)
 
 
 def _input_grad_impl(g, dz, x, mean, P, Q, R, S):
@@ -827,6 +953,64 @@ def _(g, dz, x, mean, P, Q, R, S):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op('riformer_triton::backward_dz', mutates_args=())
+def _backward_dz_op(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, A: torch.Tensor,
+                    B: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                    b2: torch.Tensor, l2: torch.Tensor, u_saved: Optional[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor, torch.Tensor]:
+    return _backward_dz_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
+
+
+@_backward_dz_op.register_fake
+def _(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
+    n, c, hh, ww = x.shape
+    hid = w1.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    hs, dus, db1p = _scratch_shapes(n, c, hh * ww, hid, w1.dtype)
+    return (torch.empty_like(x), x.new_empty((5, n, c), **f32), x.new_empty((c,), **f32),
+            x.new_empty(hs, dtype=w1.dtype), x.new_empty(dus, dtype=w1.dtype),
+            x.new_empty(db1p, **f32))
+
+
+@torch.library.custom_op('riformer_triton::backward_weights_dx', mutates_args=())
+def _backward_weights_dx_op(g: torch.Tensor, x: torch.Tensor, dz: torch.Tensor,
+                            mean: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                            w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                            b2: torch.Tensor, l2: torch.Tensor, u_saved: Optional[torch.Tensor],
+                            hs: torch.Tensor, dus: torch.Tensor, db1p: torch.Tensor,
+                            P: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, S: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_weights_dx_impl(g, x, dz, mean, A, B, w1, b1, w2, b2, l2, u_saved,
+                                     hs, dus, db1p, P, Q, R, S)
+
+
+@_backward_weights_dx_op.register_fake
+def _(g, x, dz, mean, A, B, w1, b1, w2, b2, l2, u_saved, hs, dus, db1p, P, Q, R, S):
+    c = x.shape[1]
+    hid = w1.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    return (x.new_empty((hid, c, 1, 1), **f32), x.new_empty((hid,), **f32),
+            x.new_empty((c, hid, 1, 1), **f32), torch.empty_like(x))
+
+
+def backward_dz(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved=None):
+    """First half of the fused backward (one launch of the dz kernel, or kernels A and B on
+    the large path). Returns (dz, sums, db2, hs, dus, db1p): dz, sums, db2 as `mlp_backward`;
+    hs, dus, db1p the large path's scratch (0-sized on the small path), to be handed to
+    `backward_weights_dx` unchanged."""
+    return torch.ops.riformer_triton.backward_dz(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
+
+
+def backward_weights_dx(g, x, dz, mean, A, B, w1, b1, w2, b2, l2, u_saved, hs, dus, db1p,
+                        P, Q, R, S):
+    """Second half: the weight-gradient kernel with phase 2 fused in (FUSE_DX). P, Q, R, S:
+    (N, C) coefficients of dx = P g + Q dz + R (x - m) + S (fold.backward_coefficients of
+    `backward_dz`'s sums). Returns (dw1, db1, dw2, dx); dx in x's dtype and memory format."""
+    return torch.ops.riformer_triton.backward_weights_dx(g, x, dz, mean, A, B, w1, b1, w2, b2,
+                                                         l2, u_saved, hs, dus, db1p, P, Q, R, S)
+
+
 def mlp_backward(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved=None):
     """Phase 1 of the block backward. Returns (dz, dw1, db1, dw2, db2, sums).
 
@@ -866,7 +1050,8 @@ _STRIDE_ARGS = {
     '_mlp_dz_kernel': dict(x=('sxn', 'sxc', 'sxt'), g=('sgn', 'sgc', 'sgt'),
                            u=('sun', 'suc', 'sut'), dz=('szn', 'szc', 'szt')),
     '_mlp_weight_grad_kernel': dict(x=('sxn', 'sxc', 'sxt'), g=('sgn', 'sgc', 'sgt'),
-                                    u=('sun', 'suc', 'sut')),
+                                    u=('sun', 'suc', 'sut'), dz=('szn', 'szc', 'szt'),
+                                    dx=('sdn', 'sdc', 'sdt')),
     '_mlp_hidden_kernel': dict(x=('sxn', 'sxc', 'sxt'), g=('sgn', 'sgc', 'sgt'),
                                u=('sun', 'suc', 'sut')),
     '_mlp_dz_chunk_kernel': dict(x=('sxn', 'sxc', 'sxt'), g=('sgn', 'sgc', 'sgt'),
@@ -936,15 +1121,18 @@ def _small_path_specs(dtype, layout):
                 layout, has_u, f"C<={bc} u_saved={has_u} BLOCK_T={bt} BLOCK_H={bh}",
                 {'num_warps': warps, 'num_stages': stages}))
             wbt, wbh, wbw, wbk, wwarps = _wg_config(bc, dtype, layout)
-            const = dict(HAS_U=has_u, SCRATCH=False, BLOCK_T=wbt, BLOCK_H=wbh, BLOCK_W=wbw,
-                         BLOCK_K=wbk, DOT_F32=False, PRECISION=prec)
-            specs.append(_spec(
-                _mlp_weight_grad_kernel, 'mlp_weight_grad', tn,
-                _ptrs(tn, [k for k in _mlp_weight_grad_kernel.arg_names if k.endswith('_ptr')]),
-                const, layout, has_u,
-                f"C<={_pow2_channels(_small_path_max(dtype))} u_saved={has_u} BLOCK_T={wbt} "
-                f"BLOCK_H={wbh} BLOCK_W={wbw} "
-                f"BLOCK_K={wbk}", {'num_warps': wwarps}))
+            for fuse in (False, True):
+                const = dict(HAS_U=has_u, SCRATCH=False, FUSE_DX=fuse, BLOCK_T=wbt,
+                             BLOCK_H=wbh, BLOCK_W=wbw, BLOCK_K=wbk, DOT_F32=False,
+                             PRECISION=prec, ROUND_BF16=False)
+                specs.append(_spec(
+                    _mlp_weight_grad_kernel, 'mlp_weight_grad', tn,
+                    _ptrs(tn, [k for k in _mlp_weight_grad_kernel.arg_names
+                               if k.endswith('_ptr')]),
+                    const, layout, has_u,
+                    f"C<={_pow2_channels(_small_path_max(dtype))} u_saved={has_u} "
+                    f"fuse_dx={fuse} BLOCK_T={wbt} BLOCK_H={wbh} BLOCK_W={wbw} "
+                    f"BLOCK_K={wbk}", {'num_warps': wwarps}))
     return specs
 
 
@@ -977,13 +1165,15 @@ def _large_path_specs(dtype, layout):
             f"C>256{' TILES=1' if one_tile else ''} BLOCK_T={bt} BLOCK_C={bc} BLOCK_H={bh}",
             {'num_warps': warps, 'num_stages': stages}, ones=('TILES',) if one_tile else ()))
     bt, bh, bw, warps = cfg['wg']
-    const = dict(HAS_U=False, SCRATCH=True, BLOCK_T=bt, BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bw,
-                 DOT_F32=False, PRECISION=prec)
-    specs.append(_spec(
-        _mlp_weight_grad_kernel, 'mlp_weight_grad', tn,
-        _ptrs(tn, [k for k in _mlp_weight_grad_kernel.arg_names if k.endswith('_ptr')]),
-        const, layout, False, f"C>256 scratch BLOCK_T={bt} BLOCK_H={bh} BLOCK_W={bw}",
-        {'num_warps': warps}))
+    for fuse in (False, True):
+        const = dict(HAS_U=False, SCRATCH=True, FUSE_DX=fuse, BLOCK_T=bt, BLOCK_H=bh,
+                     BLOCK_W=bw, BLOCK_K=bw, DOT_F32=False, PRECISION=prec, ROUND_BF16=False)
+        specs.append(_spec(
+            _mlp_weight_grad_kernel, 'mlp_weight_grad', tn,
+            _ptrs(tn, [k for k in _mlp_weight_grad_kernel.arg_names if k.endswith('_ptr')]),
+            const, layout, False,
+            f"C>256 scratch fuse_dx={fuse} BLOCK_T={bt} BLOCK_H={bh} BLOCK_W={bw}",
+            {'num_warps': warps}))
     return specs
 
 

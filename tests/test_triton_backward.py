@@ -267,6 +267,58 @@ def test_two_runs_are_bitwise_equal():
                        tb.input_grad(g, first[0], x, mean, P, Q, R, S))
 
 
+FUSED_CASES = [
+    # (dtype, shape, channels_last, u_saved, large path forced)
+    (torch.float32, (3, 16, 7, 9), False, False, False),
+    (torch.float32, (2, 10, 4, 5), True, True, False),
+    (torch.float16, (2, 48, 6, 6), True, False, False),
+    (torch.bfloat16, (2, 16, 6, 6), False, True, False),
+    (torch.float32, (2, 48, 6, 6), False, True, True),
+    (torch.bfloat16, (2, 16, 7, 7), True, False, True),
+]
+
+
+@pytest.mark.parametrize('case', FUSED_CASES, ids=lambda c: (
+    f"{tb._TL_NAME[c[0]]}-C{c[1][1]}-{c[1][2]}x{c[1][3]}{'-cl' if c[2] else ''}"
+    f"{'-u' if c[3] else ''}{'-large' if c[4] else ''}"))
+def test_fused_dx_equals_the_two_phase_backward(case, monkeypatch):
+    """backward_dz + backward_weights_dx (phase 2 inside the weight-gradient kernel) give what
+    mlp_backward + input_grad give: the same weight gradients, dz, sums and db2 bit for bit, dx
+    to rounding (same formula, same fp32 inputs), bitwise equal from run to run; dx in x's
+    dtype and layout, every element written (NaN-poisoned outputs)."""
+    dtype, shape, cl, with_u, large = case
+    if large:
+        monkeypatch.setattr(tb, 'SMALL_PATH_MAX_CHANNELS', 0)
+    monkeypatch.setattr(tb, '_WEIGHT_GRAD_PROGRAMS', 2)     # several token tiles per split
+    block = make_block(shape[1], dtype=dtype)
+    x = random_input(shape, dtype, cl)
+    g = random_input(shape, dtype)
+    p, mean, _, cf, _, _, _, l2 = kernel_inputs(block, x)
+    u = None
+    if with_u:
+        with torch.no_grad():
+            u = F.conv2d((pc(cf.A) * x.to(mean.dtype) + pc(cf.B)).to(dtype), p.w1, p.b1)
+    args = (mean, cf.A, cf.B, p.w1, p.b1, p.w2, p.b2, l2, u)
+    P, Q, R, S = (torch.randn(shape[0], shape[1]) for _ in range(4))
+    with torch.no_grad():
+        dz, dw1, db1, dw2, db2, sums = tb.mlp_backward(g, x, *args)
+        dx = tb.input_grad(g, dz, x, mean, P, Q, R, S)
+        runs = []
+        for _ in range(2):
+            fdz, fsums, fdb2, *scratch = tb.backward_dz(g, x, *args)
+            runs.append((fdz, fsums, fdb2) + tuple(
+                tb.backward_weights_dx(g, x, fdz, *args, *scratch, P, Q, R, S)))
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+    fdz, fsums, fdb2, fdw1, fdb1, fdw2, fdx = runs[0]
+    for name, a, b in (('dz', fdz, dz), ('sums', fsums, sums), ('db2', fdb2, db2),
+                       ('dw1', fdw1, dw1), ('db1', fdb1, db1), ('dw2', fdw2, dw2)):
+        assert torch.equal(a, b), name
+    assert fdx.dtype == dtype and not torch.isnan(fdx).any()
+    assert fdx.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    assert rel_err(fdx, dx) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_outputs_are_nan_poisoned_before_launch():
     """The fixture that makes unwritten elements fail is really in place for the launches."""
     assert torch.isnan(tb._empty((2,), torch.float32, 'cpu')).all()
@@ -281,8 +333,10 @@ def test_rejects_unsupported_calls_with_clear_errors():
                         torch.zeros(16, 64, 1, 1), torch.zeros(16), nc)
 
 
-def test_custom_ops_have_fake_implementations():
-    """torch.library schema and fake-tensor checks (what torch.compile relies on)."""
+def test_custom_ops_have_fake_implementations(monkeypatch):
+    """torch.library schema and fake-tensor checks (what torch.compile relies on); the fused
+    pair on both paths (the large path's scratch outputs; with one db1 partial, db1 must not
+    alias it)."""
     block = make_block(16, dtype=torch.float32)
     x = random_input((1, 16, 2, 3), torch.float32)
     g = random_input(x.shape, torch.float32)
@@ -295,6 +349,17 @@ def test_custom_ops_have_fake_implementations():
     P = torch.randn(1, 16)
     torch.library.opcheck(torch.ops.riformer_triton.input_grad,
                           (g, g.clone(), x, mean.detach(), P, P, P, P), test_utils=checks)
+    fixed = args[2:]
+    for large in (False, True):
+        if large:
+            monkeypatch.setattr(tb, 'SMALL_PATH_MAX_CHANNELS', 0)
+        torch.library.opcheck(torch.ops.riformer_triton.backward_dz, (g, x) + fixed + (None,),
+                              test_utils=checks)
+        dz, _, _, *scratch = tb.backward_dz(g, x, *fixed, None)
+        assert scratch[0].numel() > 0 if large else scratch[0].numel() == 0
+        torch.library.opcheck(torch.ops.riformer_triton.backward_weights_dx,
+                              (g, x, dz) + fixed + (None, *scratch, P, P, P, P),
+                              test_utils=checks)
 
 
 def test_gpu_build_specs_compile_for_sm80_and_sm90_without_spills():
@@ -305,11 +370,13 @@ def test_gpu_build_specs_compile_for_sm80_and_sm90_without_spills():
     script = textwrap.dedent("""
         from riformer_kernels import triton_backward as tb
         want = ('mlp_dz/cl fp16 C<=256 u_saved=True ', 'mlp_dz fp32 C<=64 u_saved=False ',
-                'mlp_weight_grad fp32 C<=128 u_saved=False BLOCK_T=16 BLOCK_H=32 BLOCK_W=32 ',
+                'mlp_weight_grad fp32 C<=128 u_saved=False fuse_dx=False BLOCK_T=16 BLOCK_H=32 ',
+                'mlp_weight_grad fp32 C<=128 u_saved=False fuse_dx=True BLOCK_T=16 BLOCK_H=32 ',
                 'mlp_hidden/cl fp32 C>256 u_saved=False BLOCK', 'mlp_dz_chunk fp16 C>256 BLOCK',
-                'mlp_weight_grad fp16 C>256 scratch', 'input_grad fp32 ', 'sum_partials')
+                'mlp_weight_grad fp16 C>256 scratch fuse_dx=True ', 'input_grad fp32 ',
+                'sum_partials')
         specs = [s for s in tb.GPU_BUILD_SPECS if s[3].startswith(want)]
-        assert len(specs) == 8, [s[3] for s in specs]
+        assert len(specs) == 9, [s[3] for s in specs]
         for r in tb.aot_resource_report((80, 90), specs):
             print(r)
             assert r['spill_stores'] == 0 and r['spill_loads'] == 0 and r['stack'] == 0, r
@@ -319,7 +386,7 @@ def test_gpu_build_specs_compile_for_sm80_and_sm90_without_spills():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("'spill_stores': 0") == 16
+    assert res.stdout.count("'spill_stores': 0") == 18
 
 
 def find_specs(fn, tn, const, options, ones):
@@ -352,11 +419,13 @@ def test_gpu_build_specs_cover_every_launch_configuration():
                                           dict(num_warps=warps, num_stages=stages),
                                           (f'sx{unit}', f'sg{unit}', f'sz{unit}') + u1)) == 1
                     bt, bh, bw, bk, warps = tb._wg_config(bc, dtype, layout)
-                    const = dict(HAS_U=has_u, SCRATCH=False, BLOCK_T=bt, BLOCK_H=bh, BLOCK_W=bw,
-                                 BLOCK_K=bk, DOT_F32=False, PRECISION=prec)
-                    assert len(find_specs(tb._mlp_weight_grad_kernel, tn, const,
-                                          dict(num_warps=warps),
-                                          (f'sx{unit}', f'sg{unit}') + u1)) == 1
+                    for fuse in (False, True):
+                        const = dict(HAS_U=has_u, SCRATCH=False, FUSE_DX=fuse, BLOCK_T=bt,
+                                     BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk, DOT_F32=False,
+                                     PRECISION=prec, ROUND_BF16=False)
+                        assert len(find_specs(tb._mlp_weight_grad_kernel, tn, const,
+                                              dict(num_warps=warps),
+                                              tuple(f's{r}{unit}' for r in 'xgzd') + u1)) == 1
             cfg = tb._large_config(dtype, layout)
             bt, bh, bk, warps, stages = cfg['hidden']
             for has_u in (False, True):
@@ -374,10 +443,13 @@ def test_gpu_build_specs_cover_every_launch_configuration():
                                       dict(num_warps=warps, num_stages=stages),
                                       (f'sx{unit}', f'sg{unit}', f'sz{unit}') + tiles1)) == 1
             bt, bh, bw, warps = cfg['wg']
-            const = dict(HAS_U=False, SCRATCH=True, BLOCK_T=bt, BLOCK_H=bh, BLOCK_W=bw,
-                         BLOCK_K=bw, DOT_F32=False, PRECISION=prec)
-            assert len(find_specs(tb._mlp_weight_grad_kernel, tn, const, dict(num_warps=warps),
-                                  (f'sx{unit}', f'sg{unit}'))) == 1
+            for fuse in (False, True):
+                const = dict(HAS_U=False, SCRATCH=True, FUSE_DX=fuse, BLOCK_T=bt, BLOCK_H=bh,
+                             BLOCK_W=bw, BLOCK_K=bw, DOT_F32=False, PRECISION=prec,
+                             ROUND_BF16=False)
+                assert len(find_specs(tb._mlp_weight_grad_kernel, tn, const,
+                                      dict(num_warps=warps),
+                                      tuple(f's{r}{unit}' for r in 'xgzd'))) == 1
             const = dict(BLOCK_T=tb._DX_BLOCK_T, BLOCK_C=tb._DX_BLOCK_C, ROUND_BF16=False)
             assert len(find_specs(tb._input_grad_kernel, tn, const,
                                   dict(num_warps=tb._DX_WARPS),
@@ -464,6 +536,11 @@ def test_gpu_build_specs_are_the_kernels_launched(case, monkeypatch):
         dz = tb.mlp_backward(g, x, mean, cf.A, cf.B, p.w1, p.b1, p.w2, p.b2, l2, u)[0]
         P = torch.randn(2, c)
         tb.input_grad(g, dz, x, mean, P, P, P, P)
+        args = (mean, cf.A, cf.B, p.w1, p.b1, p.w2, p.b2, l2, u)      # the fused backward
+        dz, _, _, *scratch = tb.backward_dz(g, x, *args)
+        tb.backward_weights_dx(g, x, dz, *args, *scratch, P, P, P, P)
+    fused = [kw['FUSE_DX'] for fn, _, kw in launches if fn is k['_mlp_weight_grad_kernel']]
+    assert fused == [False, True]
     path = ('_mlp_hidden_kernel', '_mlp_dz_chunk_kernel') if large else ('_mlp_dz_kernel',)
     assert {fn for fn, _, _ in launches} == {k[name] for name in path + (
         '_mlp_weight_grad_kernel', '_input_grad_kernel', '_sum_partials_kernel')}
