@@ -55,6 +55,7 @@ class _Counter:
     def __init__(self):
         self.counts = defaultdict(int)
         self.by_op = defaultdict(int)
+        self.launches = []        # (kernel name, distinct bytes read, distinct bytes written)
         self.paused = 0
         self.launch = None
 
@@ -132,12 +133,17 @@ def _instrument_triton(counter: _Counter):
         finally:
             counter.paused -= 1
             launch, counter.launch = counter.launch, outer
+            distinct = {}
             for kind, table in (('read', launch.reads), ('write', launch.writes)):
+                distinct[kind] = 0
                 for size, chunks in table.items():
                     addrs = np.concatenate(chunks) if chunks else np.empty(0, np.uint64)
                     counter.counts[f'triton_{kind}_requests'] += addrs.size * size
-                    counter.counts[f'triton_{kind}'] += np.unique(addrs).size * size
+                    distinct[kind] += np.unique(addrs).size * size
+                counter.counts[f'triton_{kind}'] += distinct[kind]
             counter.counts['triton_launches'] += 1
+            name = getattr(getattr(self, 'fn', None), '__name__', '?')
+            counter.launches.append((name, distinct['read'], distinct['write']))
 
     builder_cls.create_masked_load = load
     builder_cls.create_masked_store = store
@@ -161,7 +167,8 @@ def measure_bytes(fn, *args, **kwargs) -> dict:
     Keys: aten_read, aten_write, aten_ops, opaque_read, opaque_write, opaque_ops, triton_read,
     triton_write (distinct addresses per launch), triton_read_requests, triton_write_requests
     (all accesses), triton_launches, total (aten + opaque + distinct triton bytes), by_op
-    (op name -> bytes), result (fn's return value).
+    (op name -> bytes), launches (per Triton launch, in order: (kernel, distinct bytes read,
+    distinct bytes written)), result (fn's return value).
     """
     counter = _Counter()
     with _instrument_triton(counter), _DispatchCounter(counter):
@@ -170,6 +177,7 @@ def measure_bytes(fn, *args, **kwargs) -> dict:
     out['total'] = sum(out[k] for k in ('aten_read', 'aten_write', 'opaque_read',
                                         'opaque_write', 'triton_read', 'triton_write'))
     out['by_op'] = dict(counter.by_op)
+    out['launches'] = list(counter.launches)
     out['result'] = result
     return out
 
@@ -224,6 +232,8 @@ def main(argv=None):
     ap.add_argument('--hw', type=int, nargs=2, default=(56, 56))
     ap.add_argument('--backends', nargs='+', default=['reference', 'torch', 'triton'])
     ap.add_argument('--train', action='store_true', help='also forward+backward per memory mode')
+    ap.add_argument('--launches', action='store_true',
+                    help='also each Triton launch and the aten/opaque ops, per row')
     a = ap.parse_args(argv)
     rows = block_table(a.n, a.c, tuple(a.hw), backends=tuple(a.backends), train=a.train)
     print(f"N={a.n} C={a.c} HxW={a.hw[0]}x{a.hw[1]} fp32, units of |x|")
@@ -237,6 +247,15 @@ def main(argv=None):
               f"{(m['triton_read'] + m['triton_write']) / unit:7.3f} "
               f"{(m['triton_read_requests'] + m['triton_write_requests']) / unit:8.3f} "
               f"{m['aten_ops']:4d} {m['triton_launches']:6d}")
+    if a.launches:
+        for backend, kind, total, m in rows:
+            unit = total and m['total'] / total
+            print(f"\n{backend} {kind}: read / written, units of |x|")
+            for name, r, w in m['launches']:
+                print(f"  {name:28} {r / unit:7.3f} {w / unit:7.3f}")
+            other = {k: v for k, v in m['by_op'].items() if v}
+            print(f"  {'aten/opaque ops':28} {sum(other.values()) / unit:7.3f} (read + written, "
+                  f"{len(other)} kinds)")
 
 
 if __name__ == '__main__':

@@ -16,8 +16,8 @@ its own moments. Stale statistics are therefore never used. Chaining is off unde
 Training: the autograd Function saves x and O(N*C) statistics only (mean, var, the fold
 coefficients, l1, l2) plus the parameters; with recompute=False (per block, per model or
 `rk.set_recompute`) also the hidden pre-activation u. Its backward is the fused one of
-DESIGN.md section 3: `triton_backward.mlp_backward` (phase 1), `fold.backward_coefficients`
-(the shared algebra), `triton_backward.input_grad` (phase 2).
+DESIGN.md section 3: `triton_backward.fused_backward` (phase 1, `fold.backward_coefficients`
+-- the shared algebra --, phase 2).
 """
 from __future__ import annotations
 
@@ -154,19 +154,16 @@ class TritonBlockFunction(torch.autograd.Function):
 
 
 def _backward_fused(ctx, g, sv: SavedForBackward):
-    """The fused backward from the saved statistics (DESIGN.md section 3): the dz kernel(s)
-    (dz, per-(n,c) sums, db2), the shared coefficient algebra, then the weight-gradient kernel
-    with phase 2 fused in (dw1, db1, dw2 and dx = P g + Q dz + R (x - m) + S).
-    Returns the gradients of the Function's 11 differentiable inputs."""
-    dz, sums, db2, hs, dus, db1p = tbw.backward_dz(g, sv.x, sv.mean, sv.A, sv.B, sv.w1, sv.b1,
-                                                   sv.w2, sv.b2, sv.l2f, u_saved=sv.u)
-    bc = fold.backward_coefficients(sums, sv.mean, sv.var, sv.coefficients(), sv.s, sv.t,
-                                    sv.l1f, sv.g2, ctx.hw)
-    # Phase 2 runs inside the weight-gradient kernel, which reads x and g anyway (FUSE_DX).
-    dw1, db1, dw2, dx = tbw.backward_weights_dx(g, sv.x, dz, sv.mean, sv.A, sv.B, sv.w1, sv.b1,
-                                                sv.w2, sv.b2, sv.l2f, sv.u, hs, dus, db1p,
-                                                bc.P, bc.Q, bc.R, bc.S)
-    del dz, hs, dus, db1p
+    """The fused backward from the saved statistics (DESIGN.md section 3): phase 1 (weight
+    gradients and the per-(n,c) sums), the shared coefficient algebra, phase 2 (dx); see
+    `triton_backward.fused_backward`. Returns the gradients of the Function's 11 differentiable
+    inputs."""
+    def coefficients(sums):
+        return fold.backward_coefficients(sums, sv.mean, sv.var, sv.coefficients(), sv.s, sv.t,
+                                          sv.l1f, sv.g2, ctx.hw)
+
+    dx, dw1, db1, dw2, db2, bc = tbw.fused_backward(g, sv.x, sv.mean, sv.A, sv.B, sv.w1, sv.b1,
+                                                    sv.w2, sv.b2, sv.l2f, sv.u, coefficients)
     return (dx, bc.d_s.to(sv.s.dtype), bc.d_t.to(sv.t.dtype), bc.d_l1.to(sv.l1.dtype),
             bc.d_l2.to(sv.l2.dtype), bc.d_g2.to(sv.g2.dtype), bc.d_beta2.to(sv.beta2.dtype),
             dw1.reshape(sv.w1.shape).to(sv.w1.dtype), db1.to(sv.b1.dtype),

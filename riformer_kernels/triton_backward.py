@@ -1,46 +1,49 @@
-"""Triton kernels of the fused block's backward (DESIGN.md section 3): phase 1 and phase 2.
+"""Triton kernels of the fused block's backward (DESIGN.md section 3): phase 1, phase 2.
 
-Phase 1 has two paths, chosen by C (`_large_path`: C > SMALL_PATH_MAX_CHANNELS = 256; fp32:
-C > SMALL_PATH_MAX_CHANNELS_FP32 = 128).
+`fused_backward` runs phase 1 (weight gradients and the five per-(n,c) sums the norms need),
+the coefficients (a caller's function of the sums: fold.backward_coefficients in the autograd
+backward) and phase 2 (dx = P g + Q dz + R (x - m) + S). Two paths, chosen by C (`_large_path`:
+C > SMALL_PATH_MAX_CHANNELS = 256; fp32: C > SMALL_PATH_MAX_CHANNELS_FP32 = 128).
 
-Small C (<= 256; fp32 <= 128), recompute, nothing of size 4C*T is stored:
+Small C (<= 256; fp32 <= 128), recompute, nothing of size 4C*T is stored, dz is never written:
 
-* `_mlp_dz_kernel`, one program per token tile of one sample: z = A x + B, then over hidden
-  chunks u = W1 z + b1 (or u read from `u_saved`), h = GELU(u), o += W2 h, dh = W2^T dO,
-  du = dh GELU'(u), dz += W1^T du. Writes dz and, per tile, the five per-(n,c) partial sums the
-  norms need. Accumulators dz and o stay in registers for the whole hidden loop, so C is bounded
-  (see `_DZ_CONFIGS`); the hidden dimension is streamed in chunks.
-* `_mlp_weight_grad_kernel`, one program per (hidden chunk, channel chunk, token split): recomputes
-  u (and du) for its hidden chunk over the tiles of its split and accumulates dW1, dW2, db1 of its
-  chunk in registers; each split writes one partial. Weight gradients cannot be accumulated by the
-  token-tile kernel without either float atomics or a partial of size 4C*C per token tile.
+* Phase 1, `_mlp_weight_grad_kernel` with SUMS, one program per (hidden chunk, channel chunk,
+  token split): recomputes u (or reads u_saved) and du for its hidden chunk over the tiles of its
+  split, accumulates dW1, dW2, db1 of its chunk in registers (one partial per split: weight
+  gradients cannot be accumulated per token tile without float atomics or a 4C*C partial per
+  tile), and the per-(n,c) sums of its channel chunk. Sum dz, sum dz (x - m) and sum g o are
+  linear in the hidden units, so each hidden chunk contributes its share from the du and h it
+  already holds (two small dots per tile); splits never straddle samples, so the sums stay in
+  registers and are flushed once per (sample, split). One launch: x and g are read once.
+* Phase 2, `_mlp_dx_kernel`, one program per token tile of one sample: recomputes
+  dz = W1^T ((W2^T dO) GELU'(W1 z + b1)) over hidden chunks with a C-wide fp32 dz accumulator
+  in registers (C bounded: `_DX_CONFIGS`) and writes dx. Recomputing dz (3 GEMMs per tile)
+  replaces writing it in phase 1 and reading it back (2 |x|), and dx gets the fp32 dz rather
+  than one rounded to a half dtype.
+  The backward thus moves x and g twice and dx once: 5 |x| (forward 3: 8 |x| per training step).
 
-Large C (> 256, fp32 > 128: S12 stages 3-4, M36: C in {320, 384, 512, 768}), no C-wide register tile; h and
-du make one round trip through a transient (N, 4C, T) scratch in the compute dtype:
+Large C (> 256, fp32 > 128: S12 stages 3-4, M36: C in {320, 384, 512, 768}), no C-wide register
+tile; h and du make one round trip through a transient (N, 4C, T) scratch in the compute dtype:
 
 * A `_mlp_hidden_kernel`, one program per (token tile, hidden chunk): u and dh with C streamed in
   BLOCK_K chunks (the same `_hidden_tile_grads` the small path's weight-gradient kernel uses),
   writes h and du to the scratch and sum_t du (fp32) as db1 partials.
 * B `_mlp_dz_chunk_kernel`, one program per (token tile, channel chunk): dz = W1^T du and
-  o = W2 h + b2 over the hidden chunks of the scratch; the small path's epilogue
-  (`_store_dz_and_sums`): dz and the five partial sums.
-* W `_mlp_weight_grad_kernel` with SCRATCH: dW1 = du z^T, dW2 = dO h^T from the scratch (no
-  recompute).
+  o = W2 h + b2 over the hidden chunks of the scratch; dz (x's dtype) and the tile's five
+  partial sums (`_store_dz_and_sums`).
+* W `_mlp_weight_grad_kernel` with SCRATCH (and FUSE_DX after the coefficients): dW1 = du z^T,
+  dW2 = dO h^T from the scratch (no recompute); the programs of hidden chunk 0 then write dx
+  from x, g, dz. The sums are not taken here as on the small path: with C >= 320 there are
+  >= 20 hidden chunks, and per-chunk sums partials at 7x7 tokens would outweigh x itself.
+  dz is written in x's dtype: read once more, its sums reduced in-kernel from the fp32 value.
 
 Every reduction across programs is two-stage in a fixed order (`_sum_partials_kernel` loops over
 the partials sequentially): no float atomics, bitwise-equal results from run to run. The number of
 splits depends only on the shapes (not on the device), so results are also equal across GPUs.
 
-Phase 2 is the elementwise dx = P g + Q dz + R (x - m) + S. The autograd backward fuses it into
-the weight-gradient kernel (FUSE_DX), which reads x and g anyway: `backward_dz` (dz, sums, db2;
-the large path's scratch) -> fold.backward_coefficients -> `backward_weights_dx` (dW1, db1, dW2
-and dx), so the backward moves x, g twice, dz twice and dx once: 7 |x|. `mlp_backward` (phase 1
-without dx) and `input_grad` (`_input_grad_kernel`, phase 2 alone) remain as separate entry points.
-
-dz is written in x's dtype: it is read once more (phase 2) and its per-(n,c) sums are reduced
-in-kernel from the fp32 value before rounding, so an fp32 dz would cost 2 extra |x| of traffic
-for half inputs and buy only the rounding of one term of dx, the same rounding torch's own half
-backward applies to its dz.
+Other entry points: `mlp_backward` (phase 1 with dz itself; on the small path dz comes from the
+phase-2 kernel with (P, Q, R, S) = (0, 1, 0, 0)) and `input_grad` (`_input_grad_kernel`: phase 2
+alone from a given dz), for tests and callers that want the pieces.
 
 Interpreter (TRITON_INTERPRET=1, read at import): bf16 `tl.dot` is broken there, so dot operands
 are kept in fp32 (the interpreter's bf16 results are then slightly *more* accurate than a GPU's);
@@ -151,7 +154,7 @@ def _store_dz_and_sums(
     dz, o, x, g, mean, b2, dz_ptr, part_ptr, n64, offs_t, offs_c, mt, mc, row, N, C, TILES,
     szn, szc, szt, ROUND_BF16: tl.constexpr,
 ):
-    """Epilogue of the dz kernels on a (token tile, channel block): o += b2, store dz, and the
+    """Epilogue of kernel B on a (token tile, channel block): o += b2, store dz, and the
     tile's five partial sums [g, g (x-m), dz, dz (x-m), g o] into part (5, N, TILES, C) at row
     `row` = n * TILES + tile. x and g are fp32 and 0 outside the mask."""
     m2 = mt[:, None] & mc[None, :]
@@ -169,18 +172,36 @@ def _store_dz_and_sums(
     tl.store(base + 4 * stride_k, tl.sum(g * o, 0), mask=mc)
 
 
+@triton.jit
+def _dx_tile(g, dz, x, P_ptr, Q_ptr, R_ptr, S_ptr, mean_ptr, pc, mc):
+    """Phase 2 on a (tokens, channels) tile: dx = P g + Q dz + R (x - m) + S, fp32. pc: the
+    (n, c) offsets of the tile's channels into the (N, C) coefficients; mc their mask."""
+    mean = tl.load(mean_ptr + pc, mask=mc, other=0.0)
+    p = tl.load(P_ptr + pc, mask=mc, other=0.0)
+    q = tl.load(Q_ptr + pc, mask=mc, other=0.0)
+    r = tl.load(R_ptr + pc, mask=mc, other=0.0)
+    s = tl.load(S_ptr + pc, mask=mc, other=0.0)
+    return p[None, :] * g + q[None, :] * dz + r[None, :] * (x - mean[None, :]) + s[None, :]
+
+
 # ---------------------------------------------------------------------------------------------
 # kernels: small-C path (C <= SMALL_PATH_MAX_CHANNELS)
 
 @triton.jit
-def _mlp_dz_kernel(
-    x_ptr, g_ptr, u_ptr, mean_ptr, A_ptr, B_ptr, l2_ptr,
-    w1_ptr, b1_ptr, w2_ptr, b2_ptr, dz_ptr, part_ptr,
-    N, C, T, HID, TILES,
-    sxn, sxc, sxt, sgn, sgc, sgt, sun, suc, sut, szn, szc, szt,
+def _mlp_dx_kernel(
+    x_ptr, g_ptr, u_ptr, mean_ptr, A_ptr, B_ptr, l2_ptr, w1_ptr, b1_ptr, w2_ptr,
+    P_ptr, Q_ptr, R_ptr, S_ptr, dx_ptr,
+    C, T, HID, TILES,
+    sxn, sxc, sxt, sgn, sgc, sgt, sun, suc, sut, sdn, sdc, sdt,
     HAS_U: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
+    """Phase 2 of the small path, one program per token tile of one sample: recompute
+    dz = W1^T ((W2^T dO) GELU'(u)) over the hidden chunks (z = A x + B, u = W1 z + b1 or u read
+    from u_saved, dO = l2 g) and write dx = P g + Q dz + R (x - m) + S. dz never leaves the
+    chip: recomputing it (3 GEMMs per tile) replaces writing it in phase 1 and reading it back
+    here (2 |x| of traffic). With (P, Q, R, S) = (0, 1, 0, 0) the output is dz itself (exactly:
+    0 * g + 1 * dz + 0 * (x - m) + 0), which is how `mlp_backward` returns dz."""
     pid = tl.program_id(0)
     n = pid // TILES
     tile = pid - n * TILES
@@ -196,12 +217,9 @@ def _mlp_dz_kernel(
     mc = offs_c < C
     m2 = mt[:, None] & mc[None, :]
 
-    mean = tl.load(mean_ptr + n * C + offs_c, mask=mc, other=0.0)
     a_c = tl.load(A_ptr + n * C + offs_c, mask=mc, other=0.0)
     b_c = tl.load(B_ptr + n * C + offs_c, mask=mc, other=0.0)
     l2 = tl.load(l2_ptr + n * C + offs_c, mask=mc, other=0.0)
-    b2 = tl.load(b2_ptr + offs_c, mask=mc, other=0.0).to(tl.float32)
-
     x = tl.load(x_ptr + n64 * sxn + offs_t[:, None] * sxt + offs_c[None, :] * sxc,
                 mask=m2, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + n64 * sgn + offs_t[:, None] * sgt + offs_c[None, :] * sgc,
@@ -211,7 +229,6 @@ def _mlp_dz_kernel(
     d_o = (l2[None, :] * g).to(cdt)
 
     dz = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    o = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
     for h0 in range(0, HID, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mh = offs_h < HID
@@ -225,41 +242,60 @@ def _mlp_dz_kernel(
         else:
             b1 = tl.load(b1_ptr + offs_h, mask=mh, other=0.0).to(tl.float32)
             u = tl.dot(z, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
-        h, dgelu = _gelu_and_grad(u)
+        _, dgelu = _gelu_and_grad(u)
         dh = tl.dot(d_o, tl.trans(w2t), input_precision=PRECISION)
-        du = dh * dgelu
-        dz += tl.dot(du.to(cdt), w1, input_precision=PRECISION)
-        o += tl.dot(h.to(cdt), w2t, input_precision=PRECISION)
+        dz += tl.dot((dh * dgelu).to(cdt), w1, input_precision=PRECISION)
 
-    _store_dz_and_sums(dz, o, x, g, mean, b2, dz_ptr, part_ptr, n64, offs_t, offs_c, mt, mc,
-                       pid, N, C, TILES, szn, szc, szt, ROUND_BF16)
+    dx = _dx_tile(g, dz, x, P_ptr, Q_ptr, R_ptr, S_ptr, mean_ptr, n * C + offs_c, mc)
+    tl.store(dx_ptr + n64 * sdn + offs_t[:, None] * sdt + offs_c[None, :] * sdc,
+             _round_for_store(dx, ROUND_BF16).to(dx_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit
+# The split shape arguments are 1 in most launches and larger in others; Triton would compile a
+# separate kernel for each (it turns integer arguments equal to 1 into constants), so they are
+# kept runtime values: one compiled variant, the one GPU_BUILD_SPECS checks. (Named here too:
+# the interpreter's function object does not keep the list.)
+WEIGHT_GRAD_RUNTIME_INTS = ('TILES_PER_SPLIT', 'SPLITS_PER_SAMPLE', 'SAMPLES_PER_SPLIT')
+
+
+@triton.jit(do_not_specialize=WEIGHT_GRAD_RUNTIME_INTS)
 def _mlp_weight_grad_kernel(
     x_ptr, g_ptr, u_ptr, A_ptr, B_ptr, l2_ptr,
-    w1_ptr, b1_ptr, w2_ptr, hs_ptr, dus_ptr, dw1_ptr, dw2_ptr, db1_ptr,
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr, hs_ptr, dus_ptr, dw1_ptr, dw2_ptr, db1_ptr, part_ptr,
     dz_ptr, mean_ptr, P_ptr, Q_ptr, R_ptr, S_ptr, dx_ptr,
-    C, T, HID, TILES, TOTAL_TILES, TILES_PER_SPLIT,
+    N, C, T, HID, TILES, TILES_PER_SPLIT, SPLITS_PER_SAMPLE, SAMPLES_PER_SPLIT,
     sxn, sxc, sxt, sgn, sgc, sgt, sun, suc, sut, szn, szc, szt, sdn, sdc, sdt,
-    HAS_U: tl.constexpr, SCRATCH: tl.constexpr, FUSE_DX: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+    HAS_U: tl.constexpr, SCRATCH: tl.constexpr, SUMS: tl.constexpr, FUSE_DX: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """dW1 = du z^T, dW2 = dO h^T (and db1 = sum du unless SCRATCH) of one (hidden chunk,
     channel chunk) over the token tiles of one split; one fp32 partial per split.
+
+    Splits never straddle a sample boundary: a split is either a range of tiles of one sample
+    (SPLITS_PER_SAMPLE > 1) or whole samples (SAMPLES_PER_SPLIT >= 1), so per-(n, c) sums can
+    be kept in registers and flushed once per (sample, split).
 
     SCRATCH (large-C path): h and du are read from the (N, HID, T) scratch the hidden kernel
     wrote (compute dtype); db1 then comes from that kernel's fp32 partials. Otherwise (small-C
     path) they are recomputed per tile (`_hidden_tile_grads`).
 
-    FUSE_DX (phase 2 fused in): the programs of hidden chunk 0 (which between them cover every
-    (channel chunk, token tile) once) then loop once more over their split's token tiles and
-    write dx = P g + Q dz + R (x - m) + S of their channel chunk: x and g tiles they have just
-    read (L2) plus dz. The launch moves x, g, dz (read) and dx (written) once each instead of a
-    separate elementwise launch re-reading x and g from DRAM. A separate loop, not the weight
-    loop's body: there it spilled ((32, 16) tiles, cl fp16/bf16 at sm_80, fp32 at sm_90).
-    Without FUSE_DX the dz/dx pointers and strides are placeholders."""
+    SUMS (small-C path, phase 1 complete in this one launch): also the five per-(n, c) sums of
+    the norms' backward, for this program's channel chunk. Sum dz, sum dz (x - m) and sum g o
+    are linear in the hidden units (dz = sum_j W1[j, :]^T du_j, o = sum_j W2[:, j] h_j + b2),
+    so each hidden chunk adds its share: dz_part = du W1[chunk, chunk_c], o_part =
+    h W2[chunk_c, chunk]^T, from the du and h already in registers. The programs of hidden
+    chunk 0 also carry sum g, sum g (x - m) and the b2 term of sum g o; the others store 0 there
+    so all five reduce alike. part: (5, N, HIDDEN_CHUNKS * SPLITS_PER_SAMPLE, C), slot
+    hb * SPLITS_PER_SAMPLE + (split within the sample). dz itself is never written (phase 2
+    recomputes it).
+
+    FUSE_DX (large-C path, phase 2 fused in): the programs of hidden chunk 0 (which between them
+    cover every (channel chunk, token tile) once) then loop once more over their split's token
+    tiles and write dx = P g + Q dz + R (x - m) + S of their channel chunk: x and g tiles they
+    have just read (L2) plus dz. A separate loop, not the weight loop's body: there it spilled
+    ((32, 16) tiles, cl fp16/bf16 at sm_80, fp32 at sm_90). Pointers and strides a variant does
+    not use are placeholders."""
     hb = tl.program_id(0)
     cb = tl.program_id(1)
     split = tl.program_id(2)
@@ -276,8 +312,22 @@ def _mlp_weight_grad_kernel(
     acc_w1 = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
     acc_w2 = tl.zeros([BLOCK_W, BLOCK_H], dtype=tl.float32)
     acc_b1 = tl.zeros([BLOCK_H], dtype=tl.float32)
-    start = split * TILES_PER_SPLIT
-    end = tl.minimum(start + TILES_PER_SPLIT, TOTAL_TILES)
+    group = split // SPLITS_PER_SAMPLE
+    part_in_sample = split - group * SPLITS_PER_SAMPLE
+    first_sample = group * SAMPLES_PER_SPLIT
+    start = first_sample * TILES + part_in_sample * TILES_PER_SPLIT
+    end = tl.minimum(start + TILES_PER_SPLIT,
+                     tl.minimum(first_sample + SAMPLES_PER_SPLIT, N) * TILES)
+    if SUMS:
+        s_g = tl.zeros([BLOCK_W], dtype=tl.float32)
+        s_gx = tl.zeros([BLOCK_W], dtype=tl.float32)
+        s_dz = tl.zeros([BLOCK_W], dtype=tl.float32)
+        s_dzx = tl.zeros([BLOCK_W], dtype=tl.float32)
+        s_go = tl.zeros([BLOCK_W], dtype=tl.float32)
+        slots = tl.num_programs(0) * SPLITS_PER_SAMPLE
+        slot = hb * SPLITS_PER_SAMPLE + part_in_sample
+        first_chunk = hb == 0
+        b2_w = tl.load(b2_ptr + offs_w, mask=mw, other=0.0).to(tl.float32)
     for i in range(start, end):
         n = i // TILES
         n64 = n.to(tl.int64)
@@ -308,6 +358,38 @@ def _mlp_weight_grad_kernel(
         d_o_w = (l2_w[None, :] * g_w).to(cdt)
         acc_w1 += tl.dot(tl.trans(du.to(cdt)), z_w, input_precision=PRECISION)
         acc_w2 += tl.dot(tl.trans(d_o_w), h.to(cdt), input_precision=PRECISION)
+        if SUMS:
+            # W1[chunk, chunk_c] and W2[chunk_c, chunk]^T as (hidden, channel) tiles.
+            mhw = mh[:, None] & mw[None, :]
+            w1_hw = tl.load(w1_ptr + offs_h[:, None] * C + offs_w[None, :], mask=mhw,
+                            other=0.0).to(cdt)
+            w2_hw = tl.load(w2_ptr + offs_w[None, :] * HID + offs_h[:, None], mask=mhw,
+                            other=0.0).to(cdt)
+            dz_part = tl.dot(du.to(cdt), w1_hw, input_precision=PRECISION)
+            o_part = tl.dot(h.to(cdt), w2_hw, input_precision=PRECISION)
+            mean_w = tl.load(mean_ptr + n * C + offs_w, mask=mw, other=0.0)
+            xc = tl.where(mtw, x_w - mean_w[None, :], 0.0)
+            s_g += tl.sum(g_w, 0)
+            s_gx += tl.sum(g_w * xc, 0)
+            s_dz += tl.sum(dz_part, 0)       # 0 on masked tokens: du is
+            s_dzx += tl.sum(dz_part * xc, 0)
+            s_go += tl.sum(g_w * o_part, 0)
+            # Flush at the sample's last tile or the split's last tile, whichever comes first.
+            flush = (i - n * TILES == TILES - 1) | (i == end - 1)
+            if flush:
+                base = part_ptr + (n64 * slots + slot) * C + offs_w
+                stride_k = N * slots * C
+                tl.store(base, tl.where(first_chunk, s_g, 0.0), mask=mw)
+                tl.store(base + stride_k, tl.where(first_chunk, s_gx, 0.0), mask=mw)
+                tl.store(base + 2 * stride_k, s_dz, mask=mw)
+                tl.store(base + 3 * stride_k, s_dzx, mask=mw)
+                tl.store(base + 4 * stride_k,
+                         s_go + tl.where(first_chunk, b2_w * s_g, 0.0), mask=mw)
+                s_g = tl.zeros([BLOCK_W], dtype=tl.float32)
+                s_gx = tl.zeros([BLOCK_W], dtype=tl.float32)
+                s_dz = tl.zeros([BLOCK_W], dtype=tl.float32)
+                s_dzx = tl.zeros([BLOCK_W], dtype=tl.float32)
+                s_go = tl.zeros([BLOCK_W], dtype=tl.float32)
     split64 = split.to(tl.int64)
     tl.store(dw1_ptr + split64 * HID * C + offs_h[:, None] * C + offs_w[None, :], acc_w1,
              mask=mh[:, None] & mw[None, :])
@@ -319,27 +401,20 @@ def _mlp_weight_grad_kernel(
     if FUSE_DX:
         if hb == 0:
             # Its own loop, after the accumulators are stored: nothing of the weight-gradient
-            # loop is live here (in that loop the (32, 16) cl fp16/bf16 and fp32 variants
-            # spilled). The x and g tiles were read by this program moments ago (L2).
+            # loop is live here. The x and g tiles were read by this program moments ago (L2).
             for i in range(start, end):
                 n = i // TILES
                 n64 = n.to(tl.int64)
                 offs_t = (i - n * TILES) * BLOCK_T + tl.arange(0, BLOCK_T)
                 mtw = (offs_t < T)[:, None] & mw[None, :]
-                pc = n * C + offs_w
-                mean_w = tl.load(mean_ptr + pc, mask=mw, other=0.0)
-                p_w = tl.load(P_ptr + pc, mask=mw, other=0.0)
-                q_w = tl.load(Q_ptr + pc, mask=mw, other=0.0)
-                r_w = tl.load(R_ptr + pc, mask=mw, other=0.0)
-                s_w = tl.load(S_ptr + pc, mask=mw, other=0.0)
                 x_w = tl.load(x_ptr + n64 * sxn + offs_t[:, None] * sxt + offs_w[None, :] * sxc,
                               mask=mtw, other=0.0).to(tl.float32)
                 g_w = tl.load(g_ptr + n64 * sgn + offs_t[:, None] * sgt + offs_w[None, :] * sgc,
                               mask=mtw, other=0.0).to(tl.float32)
                 dz_w = tl.load(dz_ptr + n64 * szn + offs_t[:, None] * szt + offs_w[None, :] * szc,
                                mask=mtw, other=0.0).to(tl.float32)
-                dx = (p_w[None, :] * g_w + q_w[None, :] * dz_w
-                      + r_w[None, :] * (x_w - mean_w[None, :]) + s_w[None, :])
+                dx = _dx_tile(g_w, dz_w, x_w, P_ptr, Q_ptr, R_ptr, S_ptr, mean_ptr,
+                              n * C + offs_w, mw)
                 tl.store(dx_ptr + n64 * sdn + offs_t[:, None] * sdt + offs_w[None, :] * sdc,
                          _round_for_store(dx, ROUND_BF16).to(dx_ptr.dtype.element_ty), mask=mtw)
 
@@ -456,6 +531,7 @@ def _input_grad_kernel(
     sgn, sgc, sgt, szn, szc, szt, sxn, sxc, sxt, sdn, sdc, sdt,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
+    """Phase 2 alone, elementwise from a given dz (the `input_grad` entry point)."""
     pid = tl.program_id(0)
     n = pid // TILES
     n64 = n.to(tl.int64)
@@ -464,18 +540,12 @@ def _input_grad_kernel(
     mt = offs_t < T
     mc = offs_c < C
     m2 = mt[:, None] & mc[None, :]
-    pc = n * C + offs_c
-    mean = tl.load(mean_ptr + pc, mask=mc, other=0.0)
-    p = tl.load(P_ptr + pc, mask=mc, other=0.0)
-    q = tl.load(Q_ptr + pc, mask=mc, other=0.0)
-    r = tl.load(R_ptr + pc, mask=mc, other=0.0)
-    s = tl.load(S_ptr + pc, mask=mc, other=0.0)
     t2 = offs_t[:, None]
     c2 = offs_c[None, :]
     g = tl.load(g_ptr + n64 * sgn + t2 * sgt + c2 * sgc, mask=m2, other=0.0).to(tl.float32)
     dz = tl.load(dz_ptr + n64 * szn + t2 * szt + c2 * szc, mask=m2, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + n64 * sxn + t2 * sxt + c2 * sxc, mask=m2, other=0.0).to(tl.float32)
-    dx = p[None, :] * g + q[None, :] * dz + r[None, :] * (x - mean[None, :]) + s[None, :]
+    dx = _dx_tile(g, dz, x, P_ptr, Q_ptr, R_ptr, S_ptr, mean_ptr, n * C + offs_c, mc)
     tl.store(dx_ptr + n64 * sdn + t2 * sdt + c2 * sdc,
              _round_for_store(dx, ROUND_BF16).to(dx_ptr.dtype.element_ty), mask=m2)
 
@@ -502,27 +572,30 @@ SMALL_PATH_MAX_CHANNELS = 256
 SMALL_PATH_MAX_CHANNELS_FP32 = 128
 
 # BLOCK_C (next power of two of C, >= 16) -> (BLOCK_T, BLOCK_H, num_warps, num_stages) of
-# _mlp_dz_kernel. Its dz and o accumulators are 2 * BLOCK_T * BLOCK_C fp32 in registers for the
-# whole hidden loop, plus z, dO and a W1 and a W2 chunk. Chosen by compiling for sm_80/sm_90 and
-# reading ptxas' spill counts (aot_resource_report): every entry has 0 spill bytes. BLOCK_C=512
-# spilled in the configurations tried (BLOCK_T=BLOCK_H=16, 8 or 16 warps), hence the rule above.
+# _mlp_dx_kernel. Its dz accumulator is BLOCK_T * BLOCK_C fp32 in registers for the whole hidden
+# loop, plus x, g, z, dO and a W1 and a W2 chunk. Chosen by compiling for sm_80/sm_90 and
+# reading ptxas' spill counts (aot_resource_report): every entry has 0 spill bytes. (Chosen
+# for the earlier dz kernel, which also kept o in registers; BLOCK_C=512 spilled there in the
+# configurations tried, BLOCK_T=BLOCK_H=16 with 8 or 16 warps, hence the path rule above.)
 # BLOCK_C=256 is fp16/bf16 only (SMALL_PATH_MAX_CHANNELS_FP32).
-_DZ_CONFIGS = {16: (16, 32, 8, 3), 32: (16, 32, 8, 3), 64: (16, 32, 8, 3), 128: (16, 32, 8, 3),
+_DX_CONFIGS = {16: (16, 32, 8, 3), 32: (16, 32, 8, 3), 64: (16, 32, 8, 3), 128: (16, 32, 8, 3),
                256: (16, 16, 8, 1)}
 # fp32 exceptions, found once the specs compiled the kernels as launched (unit strides constant):
 # C<=32 (16, 32, 8, 3) spilled 4 bytes at sm_80 in channels_last with u_saved; C<=64 spilled
 # 24 bytes at sm_90 in NCHW without u (and (16, 16, 8, 3) 8 bytes in channels_last; (16, 32, 8,
-# 2) 16 bytes in NCHW). Applied to both layouts (same summation order for both).
-_DZ_CONFIGS_FP32 = {32: (16, 32, 8, 2), 64: (16, 16, 8, 2)}
-# _mlp_weight_grad_kernel, recompute mode: (BLOCK_T, BLOCK_H, BLOCK_W = BLOCK_K, num_warps).
-# 4 warps or 64-wide tiles spilled. fp32 with BLOCK_W=32: BLOCK_T 16 (32 spilled 24 bytes at
-# sm_90 in NCHW without u, compiled as launched; both layouts take 16). fp32 with BLOCK_W=16
-# (C <= 16): (BLOCK_T, BLOCK_H) = (16, 64); (32, 32) spilled 8 bytes at sm_90 (channels_last,
-# no u) once FUSE_DX added its dx loop (ptxas settles these at 128 registers), and (32, 16),
-# (64, 16), (64, 32) spilled 4-8 bytes in some variant. Fused and unfused share the config.
-_WG_BLOCK_T, _WG_BLOCK_H, _WG_BLOCK_W, _WG_WARPS = 32, 32, 32, 8
+# 2) 16 bytes in NCHW); C<=128 (16, 32, 8, 3) spilled 20 bytes at sm_90 in NCHW without u (dx
+# kernel), (16, 32, 8, 2) is clean. Applied to both layouts (same summation order for both).
+_DX_CONFIGS_FP32 = {32: (16, 32, 8, 2), 64: (16, 16, 8, 2), 128: (16, 32, 8, 2)}
+# _mlp_weight_grad_kernel, small path (recompute or u_saved, with the sums: SUMS):
+# (BLOCK_T, BLOCK_H, BLOCK_W = BLOCK_K, num_warps). 4 warps or 64-wide tiles spilled before the
+# sums were added. With SUMS (two more (BLOCK_T, BLOCK_W) dot results per tile), BLOCK_T=32 spilled
+# in fp16/bf16 (BLOCK_W=32 with u: 72-128 bytes; BLOCK_W=16 with u at sm_90: 24-32 bytes), so
+# half takes BLOCK_T=16 (clean for both widths). fp32 BLOCK_W=32: (16, 32) spilled 8 bytes at
+# sm_90 (NCHW, no u), (16, 16) is clean; fp32 BLOCK_W=16 (C <= 16): (16, 64) spilled 16-32
+# bytes at sm_90, (16, 32) is clean.
+_WG_BLOCK_T, _WG_BLOCK_H, _WG_BLOCK_W, _WG_WARPS = 16, 32, 32, 8
 _WG_BLOCK_T_FP32 = {16: 16, 32: 16}
-_WG_BLOCK_H_FP32 = {16: 64}
+_WG_BLOCK_H_FP32 = {16: 32, 32: 16}
 # Large-C path: one configuration per (kernel, dtype) for every C (C is streamed, so C only
 # changes loop trip counts), each checked spill-free (u_saved both ways) by GPU_BUILD_SPECS.
 # fp32 runs IEEE fp32 dots (FMA, no tensor cores) and needs smaller tiles than fp16/bf16.
@@ -535,7 +608,7 @@ _LARGE_CONFIGS = {
     torch.bfloat16: dict(hidden=(64, 32, 32, 4, 2), dz=(64, 64, 32, 8, 2), wg=(32, 64, 64, 8)),
 }
 _SUM_BLOCK, _SUM_WARPS = 512, 4
-_DX_BLOCK_T, _DX_BLOCK_C, _DX_WARPS = 32, 32, 4
+_INPUT_GRAD_BLOCK_T, _INPUT_GRAD_BLOCK_C, _INPUT_GRAD_WARPS = 32, 32, 4
 
 
 def _small_path_max(dtype: torch.dtype) -> int:
@@ -553,12 +626,12 @@ def _large_path(c: int, dtype: torch.dtype) -> bool:
 # The config lookups take the activation layout ('nchw' | 'cl') too: every (dtype, layout)
 # is compiled as launched by GPU_BUILD_SPECS; no entry needs a per-layout value at present.
 
-def _dz_config(c: int, dtype: torch.dtype, layout: str):
-    """_mlp_dz_kernel: (BLOCK_T, BLOCK_C, BLOCK_H, num_warps, num_stages)."""
+def _dx_config(c: int, dtype: torch.dtype, layout: str):
+    """_mlp_dx_kernel: (BLOCK_T, BLOCK_C, BLOCK_H, num_warps, num_stages)."""
     bc = _pow2_channels(c)
-    table = _DZ_CONFIGS
+    table = _DX_CONFIGS
     if dtype == torch.float32:
-        table = {**_DZ_CONFIGS, **_DZ_CONFIGS_FP32}
+        table = {**_DX_CONFIGS, **_DX_CONFIGS_FP32}
     bt, bh, warps, stages = table[bc]
     return bt, bc, bh, warps, stages
 
@@ -703,113 +776,174 @@ def _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
     return a
 
 
-def _dz_phase(a):
-    """dz, the five per-(n,c) sums, db2 and the large path's scratch (hs, dus, db1 partials;
-    None on the small path)."""
-    n, c = a['n'], a['c']
-    if _large_path(c, a['w1'].dtype):
-        dz, part, tiles, scratch = _phase1_large(a)
-    else:
-        dz, part, tiles = _phase1_small(a)
-        scratch = None
-    sums = _sum_partials(part, 5 * n, tiles, c).view(5, n, c)
-    # db2 = sum_{n,t} l2 g = sum_n l2 * SG: from the sums, in a fixed order over n.
-    db2 = _sum_partials((a['l2'] * sums[0]).contiguous(), 1, n, c).view(c)
-    return dz, sums, db2, scratch
+def _db2(a, sums):
+    """db2 = sum_{n,t} l2 g = sum_n l2 * SG: from the sums, in a fixed order over n."""
+    return _sum_partials((a['l2'] * sums[0]).contiguous(), 1, a['n'], a['c']).view(a['c'])
 
 
-def _weights_phase(a, scratch, fuse=None):
-    """dw1, db1, dw2 (and dx when `fuse` = dict(dz, mean, P, Q, R, S, dx) is given: phase 2
-    fused into the weight-gradient kernel)."""
-    c, hid = a['c'], a['hid']
-    if scratch is not None:
-        hs, dus, db1p = scratch
-        bt, bh, bw, warps = _large_config(a['w1'].dtype, a['layout'])['wg']
-        dw1p, dw2p, _, wsplits = _launch_weight_grad(a, bt, bh, bw, bw, warps, hs, dus, fuse)
-        bsplits = db1p.shape[0]
-    else:
-        dw1p, dw2p, db1p, wsplits = _launch_weight_grad(
-            a, *_wg_config(c, a['w1'].dtype, a['layout']), fuse=fuse)
-        bsplits = wsplits
+def _reduce_weight_partials(a, dw1p, dw2p, db1p, wsplits, bsplits):
+    hid, c = a['hid'], a['c']
     dw1 = _sum_partials(dw1p, 1, wsplits, hid * c).view(hid, c, 1, 1)
     dw2 = _sum_partials(dw2p, 1, wsplits, hid * c).view(c, hid, 1, 1)
     db1 = _sum_partials(db1p, 1, bsplits, hid).view(hid)
-    if scratch is not None and bsplits == 1:
-        db1 = db1.clone()       # else a view of backward_weights_dx's input db1p (an alias)
+    if bsplits == 1:
+        db1 = db1.clone()       # else a view of a partials buffer (maybe an op's input: alias)
     return dw1, db1, dw2
+
+
+# --- small path: phase 1 = one weight-gradient launch with the sums (SUMS); phase 2 recomputes
+# dz per token tile (`_mlp_dx_kernel`). The backward moves x and g twice and dx once: 5 |x|.
+
+def _weights_sums_small(a):
+    """Phase 1 of the small path: (dw1, db1, dw2, db2, sums) from one weight-gradient launch."""
+    n, c = a['n'], a['c']
+    dw1p, dw2p, db1p, wsplits, part, slots = _launch_weight_grad(
+        a, *_wg_config(c, a['w1'].dtype, a['layout']), sums=True)
+    sums = _sum_partials(part, 5 * n, slots, c).view(5, n, c)
+    dw1, db1, dw2 = _reduce_weight_partials(a, dw1p, dw2p, db1p, wsplits, wsplits)
+    return dw1, db1, dw2, _db2(a, sums), sums
+
+
+def _dx_small(a, P, Q, R, S):
+    """Phase 2 of the small path: dx = P g + Q dz + R (x - m) + S with dz recomputed."""
+    n, c = a['n'], a['c']
+    bt, bc, bh, warps, stages = _dx_config(c, a['w1'].dtype, a['layout'])
+    x = a['x']
+    dx = _empty_like(x)
+    tiles = triton.cdiv(a['T'], bt)
+    P, Q, R, S = (v.to(torch.float32).expand(n, c).contiguous() for v in (P, Q, R, S))
+    _mlp_dx_kernel[(n * tiles,)](
+        x, a['g'], a['u'], a['mean'], a['A'], a['B'], a['l2'], a['w1'], a['b1'], a['w2'],
+        P, Q, R, S, dx, c, a['T'], a['hid'], tiles,
+        *a['sx'], *a['sg'], *a['su'], *_token_strides(dx),
+        HAS_U=a['has_u'], BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=a['dot_f32'],
+        PRECISION=a['prec'], ROUND_BF16=a['round_bf16'], num_warps=warps, num_stages=stages)
+    return dx
+
+
+# --- large path: phase 1 = kernels A (scratch) and B (dz, sums); the weight-gradient kernel
+# reads the scratch, with phase 2 fused in (FUSE_DX) in the autograd backward.
+
+def _weights_large(a, scratch, fuse=None):
+    """dw1, db1, dw2 from the scratch (and dx when `fuse` = dict(dz, P, Q, R, S, dx))."""
+    hs, dus, db1p = scratch
+    bt, bh, bw, warps = _large_config(a['w1'].dtype, a['layout'])['wg']
+    dw1p, dw2p, _, wsplits, _, _ = _launch_weight_grad(a, bt, bh, bw, bw, warps, hs, dus,
+                                                       fuse=fuse)
+    return _reduce_weight_partials(a, dw1p, dw2p, db1p, wsplits, db1p.shape[0])
+
+
+def _require_path(a, large: bool, op: str):
+    if _large_path(a['c'], a['w1'].dtype) != large:
+        which = 'large' if large else 'small'
+        raise ValueError(f"{op} is the {which}-C path's (C={a['c']} {a['w1'].dtype} takes the "
+                         f"other one; see _large_path); use fused_backward")
 
 
 def _mlp_backward_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
     a = _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
-    dz, sums, db2, scratch = _dz_phase(a)
-    dw1, db1, dw2 = _weights_phase(a, scratch)
+    if _large_path(a['c'], w1.dtype):
+        dz, part, tiles, scratch = _phase1_large(a)
+        sums = _sum_partials(part, 5 * a['n'], tiles, a['c']).view(5, a['n'], a['c'])
+        dw1, db1, dw2 = _weights_large(a, scratch)
+        return dz, dw1, db1, dw2, _db2(a, sums), sums
+    dw1, db1, dw2, db2, sums = _weights_sums_small(a)
+    # dz through the phase-2 kernel with (P, Q, R, S) = (0, 1, 0, 0): exactly dz.
+    zero, one = (torch.full((1, 1), v, dtype=torch.float32, device=a['dev']) for v in (0., 1.))
+    dz = _dx_small(a, zero, one, zero, zero)
     return dz, dw1, db1, dw2, db2, sums
 
 
 def _scratch_shapes(n, c, T, hid, dtype):
-    """Shapes of the scratch `backward_dz` hands to `backward_weights_dx`: (hs, dus, db1
-    partials); 0-sized on the small path."""
-    if not _large_path(c, dtype):
-        return (0,), (0,), (0,)
+    """Shapes of the large path's scratch `backward_dz` hands to `backward_weights_dx`: (hs,
+    dus, db1 partials)."""
     tiles_a = triton.cdiv(T, _large_config(dtype, 'nchw')['hidden'][0])
     return (n, hid, T), (n, hid, T), (n * tiles_a, hid)
 
 
+def _backward_weights_sums_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
+    a = _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
+    _require_path(a, False, 'backward_weights_sums')
+    return _weights_sums_small(a)
+
+
+def _backward_dx_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved, P, Q, R, S):
+    a = _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
+    _require_path(a, False, 'backward_dx')
+    return _dx_small(a, P, Q, R, S)
+
+
 def _backward_dz_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
     a = _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
-    dz, sums, db2, scratch = _dz_phase(a)
-    if scratch is None:
-        dev = a['dev']
-        scratch = (torch.empty((0,), dtype=w1.dtype, device=dev),
-                   torch.empty((0,), dtype=w1.dtype, device=dev),
-                   torch.empty((0,), dtype=torch.float32, device=dev))
-    return (dz, sums, db2, *scratch)
+    _require_path(a, True, 'backward_dz')
+    dz, part, tiles, scratch = _phase1_large(a)
+    sums = _sum_partials(part, 5 * a['n'], tiles, a['c']).view(5, a['n'], a['c'])
+    return (dz, sums, _db2(a, sums), *scratch)
 
 
 def _backward_weights_dx_impl(g, x, dz, mean, A, B, w1, b1, w2, b2, l2, u_saved, hs, dus, db1p,
                               P, Q, R, S):
     a = _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
+    _require_path(a, True, 'backward_weights_dx')
     if dz.shape != x.shape:
         raise ValueError(f"dz must have x's shape {tuple(x.shape)}; got {tuple(dz.shape)}")
     _check_floating('dz', dz)
-    scratch = None
-    if _large_path(a['c'], w1.dtype):
-        want = _scratch_shapes(a['n'], a['c'], a['T'], a['hid'], w1.dtype)
-        if tuple(t.shape for t in (hs, dus, db1p)) != want:
-            raise ValueError("hs, dus, db1p must be the scratch backward_dz returned")
-        scratch = (hs, dus, db1p)
+    want = _scratch_shapes(a['n'], a['c'], a['T'], a['hid'], w1.dtype)
+    if tuple(tuple(t.shape) for t in (hs, dus, db1p)) != want:
+        raise ValueError("hs, dus, db1p must be the scratch backward_dz returned")
     x = a['x']
     dx = _empty_like(x)
     fuse = dict(dz=_as_layout(dz, x), dx=dx)
-    fuse.update(zip(('P', 'Q', 'R', 'S'), (v.to(torch.float32).contiguous() for v in (P, Q, R, S))))
-    dw1, db1, dw2 = _weights_phase(a, scratch, fuse)
+    fuse.update(zip('PQRS', (v.to(torch.float32).contiguous() for v in (P, Q, R, S))))
+    dw1, db1, dw2 = _weights_large(a, (hs, dus, db1p), fuse)
     return dw1, db1, dw2, dx
 
 
-def _launch_weight_grad(a, bt, bh, bw, bk, warps, hs=None, dus=None, fuse=None):
+def weight_grad_splits(n: int, tiles: int, programs_per_split: int, x_bytes: int,
+                       partial_bytes: int):
+    """How the weight-gradient kernel splits the N * tiles token tiles:
+    (splits, tiles_per_split, splits_per_sample, samples_per_split) (`split_layout`).
+
+    Aims at _WEIGHT_GRAD_PROGRAMS programs with each split's partials (`partial_bytes`,
+    written and read back) under a quarter of |x| in all. Depends on the shapes only (not the
+    device): the same bits on every GPU."""
+    want = max(1, min(n * tiles, triton.cdiv(_WEIGHT_GRAD_PROGRAMS, programs_per_split),
+                      x_bytes // (4 * partial_bytes)))
+    return split_layout(n, tiles, want)
+
+
+def split_layout(n: int, tiles: int, want: int):
+    """About `want` splits of N samples x `tiles` token tiles that never straddle a sample
+    boundary: ranges of one sample's tiles (want >= N) or groups of whole samples."""
+    if want >= n:
+        per_sample = min(tiles, want // n)
+        tps = triton.cdiv(tiles, per_sample)
+        per_sample = triton.cdiv(tiles, tps)            # no empty split
+        return n * per_sample, tps, per_sample, 1
+    samples = triton.cdiv(n, want)
+    return triton.cdiv(n, samples), samples * tiles, 1, samples
+
+
+def _launch_weight_grad(a, bt, bh, bw, bk, warps, hs=None, dus=None, fuse=None, sums=False):
     """_mlp_weight_grad_kernel over (hidden chunks, channel chunks, token splits); recompute
     mode, or scratch mode when the (N, HID, T) scratch hs/dus is given. Returns the fp32
-    partials dw1p (S, HID, C), dw2p (S, C, HID), db1p (S, HID) (db1p unwritten in scratch mode)
-    and S. `fuse` (dz, P, Q, R, S, dx in x's layout): FUSE_DX, dx written by the same launch.
-    Without it, x and its strides stand in for dz and dx (same layout: the same unit strides
-    in both variants) and a['mean'] for P, Q, R, S; none is read."""
+    partials dw1p (S, HID, C), dw2p (S, C, HID), db1p (S, HID) (None in scratch mode), S, and
+    with `sums` the sums' partials (5, N, SLOTS, C) and SLOTS (else None, 0).
+    `fuse` (dz, P, Q, R, S, dx in x's layout): FUSE_DX, dx written by the same launch.
+    Unused pointers get x or a['mean'] as placeholders (x's layout: the same unit strides in
+    every variant); none is read."""
     n, c, T, hid, dev = a['n'], a['c'], a['T'], a['hid'], a['dev']
     scratch = hs is not None
     n_hb, n_cb = triton.cdiv(hid, bh), triton.cdiv(c, bw)
     tiles = triton.cdiv(T, bt)
-    total = n * tiles
-    # A split count that depends on the shapes only (not the device): same bits on every GPU.
-    # Each split writes 2 x HID x C fp32 partials that the reduction reads back; keeping them
-    # under a quarter of |x| keeps the weight gradient a small part of the backward's traffic.
-    x_bytes = a['x'].numel() * a['x'].element_size()
-    max_by_traffic = max(1, x_bytes // (4 * 2 * hid * c * 4))
-    splits = max(1, min(total, triton.cdiv(_WEIGHT_GRAD_PROGRAMS, n_hb * n_cb), max_by_traffic))
-    per_split = triton.cdiv(total, splits)
-    splits = triton.cdiv(total, per_split)   # no empty split
+    x = a['x']
+    splits, tps, per_sample, samples = weight_grad_splits(
+        n, tiles, n_hb * n_cb, x.numel() * x.element_size(), 2 * hid * c * 4)
     dw1p = _empty((splits, hid, c), torch.float32, dev)
     dw2p = _empty((splits, c, hid), torch.float32, dev)
     db1p = None if scratch else _empty((splits, hid), torch.float32, dev)
-    x = a['x']
+    slots = n_hb * per_sample if sums else 0
+    part = _empty((5, n, slots, c), torch.float32, dev) if sums else None
     # scratch mode reads h and du from the scratch, never u: no u pointer or strides (HAS_U and
     # u's strides would only make another specialisation of the same code).
     has_u = a['has_u'] and not scratch
@@ -820,33 +954,15 @@ def _launch_weight_grad(a, bt, bh, bw, bk, warps, hs=None, dus=None, fuse=None):
         dz, dx, pqrs = fuse['dz'], fuse['dx'], tuple(fuse[k] for k in 'PQRS')
     _mlp_weight_grad_kernel[(n_hb, n_cb, splits)](
         x, a['g'], a['u'] if has_u else x, a['A'], a['B'], a['l2'], a['w1'], a['b1'], a['w2'],
-        hs if scratch else x, dus if scratch else x, dw1p, dw2p, dw1p if scratch else db1p,
+        a['b2'], hs if scratch else x, dus if scratch else x, dw1p, dw2p,
+        dw1p if scratch else db1p, part if sums else m,
         dz, m, *pqrs, dx,
-        c, T, hid, tiles, total, per_split, *a['sx'], *a['sg'],
+        n, c, T, hid, tiles, tps, per_sample, samples, *a['sx'], *a['sg'],
         *(a['su'] if has_u else (0, 0, 0)), *_token_strides(dz), *_token_strides(dx),
-        HAS_U=has_u, SCRATCH=scratch, FUSE_DX=fuse is not None, BLOCK_T=bt, BLOCK_H=bh,
-        BLOCK_W=bw, BLOCK_K=bk, DOT_F32=a['dot_f32'], PRECISION=a['prec'],
+        HAS_U=has_u, SCRATCH=scratch, SUMS=sums, FUSE_DX=fuse is not None, BLOCK_T=bt,
+        BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk, DOT_F32=a['dot_f32'], PRECISION=a['prec'],
         ROUND_BF16=a['round_bf16'], num_warps=warps)
-    return dw1p, dw2p, db1p, splits
-
-
-def _phase1_small(a):
-    """C <= SMALL_PATH_MAX_CHANNELS: dz kernel with C-wide register accumulators (the weight
-    gradients, launched by `_weights_phase`, recompute u and du per tile). Nothing of size 4C*T
-    is written. Returns dz, the sums' partials and their tile count."""
-    n, c = a['n'], a['c']
-    bt, bc, bh, warps, stages = _dz_config(c, a['w1'].dtype, a['layout'])
-    x = a['x']
-    dz = _empty_like(x)
-    tiles = triton.cdiv(a['T'], bt)
-    part = _empty((5, n, tiles, c), torch.float32, a['dev'])
-    _mlp_dz_kernel[(n * tiles,)](
-        x, a['g'], a['u'], a['mean'], a['A'], a['B'], a['l2'], a['w1'], a['b1'], a['w2'],
-        a['b2'], dz, part, n, c, a['T'], a['hid'], tiles,
-        *a['sx'], *a['sg'], *a['su'], *_token_strides(dz),
-        HAS_U=a['has_u'], BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=a['dot_f32'],
-        PRECISION=a['prec'], ROUND_BF16=a['round_bf16'], num_warps=warps, num_stages=stages)
-    return dz, part, tiles
+    return dw1p, dw2p, db1p, splits, part, slots
 
 
 def _phase1_large(a):
@@ -910,12 +1026,12 @@ def _input_grad_impl(g, dz, x, mean, P, Q, R, S):
     g, dz = _as_layout(g, x), _as_layout(dz, x)
     mean, P, Q, R, S = (v.to(torch.float32).contiguous() for v in (mean, P, Q, R, S))
     dx = _empty_like(x)
-    tiles = triton.cdiv(T, _DX_BLOCK_T)
-    _input_grad_kernel[(n * tiles, triton.cdiv(c, _DX_BLOCK_C))](
+    tiles = triton.cdiv(T, _INPUT_GRAD_BLOCK_T)
+    _input_grad_kernel[(n * tiles, triton.cdiv(c, _INPUT_GRAD_BLOCK_C))](
         g, dz, x, mean, P, Q, R, S, dx, c, T, tiles,
         *_token_strides(g), *_token_strides(dz), *_token_strides(x), *_token_strides(dx),
-        BLOCK_T=_DX_BLOCK_T, BLOCK_C=_DX_BLOCK_C, ROUND_BF16=_round_bf16(dx.dtype),
-        num_warps=_DX_WARPS)
+        BLOCK_T=_INPUT_GRAD_BLOCK_T, BLOCK_C=_INPUT_GRAD_BLOCK_C, ROUND_BF16=_round_bf16(dx.dtype),
+        num_warps=_INPUT_GRAD_WARPS)
     return dx
 
 
@@ -931,14 +1047,19 @@ def _mlp_backward_op(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, A: to
     return _mlp_backward_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
 
 
-@_mlp_backward_op.register_fake
-def _(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
+def _fake_weight_grads_and_sums(x, w1):
+    """Fake (dw1, db1, dw2, db2, sums): fp32, the parameter shapes and (5, N, C)."""
     n, c = x.shape[:2]
     hid = w1.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
-    return (torch.empty_like(x), x.new_empty((hid, c, 1, 1), **f32), x.new_empty((hid,), **f32),
+    return (x.new_empty((hid, c, 1, 1), **f32), x.new_empty((hid,), **f32),
             x.new_empty((c, hid, 1, 1), **f32), x.new_empty((c,), **f32),
             x.new_empty((5, n, c), **f32))
+
+
+@_mlp_backward_op.register_fake
+def _(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
+    return (torch.empty_like(x), *_fake_weight_grads_and_sums(x, w1))
 
 
 @torch.library.custom_op('riformer_triton::input_grad', mutates_args=())
@@ -950,6 +1071,35 @@ def _input_grad_op(g: torch.Tensor, dz: torch.Tensor, x: torch.Tensor, mean: tor
 
 @_input_grad_op.register_fake
 def _(g, dz, x, mean, P, Q, R, S):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op('riformer_triton::backward_weights_sums', mutates_args=())
+def _backward_weights_sums_op(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
+                              A: torch.Tensor, B: torch.Tensor, w1: torch.Tensor,
+                              b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                              l2: torch.Tensor, u_saved: Optional[torch.Tensor]
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor]:
+    return _backward_weights_sums_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
+
+
+@_backward_weights_sums_op.register_fake
+def _(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
+    return _fake_weight_grads_and_sums(x, w1)
+
+
+@torch.library.custom_op('riformer_triton::backward_dx', mutates_args=())
+def _backward_dx_op(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, A: torch.Tensor,
+                    B: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                    b2: torch.Tensor, l2: torch.Tensor, u_saved: Optional[torch.Tensor],
+                    P: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, S: torch.Tensor
+                    ) -> torch.Tensor:
+    return _backward_dx_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved, P, Q, R, S)
+
+
+@_backward_dx_op.register_fake
+def _(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved, P, Q, R, S):
     return torch.empty_like(x)
 
 
@@ -994,25 +1144,64 @@ def _(g, x, dz, mean, A, B, w1, b1, w2, b2, l2, u_saved, hs, dus, db1p, P, Q, R,
             x.new_empty((c, hid, 1, 1), **f32), torch.empty_like(x))
 
 
+def fused_backward(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved, coefficients):
+    """The block's fused backward (DESIGN.md section 3): phase 1, the coefficients, phase 2.
+
+    `coefficients(sums)` maps the (5, N, C) sums to an object with P, Q, R, S ((N, C), e.g.
+    fold.backward_coefficients); it runs between the phases (in autograd-visible torch ops).
+    Returns (dx, dw1, db1, dw2, db2, coefficients(sums)).
+
+    Small C: `backward_weights_sums` (one launch: weight gradients and the sums, dz never
+    written) -> coefficients -> `backward_dx` (dz recomputed per tile, dx written): x and g
+    read twice, dx written once, 5 |x|. Large C: `backward_dz` (kernels A and B: scratch, dz,
+    sums) -> coefficients -> `backward_weights_dx` (weights from the scratch, dx fused in)."""
+    args = (mean, A, B, w1, b1, w2, b2, l2, u_saved)
+    if _large_path(x.shape[1], w1.dtype):
+        dz, sums, db2, hs, dus, db1p = torch.ops.riformer_triton.backward_dz(g, x, *args)
+        bc = coefficients(sums)
+        dw1, db1, dw2, dx = torch.ops.riformer_triton.backward_weights_dx(
+            g, x, dz, *args, hs, dus, db1p, bc.P, bc.Q, bc.R, bc.S)
+    else:
+        dw1, db1, dw2, db2, sums = torch.ops.riformer_triton.backward_weights_sums(g, x, *args)
+        bc = coefficients(sums)
+        dx = torch.ops.riformer_triton.backward_dx(g, x, *args, bc.P, bc.Q, bc.R, bc.S)
+    return dx, dw1, db1, dw2, db2, bc
+
+
+def backward_weights_sums(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved=None):
+    """Small-C phase 1 (one launch of the weight-gradient kernel in SUMS mode). Returns
+    (dw1, db1, dw2, db2, sums) as `mlp_backward` does; dz is not computed."""
+    return torch.ops.riformer_triton.backward_weights_sums(g, x, mean, A, B, w1, b1, w2, b2, l2,
+                                                           u_saved)
+
+
+def backward_dx(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved, P, Q, R, S):
+    """Small-C phase 2: dx = P g + Q dz + R (x - m) + S with dz recomputed per token tile.
+    P, Q, R, S: (N, C) (or broadcastable to it). dx in x's dtype and memory format."""
+    return torch.ops.riformer_triton.backward_dx(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved,
+                                                 P, Q, R, S)
+
+
 def backward_dz(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved=None):
-    """First half of the fused backward (one launch of the dz kernel, or kernels A and B on
-    the large path). Returns (dz, sums, db2, hs, dus, db1p): dz, sums, db2 as `mlp_backward`;
-    hs, dus, db1p the large path's scratch (0-sized on the small path), to be handed to
-    `backward_weights_dx` unchanged."""
+    """Large-C phase 1 (kernels A and B). Returns (dz, sums, db2, hs, dus, db1p): dz, sums, db2
+    as `mlp_backward`; hs, dus, db1p the scratch, to be handed to `backward_weights_dx`."""
     return torch.ops.riformer_triton.backward_dz(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
 
 
 def backward_weights_dx(g, x, dz, mean, A, B, w1, b1, w2, b2, l2, u_saved, hs, dus, db1p,
                         P, Q, R, S):
-    """Second half: the weight-gradient kernel with phase 2 fused in (FUSE_DX). P, Q, R, S:
-    (N, C) coefficients of dx = P g + Q dz + R (x - m) + S (fold.backward_coefficients of
-    `backward_dz`'s sums). Returns (dw1, db1, dw2, dx); dx in x's dtype and memory format."""
+    """Large-C second half: the weight-gradient kernel on the scratch with phase 2 fused in
+    (FUSE_DX). P, Q, R, S: (N, C) coefficients of dx = P g + Q dz + R (x - m) + S. Returns
+    (dw1, db1, dw2, dx); dx in x's dtype and memory format."""
     return torch.ops.riformer_triton.backward_weights_dx(g, x, dz, mean, A, B, w1, b1, w2, b2,
                                                          l2, u_saved, hs, dus, db1p, P, Q, R, S)
 
 
 def mlp_backward(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved=None):
-    """Phase 1 of the block backward. Returns (dz, dw1, db1, dw2, db2, sums).
+    """Phase 1 of the block backward with dz itself: (dz, dw1, db1, dw2, db2, sums). The
+    training backward (`fused_backward`) never materialises dz on the small path; this entry
+    point does (through the phase-2 kernel with (P, Q, R, S) = (0, 1, 0, 0)), for callers and
+    tests that want it.
 
     g = dL/dout and x: (N, C, H, W), NCHW or channels_last, fp32/fp16/bf16, one dtype shared
     with w1/w2. mean, A, B, l2: (N, C) (l2 = layer_scale_2 times the drop-path factor).
@@ -1047,8 +1236,8 @@ def input_grad(g, dz, x, mean, P, Q, R, S):
 
 # (n, c, token) stride arguments of each tensor a kernel addresses through strides.
 _STRIDE_ARGS = {
-    '_mlp_dz_kernel': dict(x=('sxn', 'sxc', 'sxt'), g=('sgn', 'sgc', 'sgt'),
-                           u=('sun', 'suc', 'sut'), dz=('szn', 'szc', 'szt')),
+    '_mlp_dx_kernel': dict(x=('sxn', 'sxc', 'sxt'), g=('sgn', 'sgc', 'sgt'),
+                           u=('sun', 'suc', 'sut'), dx=('sdn', 'sdc', 'sdt')),
     '_mlp_weight_grad_kernel': dict(x=('sxn', 'sxc', 'sxt'), g=('sgn', 'sgc', 'sgt'),
                                     u=('sun', 'suc', 'sut'), dz=('szn', 'szc', 'szt'),
                                     dx=('sdn', 'sdc', 'sdt')),
@@ -1075,11 +1264,12 @@ def _unit_args(fn, layout: str, has_u: bool):
     return ones
 
 
-def _spec(fn, name, tn, pointer_types, constexprs, layout, has_u, config, options, ones=()):
+def _spec(fn, name, tn, constexprs, layout, has_u, config, options, ones=()):
     """(jit_fn, signature, constexprs, description, options): the tuple gpu_build_report reads.
     The arguments equal to 1 at launch (`_unit_args` and `ones`) become constexpr 1; `options`
     (num_warps, num_stages) must match the launch, or the report checks another kernel than the
     one that runs."""
+    pointer_types = _ptrs(tn, [k for k in fn.arg_names if k.endswith('_ptr')])
     const = dict(constexprs)
     for k in [*_unit_args(fn, layout, has_u), *ones]:
         const[k] = 1
@@ -1108,31 +1298,26 @@ def _ptrs(tn, names):
 def _small_path_specs(dtype, layout):
     tn, prec = _TL_NAME[dtype], _precision(dtype)
     specs = []
-    for bc in _DZ_CONFIGS:
+    for bc in _DX_CONFIGS:
         if bc > _pow2_channels(_small_path_max(dtype)):
             continue            # never launched: that C takes the large path in this dtype
-        bt, _, bh, warps, stages = _dz_config(bc, dtype, layout)
+        bt, _, bh, warps, stages = _dx_config(bc, dtype, layout)
         for has_u in (False, True):
             const = dict(HAS_U=has_u, BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=False,
                          PRECISION=prec, ROUND_BF16=False)
             specs.append(_spec(
-                _mlp_dz_kernel, 'mlp_dz', tn,
-                _ptrs(tn, [k for k in _mlp_dz_kernel.arg_names if k.endswith('_ptr')]), const,
-                layout, has_u, f"C<={bc} u_saved={has_u} BLOCK_T={bt} BLOCK_H={bh}",
+                _mlp_dx_kernel, 'mlp_dx', tn, const, layout, has_u,
+                f"C<={bc} u_saved={has_u} BLOCK_T={bt} BLOCK_H={bh}",
                 {'num_warps': warps, 'num_stages': stages}))
             wbt, wbh, wbw, wbk, wwarps = _wg_config(bc, dtype, layout)
-            for fuse in (False, True):
-                const = dict(HAS_U=has_u, SCRATCH=False, FUSE_DX=fuse, BLOCK_T=wbt,
-                             BLOCK_H=wbh, BLOCK_W=wbw, BLOCK_K=wbk, DOT_F32=False,
-                             PRECISION=prec, ROUND_BF16=False)
-                specs.append(_spec(
-                    _mlp_weight_grad_kernel, 'mlp_weight_grad', tn,
-                    _ptrs(tn, [k for k in _mlp_weight_grad_kernel.arg_names
-                               if k.endswith('_ptr')]),
-                    const, layout, has_u,
-                    f"C<={_pow2_channels(_small_path_max(dtype))} u_saved={has_u} "
-                    f"fuse_dx={fuse} BLOCK_T={wbt} BLOCK_H={wbh} BLOCK_W={wbw} "
-                    f"BLOCK_K={wbk}", {'num_warps': wwarps}))
+            const = dict(HAS_U=has_u, SCRATCH=False, SUMS=True, FUSE_DX=False, BLOCK_T=wbt,
+                         BLOCK_H=wbh, BLOCK_W=wbw, BLOCK_K=wbk, DOT_F32=False, PRECISION=prec,
+                         ROUND_BF16=False)
+            specs.append(_spec(
+                _mlp_weight_grad_kernel, 'mlp_weight_grad', tn, const, layout, has_u,
+                f"C<={_pow2_channels(_small_path_max(dtype))} u_saved={has_u} sums "
+                f"BLOCK_T={wbt} BLOCK_H={wbh} BLOCK_W={wbw} BLOCK_K={wbk}",
+                {'num_warps': wwarps}))
     return specs
 
 
@@ -1148,9 +1333,7 @@ def _large_path_specs(dtype, layout):
                      PRECISION=prec, ROUND_BF16=False)
         for one_tile in (False, True):
             specs.append(_spec(
-                _mlp_hidden_kernel, 'mlp_hidden', tn,
-                _ptrs(tn, [k for k in _mlp_hidden_kernel.arg_names if k.endswith('_ptr')]),
-                const, layout, has_u,
+                _mlp_hidden_kernel, 'mlp_hidden', tn, const, layout, has_u,
                 f"C>256 u_saved={has_u}{' TILES=1' if one_tile else ''} BLOCK_T={bt} "
                 f"BLOCK_H={bh} BLOCK_K={bk}", {'num_warps': warps, 'num_stages': stages},
                 ones=('TILES',) if one_tile else ()))
@@ -1159,19 +1342,16 @@ def _large_path_specs(dtype, layout):
                  ROUND_BF16=False)
     for one_tile in (False, True):
         specs.append(_spec(
-            _mlp_dz_chunk_kernel, 'mlp_dz_chunk', tn,
-            _ptrs(tn, [k for k in _mlp_dz_chunk_kernel.arg_names if k.endswith('_ptr')]),
-            const, layout, False,
+            _mlp_dz_chunk_kernel, 'mlp_dz_chunk', tn, const, layout, False,
             f"C>256{' TILES=1' if one_tile else ''} BLOCK_T={bt} BLOCK_C={bc} BLOCK_H={bh}",
             {'num_warps': warps, 'num_stages': stages}, ones=('TILES',) if one_tile else ()))
     bt, bh, bw, warps = cfg['wg']
     for fuse in (False, True):
-        const = dict(HAS_U=False, SCRATCH=True, FUSE_DX=fuse, BLOCK_T=bt, BLOCK_H=bh,
-                     BLOCK_W=bw, BLOCK_K=bw, DOT_F32=False, PRECISION=prec, ROUND_BF16=False)
+        const = dict(HAS_U=False, SCRATCH=True, SUMS=False, FUSE_DX=fuse, BLOCK_T=bt,
+                     BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bw, DOT_F32=False, PRECISION=prec,
+                     ROUND_BF16=False)
         specs.append(_spec(
-            _mlp_weight_grad_kernel, 'mlp_weight_grad', tn,
-            _ptrs(tn, [k for k in _mlp_weight_grad_kernel.arg_names if k.endswith('_ptr')]),
-            const, layout, False,
+            _mlp_weight_grad_kernel, 'mlp_weight_grad', tn, const, layout, False,
             f"C>256 scratch fuse_dx={fuse} BLOCK_T={bt} BLOCK_H={bh} BLOCK_W={bw}",
             {'num_warps': warps}))
     return specs
@@ -1183,15 +1363,14 @@ def _build_specs():
         for layout in _LAYOUTS:
             specs += _small_path_specs(dtype, layout)
             specs += _large_path_specs(dtype, layout)
-            const = dict(BLOCK_T=_DX_BLOCK_T, BLOCK_C=_DX_BLOCK_C, ROUND_BF16=False)
+            const = dict(BLOCK_T=_INPUT_GRAD_BLOCK_T, BLOCK_C=_INPUT_GRAD_BLOCK_C,
+                         ROUND_BF16=False)
             specs.append(_spec(
-                _input_grad_kernel, 'input_grad', tn,
-                _ptrs(tn, [k for k in _input_grad_kernel.arg_names if k.endswith('_ptr')]),
-                const, layout, False, f"BLOCK_T={_DX_BLOCK_T} BLOCK_C={_DX_BLOCK_C}",
-                {'num_warps': _DX_WARPS}))
-    specs.append(_spec(_sum_partials_kernel, 'sum_partials', 'fp32',
-                       dict(p_ptr='fp32', out_ptr='fp32'), dict(BLOCK=_SUM_BLOCK), 'nchw',
-                       False, f"BLOCK={_SUM_BLOCK}", {'num_warps': _SUM_WARPS}))
+                _input_grad_kernel, 'input_grad', tn, const, layout, False,
+                f"BLOCK_T={_INPUT_GRAD_BLOCK_T} BLOCK_C={_INPUT_GRAD_BLOCK_C}",
+                {'num_warps': _INPUT_GRAD_WARPS}))
+    specs.append(_spec(_sum_partials_kernel, 'sum_partials', 'fp32', dict(BLOCK=_SUM_BLOCK),
+                       'nchw', False, f"BLOCK={_SUM_BLOCK}", {'num_warps': _SUM_WARPS}))
     # One spec per distinct compiled kernel (C<=32..256 share the weight-gradient config).
     unique = {}
     for spec in specs:

@@ -161,15 +161,15 @@ def block_grads_reference(block, x, g, seed=None):
 
 
 def full_backward_with_kernels(block, x, g, dp1=None, dp2=None):
-    """The whole block backward as the triton backend composes it: phase 1 kernels, the shared
-    O(N*C) coefficients, phase 2 kernel, and the O(C) chain through (s, t) by autograd."""
+    """The whole block backward as the triton backend composes it (`tb.fused_backward`: phase 1
+    kernels, the shared O(N*C) coefficients, phase 2 kernel), and the O(C) chain through (s, t)
+    by autograd."""
     n, _, h, w = x.shape
     p, mean, var, cf, s, t, l1, l2 = kernel_inputs(block, x, dp1, dp2)
     with torch.no_grad():
-        dz, dw1, db1, dw2, db2, sums = tb.mlp_backward(g, x, mean, cf.A, cf.B, p.w1, p.b1,
-                                                       p.w2, p.b2, l2)
-        bc = fold.backward_coefficients(sums, mean, var, cf, s, t, l1, p.g2, h * w)
-        dx = tb.input_grad(g, dz, x, mean, bc.P, bc.Q, bc.R, bc.S)
+        dx, dw1, db1, dw2, db2, bc = tb.fused_backward(
+            g, x, mean, cf.A, cf.B, p.w1, p.b1, p.w2, p.b2, l2, None,
+            lambda sums: fold.backward_coefficients(sums, mean, var, cf, s, t, l1, p.g2, h * w))
     ones = torch.ones(n, dtype=mean.dtype)
     dp1 = ones if dp1 is None else dp1.to(mean.dtype)
     dp2 = ones if dp2 is None else dp2.to(mean.dtype)
@@ -278,14 +278,27 @@ FUSED_CASES = [
 ]
 
 
+class FixedCoefficients:
+    """A `coefficients` callback for tb.fused_backward: records the sums, returns given P..S."""
+    def __init__(self, P, Q, R, S):
+        self.P, self.Q, self.R, self.S = P, Q, R, S
+        self.sums = []
+
+    def __call__(self, sums):
+        self.sums.append(sums)
+        return self
+
+
 @pytest.mark.parametrize('case', FUSED_CASES, ids=lambda c: (
     f"{tb._TL_NAME[c[0]]}-C{c[1][1]}-{c[1][2]}x{c[1][3]}{'-cl' if c[2] else ''}"
     f"{'-u' if c[3] else ''}{'-large' if c[4] else ''}"))
-def test_fused_dx_equals_the_two_phase_backward(case, monkeypatch):
-    """backward_dz + backward_weights_dx (phase 2 inside the weight-gradient kernel) give what
-    mlp_backward + input_grad give: the same weight gradients, dz, sums and db2 bit for bit, dx
-    to rounding (same formula, same fp32 inputs), bitwise equal from run to run; dx in x's
-    dtype and layout, every element written (NaN-poisoned outputs)."""
+def test_fused_backward_equals_the_two_phase_backward(case, monkeypatch):
+    """tb.fused_backward (small path: weight gradients and sums in one launch, then dx with dz
+    recomputed; large path: phase 2 inside the weight-gradient kernel) gives what
+    mlp_backward + input_grad give: the same weight gradients, sums and db2 bit for bit, dx
+    to rounding (fp32: the same dz; half: input_grad reads dz rounded to the dtype), bitwise
+    equal from run to run; dx in x's dtype and layout, every element written (NaN-poisoned
+    outputs)."""
     dtype, shape, cl, with_u, large = case
     if large:
         monkeypatch.setattr(tb, 'SMALL_PATH_MAX_CHANNELS', 0)
@@ -299,24 +312,97 @@ def test_fused_dx_equals_the_two_phase_backward(case, monkeypatch):
         with torch.no_grad():
             u = F.conv2d((pc(cf.A) * x.to(mean.dtype) + pc(cf.B)).to(dtype), p.w1, p.b1)
     args = (mean, cf.A, cf.B, p.w1, p.b1, p.w2, p.b2, l2, u)
-    P, Q, R, S = (torch.randn(shape[0], shape[1]) for _ in range(4))
+    coefficients = FixedCoefficients(*(torch.randn(shape[0], shape[1]) for _ in range(4)))
+    P, Q, R, S = coefficients.P, coefficients.Q, coefficients.R, coefficients.S
     with torch.no_grad():
         dz, dw1, db1, dw2, db2, sums = tb.mlp_backward(g, x, *args)
         dx = tb.input_grad(g, dz, x, mean, P, Q, R, S)
-        runs = []
-        for _ in range(2):
-            fdz, fsums, fdb2, *scratch = tb.backward_dz(g, x, *args)
-            runs.append((fdz, fsums, fdb2) + tuple(
-                tb.backward_weights_dx(g, x, fdz, *args, *scratch, P, Q, R, S)))
+        runs = [tb.fused_backward(g, x, *args, coefficients)[:5] for _ in range(2)]
     for a, b in zip(runs[0], runs[1]):
         assert torch.equal(a, b)
-    fdz, fsums, fdb2, fdw1, fdb1, fdw2, fdx = runs[0]
-    for name, a, b in (('dz', fdz, dz), ('sums', fsums, sums), ('db2', fdb2, db2),
-                       ('dw1', fdw1, dw1), ('db1', fdb1, db1), ('dw2', fdw2, dw2)):
+    assert len(coefficients.sums) == 2 and torch.equal(coefficients.sums[0], sums)
+    fdx, fdw1, fdb1, fdw2, fdb2 = runs[0]
+    for name, a, b in (('db2', fdb2, db2), ('dw1', fdw1, dw1), ('db1', fdb1, db1),
+                       ('dw2', fdw2, dw2)):
         assert torch.equal(a, b), name
     assert fdx.dtype == dtype and not torch.isnan(fdx).any()
     assert fdx.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     assert rel_err(fdx, dx) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_fused_backward_dx_half_is_closer_to_float64_than_two_phase():
+    """On the small path phase 2 recomputes dz in fp32 instead of reading it rounded to the
+    half dtype, so its dx is at least as accurate as the two-phase route's (measured, fp16)."""
+    dtype, shape = torch.float16, (2, 32, 6, 6)
+    block = make_block(shape[1], dtype=dtype)
+    x = random_input(shape, dtype)
+    g = random_input(shape, dtype)
+    p, mean, _, cf, _, _, _, l2 = kernel_inputs(block, x)
+    coefficients = FixedCoefficients(*(torch.randn(shape[0], shape[1]) for _ in range(4)))
+    with torch.no_grad():
+        fdx = tb.fused_backward(g, x, mean, cf.A, cf.B, p.w1, p.b1, p.w2, p.b2, l2, None,
+                                coefficients)[0]
+        dz = tb.mlp_backward(g, x, mean, cf.A, cf.B, p.w1, p.b1, p.w2, p.b2, l2)[0]
+        dx = tb.input_grad(g, dz, x, mean, coefficients.P, coefficients.Q, coefficients.R,
+                           coefficients.S)
+    dz64 = mlp_truth(block, x, g)[0]
+    truth = (pc(coefficients.P) * g.double() + pc(coefficients.Q) * dz64
+             + pc(coefficients.R) * (x.double() - pc(mean.double())) + pc(coefficients.S))
+    assert rel_err(fdx, truth) <= rel_err(dx, truth) * 1.01
+    assert rel_err(fdx, truth) <= 2e-3
+
+
+@pytest.mark.parametrize('want', [1, 2, 3, 7, 10**6],
+                         ids=['one-split', 'samples-grouped', 'split-per-sample',
+                              'two-splits-per-sample', 'one-tile-per-split'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+def test_every_split_layout_gives_the_same_phase1(want, dtype, monkeypatch):
+    """The weight-gradient kernel's splits (whole-sample groups, ranges inside a sample, one
+    tile each) flush the per-(n, c) sums once per (sample, split) and never straddle samples:
+    every layout gives phase 1 within rounding of the others and of float64 autograd, with
+    every partial written (NaN-poisoned)."""
+    n, c = 3, 16
+    real = tb.split_layout
+    layouts = []
+
+    def forced(n_, tiles, *_):
+        layouts.append(real(n_, tiles, want))
+        return layouts[-1]
+
+    monkeypatch.setattr(tb, 'weight_grad_splits', forced)
+    block = make_block(c, dtype=dtype)
+    x = random_input((n, c, 7, 9), dtype)      # 63 tokens: several tiles, a partial last one
+    g = random_input(x.shape, dtype)
+    got = run_mlp_backward(block, x, g)
+    splits, tps, per_sample, samples = layouts[0]
+    assert {1: (1, 3), 2: (2, 2), 3: (3, 1), 7: (6, 1)}.get(want, (splits, 1)) == (
+        splits, samples)
+    if want == 10**6:
+        assert tps == 1
+    truth = mlp_truth(block, x, g)
+    tol = FP32_TOL if dtype == torch.float32 else 2e-2
+    for name, a, t in zip(NAMES, got, truth):
+        assert not torch.isnan(a).any(), name
+        assert rel_err(a, t) <= tol, name
+
+
+def test_split_layout_covers_every_tile_once():
+    for n in (1, 2, 3, 8):
+        for tiles in (1, 2, 5, 16):
+            for want in (1, 2, 3, 5, 8, 13, 64, 10**4):
+                splits, tps, per_sample, samples = tb.split_layout(n, tiles, want)
+                seen = []
+                for split in range(splits):            # the kernel's index arithmetic
+                    group, part = divmod(split, per_sample)
+                    first = group * samples
+                    start = first * tiles + part * tps
+                    end = min(start + tps, min(first + samples, n) * tiles)
+                    assert start < end
+                    assert len({i // tiles for i in range(start, end)}) == (
+                        1 if per_sample > 1 else min(samples, n - first))
+                    seen += range(start, end)
+                assert sorted(seen) == list(range(n * tiles)), (n, tiles, want)
+                assert (per_sample == 1) or (samples == 1)
 
 
 def test_outputs_are_nan_poisoned_before_launch():
@@ -334,9 +420,9 @@ def test_rejects_unsupported_calls_with_clear_errors():
 
 
 def test_custom_ops_have_fake_implementations(monkeypatch):
-    """torch.library schema and fake-tensor checks (what torch.compile relies on); the fused
-    pair on both paths (the large path's scratch outputs; with one db1 partial, db1 must not
-    alias it)."""
+    """torch.library schema and fake-tensor checks (what torch.compile relies on); each path's
+    pair of ops (the large path's scratch outputs; with one db1 partial, db1 must not alias
+    it), and each refuses the other path's shapes."""
     block = make_block(16, dtype=torch.float32)
     x = random_input((1, 16, 2, 3), torch.float32)
     g = random_input(x.shape, torch.float32)
@@ -350,33 +436,40 @@ def test_custom_ops_have_fake_implementations(monkeypatch):
     torch.library.opcheck(torch.ops.riformer_triton.input_grad,
                           (g, g.clone(), x, mean.detach(), P, P, P, P), test_utils=checks)
     fixed = args[2:]
-    for large in (False, True):
-        if large:
-            monkeypatch.setattr(tb, 'SMALL_PATH_MAX_CHANNELS', 0)
-        torch.library.opcheck(torch.ops.riformer_triton.backward_dz, (g, x) + fixed + (None,),
-                              test_utils=checks)
-        dz, _, _, *scratch = tb.backward_dz(g, x, *fixed, None)
-        assert scratch[0].numel() > 0 if large else scratch[0].numel() == 0
-        torch.library.opcheck(torch.ops.riformer_triton.backward_weights_dx,
-                              (g, x, dz) + fixed + (None, *scratch, P, P, P, P),
-                              test_utils=checks)
+    torch.library.opcheck(torch.ops.riformer_triton.backward_weights_sums,
+                          (g, x) + fixed + (None,), test_utils=checks)
+    torch.library.opcheck(torch.ops.riformer_triton.backward_dx,
+                          (g, x) + fixed + (None, P, P, P, P), test_utils=checks)
+    with pytest.raises(ValueError, match="large-C path's"):
+        tb.backward_dz(g, x, *fixed, None)
+    monkeypatch.setattr(tb, 'SMALL_PATH_MAX_CHANNELS', 0)
+    with pytest.raises(ValueError, match="small-C path's"):
+        tb.backward_weights_sums(g, x, *fixed, None)
+    torch.library.opcheck(torch.ops.riformer_triton.backward_dz, (g, x) + fixed + (None,),
+                          test_utils=checks)
+    dz, _, _, *scratch = tb.backward_dz(g, x, *fixed, None)
+    torch.library.opcheck(torch.ops.riformer_triton.backward_weights_dx,
+                          (g, x, dz) + fixed + (None, *scratch, P, P, P, P), test_utils=checks)
 
 
 def test_gpu_build_specs_compile_for_sm80_and_sm90_without_spills():
-    """The heaviest spec of each kernel (by registers at sm_80) and the fp32 NCHW dz spec that
-    spilled before the specs carried the launch's unit strides, compiled with the interpreter
-    off; the whole list is checked by `python -m riformer_kernels.triton_backward` (all 0
-    spills, no stack)."""
+    """The heaviest spec of each kernel (by registers at sm_80) and the specs at the spill edge
+    (fp32 dx at C<=64 and C<=128 without u, the SUMS weight-gradient kernel whose larger tiles
+    spilled), compiled with the interpreter off; the whole list is checked by
+    `python -m riformer_kernels.gpu_build_report` (all 0 spills, no stack)."""
     script = textwrap.dedent("""
         from riformer_kernels import triton_backward as tb
-        want = ('mlp_dz/cl fp16 C<=256 u_saved=True ', 'mlp_dz fp32 C<=64 u_saved=False ',
-                'mlp_weight_grad fp32 C<=128 u_saved=False fuse_dx=False BLOCK_T=16 BLOCK_H=32 ',
-                'mlp_weight_grad fp32 C<=128 u_saved=False fuse_dx=True BLOCK_T=16 BLOCK_H=32 ',
+        assert tuple(tb._mlp_weight_grad_kernel.do_not_specialize) == tb.WEIGHT_GRAD_RUNTIME_INTS
+        want = ('mlp_dx/cl fp16 C<=256 u_saved=True ', 'mlp_dx fp32 C<=64 u_saved=False ',
+                'mlp_dx fp32 C<=128 u_saved=False ',
+                'mlp_weight_grad fp32 C<=128 u_saved=False sums BLOCK_T=16 BLOCK_H=16 ',
+                'mlp_weight_grad/cl bf16 C<=256 u_saved=True sums BLOCK_T=16 BLOCK_H=32 '
+                'BLOCK_W=32 ',
                 'mlp_hidden/cl fp32 C>256 u_saved=False BLOCK', 'mlp_dz_chunk fp16 C>256 BLOCK',
                 'mlp_weight_grad fp16 C>256 scratch fuse_dx=True ', 'input_grad fp32 ',
                 'sum_partials')
         specs = [s for s in tb.GPU_BUILD_SPECS if s[3].startswith(want)]
-        assert len(specs) == 9, [s[3] for s in specs]
+        assert len(specs) == 10, [s[3] for s in specs]
         for r in tb.aot_resource_report((80, 90), specs):
             print(r)
             assert r['spill_stores'] == 0 and r['spill_loads'] == 0 and r['stack'] == 0, r
@@ -386,7 +479,7 @@ def test_gpu_build_specs_compile_for_sm80_and_sm90_without_spills():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("'spill_stores': 0") == 18
+    assert res.stdout.count("'spill_stores': 0") == 20
 
 
 def find_specs(fn, tn, const, options, ones):
@@ -405,27 +498,27 @@ def test_gpu_build_specs_cover_every_launch_configuration():
         prec = tb._precision(dtype)
         for layout in ('nchw', 'cl'):
             unit = 't' if layout == 'nchw' else 'c'
-            for bc in tb._DZ_CONFIGS:
+            for bc in tb._DX_CONFIGS:
                 if bc > tb._pow2_channels(tb._small_path_max(dtype)):
-                    assert not [s for s in tb.GPU_BUILD_SPECS if s[0] is tb._mlp_dz_kernel
+                    assert not [s for s in tb.GPU_BUILD_SPECS if s[0] is tb._mlp_dx_kernel
                                 and s[1]['x_ptr'] == '*' + tn and s[2]['BLOCK_C'] == bc]
                     continue
                 for has_u in (False, True):
                     u1 = ('suc',) if has_u else ()
-                    bt, _, bh, warps, stages = tb._dz_config(bc, dtype, layout)
+                    bt, _, bh, warps, stages = tb._dx_config(bc, dtype, layout)
                     const = dict(HAS_U=has_u, BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=False,
                                  PRECISION=prec, ROUND_BF16=False)
-                    assert len(find_specs(tb._mlp_dz_kernel, tn, const,
+                    assert len(find_specs(tb._mlp_dx_kernel, tn, const,
                                           dict(num_warps=warps, num_stages=stages),
-                                          (f'sx{unit}', f'sg{unit}', f'sz{unit}') + u1)) == 1
+                                          (f'sx{unit}', f'sg{unit}', f'sd{unit}') + u1)) == 1
                     bt, bh, bw, bk, warps = tb._wg_config(bc, dtype, layout)
-                    for fuse in (False, True):
-                        const = dict(HAS_U=has_u, SCRATCH=False, FUSE_DX=fuse, BLOCK_T=bt,
-                                     BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk, DOT_F32=False,
-                                     PRECISION=prec, ROUND_BF16=False)
-                        assert len(find_specs(tb._mlp_weight_grad_kernel, tn, const,
-                                              dict(num_warps=warps),
-                                              tuple(f's{r}{unit}' for r in 'xgzd') + u1)) == 1
+                    const = dict(HAS_U=has_u, SCRATCH=False, SUMS=True, FUSE_DX=False,
+                                 BLOCK_T=bt, BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk, DOT_F32=False,
+                                 PRECISION=prec, ROUND_BF16=False)
+                    # dz and dx are placeholders (x) in this variant: x's unit strides.
+                    assert len(find_specs(tb._mlp_weight_grad_kernel, tn, const,
+                                          dict(num_warps=warps),
+                                          tuple(f's{r}{unit}' for r in 'xgzd') + u1)) == 1
             cfg = tb._large_config(dtype, layout)
             bt, bh, bk, warps, stages = cfg['hidden']
             for has_u in (False, True):
@@ -444,15 +537,16 @@ def test_gpu_build_specs_cover_every_launch_configuration():
                                       (f'sx{unit}', f'sg{unit}', f'sz{unit}') + tiles1)) == 1
             bt, bh, bw, warps = cfg['wg']
             for fuse in (False, True):
-                const = dict(HAS_U=False, SCRATCH=True, FUSE_DX=fuse, BLOCK_T=bt, BLOCK_H=bh,
-                             BLOCK_W=bw, BLOCK_K=bw, DOT_F32=False, PRECISION=prec,
+                const = dict(HAS_U=False, SCRATCH=True, SUMS=False, FUSE_DX=fuse, BLOCK_T=bt,
+                             BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bw, DOT_F32=False, PRECISION=prec,
                              ROUND_BF16=False)
                 assert len(find_specs(tb._mlp_weight_grad_kernel, tn, const,
                                       dict(num_warps=warps),
                                       tuple(f's{r}{unit}' for r in 'xgzd'))) == 1
-            const = dict(BLOCK_T=tb._DX_BLOCK_T, BLOCK_C=tb._DX_BLOCK_C, ROUND_BF16=False)
+            const = dict(BLOCK_T=tb._INPUT_GRAD_BLOCK_T, BLOCK_C=tb._INPUT_GRAD_BLOCK_C,
+                         ROUND_BF16=False)
             assert len(find_specs(tb._input_grad_kernel, tn, const,
-                                  dict(num_warps=tb._DX_WARPS),
+                                  dict(num_warps=tb._INPUT_GRAD_WARPS),
                                   tuple(f's{r}{unit}' for r in 'gzxd'))) == 1
     for fn, sig, const, desc, options in tb.GPU_BUILD_SPECS:
         assert set(options) <= {'num_warps', 'num_stages'}
@@ -484,10 +578,14 @@ def record_launches(monkeypatch):
         monkeypatch.setattr(tb, name, Recorder(getattr(tb, name)))
 
     def specialised_ones(args, fn):
-        """The runtime arguments Triton's launcher turns into the constant 1 (its own rule)."""
+        """The runtime arguments Triton's launcher turns into the constant 1 (its own rule,
+        with do_not_specialize as the compiled kernel declares it)."""
+        keep = set(tb.WEIGHT_GRAD_RUNTIME_INTS if fn.__name__ == '_mlp_weight_grad_kernel'
+                   else ())
         return {k for k, v in zip(fn.arg_names, args)
                 if isinstance(v, int) and not isinstance(v, bool)
-                and native_specialize_impl(BaseBackend, v, False, True, True)[0] == 'constexpr'}
+                and native_specialize_impl(BaseBackend, v, False, k not in keep,
+                                           True)[0] == 'constexpr'}
 
     return launches, specialised_ones
 
@@ -537,11 +635,11 @@ def test_gpu_build_specs_are_the_kernels_launched(case, monkeypatch):
         P = torch.randn(2, c)
         tb.input_grad(g, dz, x, mean, P, P, P, P)
         args = (mean, cf.A, cf.B, p.w1, p.b1, p.w2, p.b2, l2, u)      # the fused backward
-        dz, _, _, *scratch = tb.backward_dz(g, x, *args)
-        tb.backward_weights_dx(g, x, dz, *args, *scratch, P, P, P, P)
-    fused = [kw['FUSE_DX'] for fn, _, kw in launches if fn is k['_mlp_weight_grad_kernel']]
-    assert fused == [False, True]
-    path = ('_mlp_hidden_kernel', '_mlp_dz_chunk_kernel') if large else ('_mlp_dz_kernel',)
+        tb.fused_backward(g, x, *args, FixedCoefficients(P, P, P, P))
+    modes = [(kw['SUMS'], kw['FUSE_DX']) for fn, _, kw in launches
+             if fn is k['_mlp_weight_grad_kernel']]
+    assert modes == ([(False, False), (False, True)] if large else [(True, False)] * 2)
+    path = (('_mlp_hidden_kernel', '_mlp_dz_chunk_kernel') if large else ('_mlp_dx_kernel',))
     assert {fn for fn, _, _ in launches} == {k[name] for name in path + (
         '_mlp_weight_grad_kernel', '_input_grad_kernel', '_sum_partials_kernel')}
     tn = tb._TL_NAME[dtype]
