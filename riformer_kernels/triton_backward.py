@@ -19,7 +19,9 @@ Small C (<= 256; fp32 <= 128), recompute, nothing of size 4C*T is stored, dz is 
   dz = W1^T ((W2^T dO) GELU'(W1 z + b1)) over hidden chunks with a C-wide fp32 dz accumulator
   in registers (C bounded: `_DX_CONFIGS`) and writes dx. Recomputing dz (3 GEMMs per tile)
   replaces writing it in phase 1 and reading it back (2 |x|), and dx gets the fp32 dz rather
-  than one rounded to a half dtype.
+  than one rounded to a half dtype. It recomputes u also when the forward saved it
+  (recompute=False saves u for phase 1, where u would otherwise be recomputed per channel
+  chunk): one GEMM per tile instead of reading 4 |x|.
   The backward thus moves x and g twice and dx once: 5 |x| (forward 3: 8 |x| per training step).
 
 Large C (> 256, fp32 > 128: S12 stages 3-4, M36: C in {320, 384, 512, 768}), no C-wide register
@@ -189,19 +191,22 @@ def _dx_tile(g, dz, x, P_ptr, Q_ptr, R_ptr, S_ptr, mean_ptr, pc, mc):
 
 @triton.jit
 def _mlp_dx_kernel(
-    x_ptr, g_ptr, u_ptr, mean_ptr, A_ptr, B_ptr, l2_ptr, w1_ptr, b1_ptr, w2_ptr,
+    x_ptr, g_ptr, mean_ptr, A_ptr, B_ptr, l2_ptr, w1_ptr, b1_ptr, w2_ptr,
     P_ptr, Q_ptr, R_ptr, S_ptr, dx_ptr,
     C, T, HID, TILES,
-    sxn, sxc, sxt, sgn, sgc, sgt, sun, suc, sut, sdn, sdc, sdt,
-    HAS_U: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    sxn, sxc, sxt, sgn, sgc, sgt, sdn, sdc, sdt,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """Phase 2 of the small path, one program per token tile of one sample: recompute
-    dz = W1^T ((W2^T dO) GELU'(u)) over the hidden chunks (z = A x + B, u = W1 z + b1 or u read
-    from u_saved, dO = l2 g) and write dx = P g + Q dz + R (x - m) + S. dz never leaves the
-    chip: recomputing it (3 GEMMs per tile) replaces writing it in phase 1 and reading it back
-    here (2 |x| of traffic). With (P, Q, R, S) = (0, 1, 0, 0) the output is dz itself (exactly:
-    0 * g + 1 * dz + 0 * (x - m) + 0), which is how `mlp_backward` returns dz."""
+    dz = W1^T ((W2^T dO) GELU'(u)) over the hidden chunks (z = A x + B, u = W1 z + b1,
+    dO = l2 g) and write dx = P g + Q dz + R (x - m) + S. dz never leaves the chip:
+    recomputing it (3 GEMMs per tile) replaces writing it in phase 1 and reading it back here
+    (2 |x| of traffic). u is recomputed even when the forward saved it (recompute=False): that
+    GEMM runs once per tile here (the weight-gradient kernel, which reads u_saved, would repeat
+    it per channel chunk), and reading u would cost 4 |x|. With (P, Q, R, S) = (0, 1, 0, 0) the
+    output is dz itself (exactly: 0 * g + 1 * dz + 0 * (x - m) + 0), which is how
+    `mlp_backward` returns dz."""
     pid = tl.program_id(0)
     n = pid // TILES
     tile = pid - n * TILES
@@ -236,12 +241,8 @@ def _mlp_dx_kernel(
         # W1[j, c] and W2[c, j], both as (hidden, channel) tiles.
         w1 = tl.load(w1_ptr + offs_h[:, None] * C + offs_c[None, :], mask=mw, other=0.0).to(cdt)
         w2t = tl.load(w2_ptr + offs_c[None, :] * HID + offs_h[:, None], mask=mw, other=0.0).to(cdt)
-        if HAS_U:
-            u = tl.load(u_ptr + n64 * sun + offs_t[:, None] * sut + offs_h[None, :] * suc,
-                        mask=mt[:, None] & mh[None, :], other=0.0).to(tl.float32)
-        else:
-            b1 = tl.load(b1_ptr + offs_h, mask=mh, other=0.0).to(tl.float32)
-            u = tl.dot(z, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
+        b1 = tl.load(b1_ptr + offs_h, mask=mh, other=0.0).to(tl.float32)
+        u = tl.dot(z, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
         _, dgelu = _gelu_and_grad(u)
         dh = tl.dot(d_o, tl.trans(w2t), input_precision=PRECISION)
         dz += tl.dot((dh * dgelu).to(cdt), w1, input_precision=PRECISION)
@@ -805,7 +806,8 @@ def _weights_sums_small(a):
 
 
 def _dx_small(a, P, Q, R, S):
-    """Phase 2 of the small path: dx = P g + Q dz + R (x - m) + S with dz recomputed."""
+    """Phase 2 of the small path: dx = P g + Q dz + R (x - m) + S with dz recomputed (from x,
+    also when u_saved is given)."""
     n, c = a['n'], a['c']
     bt, bc, bh, warps, stages = _dx_config(c, a['w1'].dtype, a['layout'])
     x = a['x']
@@ -813,10 +815,10 @@ def _dx_small(a, P, Q, R, S):
     tiles = triton.cdiv(a['T'], bt)
     P, Q, R, S = (v.to(torch.float32).expand(n, c).contiguous() for v in (P, Q, R, S))
     _mlp_dx_kernel[(n * tiles,)](
-        x, a['g'], a['u'], a['mean'], a['A'], a['B'], a['l2'], a['w1'], a['b1'], a['w2'],
+        x, a['g'], a['mean'], a['A'], a['B'], a['l2'], a['w1'], a['b1'], a['w2'],
         P, Q, R, S, dx, c, a['T'], a['hid'], tiles,
-        *a['sx'], *a['sg'], *a['su'], *_token_strides(dx),
-        HAS_U=a['has_u'], BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=a['dot_f32'],
+        *a['sx'], *a['sg'], *_token_strides(dx),
+        BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=a['dot_f32'],
         PRECISION=a['prec'], ROUND_BF16=a['round_bf16'], num_warps=warps, num_stages=stages)
     return dx
 
@@ -1237,7 +1239,7 @@ def input_grad(g, dz, x, mean, P, Q, R, S):
 # (n, c, token) stride arguments of each tensor a kernel addresses through strides.
 _STRIDE_ARGS = {
     '_mlp_dx_kernel': dict(x=('sxn', 'sxc', 'sxt'), g=('sgn', 'sgc', 'sgt'),
-                           u=('sun', 'suc', 'sut'), dx=('sdn', 'sdc', 'sdt')),
+                           dx=('sdn', 'sdc', 'sdt')),
     '_mlp_weight_grad_kernel': dict(x=('sxn', 'sxc', 'sxt'), g=('sgn', 'sgc', 'sgt'),
                                     u=('sun', 'suc', 'sut'), dz=('szn', 'szc', 'szt'),
                                     dx=('sdn', 'sdc', 'sdt')),
@@ -1302,13 +1304,12 @@ def _small_path_specs(dtype, layout):
         if bc > _pow2_channels(_small_path_max(dtype)):
             continue            # never launched: that C takes the large path in this dtype
         bt, _, bh, warps, stages = _dx_config(bc, dtype, layout)
+        const = dict(BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=False, PRECISION=prec,
+                     ROUND_BF16=False)
+        specs.append(_spec(
+            _mlp_dx_kernel, 'mlp_dx', tn, const, layout, False,
+            f"C<={bc} BLOCK_T={bt} BLOCK_H={bh}", {'num_warps': warps, 'num_stages': stages}))
         for has_u in (False, True):
-            const = dict(HAS_U=has_u, BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=False,
-                         PRECISION=prec, ROUND_BF16=False)
-            specs.append(_spec(
-                _mlp_dx_kernel, 'mlp_dx', tn, const, layout, has_u,
-                f"C<={bc} u_saved={has_u} BLOCK_T={bt} BLOCK_H={bh}",
-                {'num_warps': warps, 'num_stages': stages}))
             wbt, wbh, wbw, wbk, wwarps = _wg_config(bc, dtype, layout)
             const = dict(HAS_U=has_u, SCRATCH=False, SUMS=True, FUSE_DX=False, BLOCK_T=wbt,
                          BLOCK_H=wbh, BLOCK_W=wbw, BLOCK_K=wbk, DOT_F32=False, PRECISION=prec,

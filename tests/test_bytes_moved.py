@@ -49,6 +49,7 @@ def test_triton_counts_masked_in_elements_distinct_per_launch():
     assert m['triton_read_requests'] == 2 * 10 * 4      # two loads, 10 of 16 lanes masked in
     assert m['triton_read'] == 10 * 4                    # distinct addresses: the DRAM model
     assert m['triton_write'] == 10 * 4 and m['triton_launches'] == 1
+    assert m['launches'] == [('_gather_kernel', 10 * 4, 10 * 4)]
     assert m['aten_ops'] == 0                            # the interpreter's host copies excluded
     assert torch.equal(dst, torch.full((10,), 2.0))
 

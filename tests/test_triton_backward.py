@@ -460,8 +460,7 @@ def test_gpu_build_specs_compile_for_sm80_and_sm90_without_spills():
     script = textwrap.dedent("""
         from riformer_kernels import triton_backward as tb
         assert tuple(tb._mlp_weight_grad_kernel.do_not_specialize) == tb.WEIGHT_GRAD_RUNTIME_INTS
-        want = ('mlp_dx/cl fp16 C<=256 u_saved=True ', 'mlp_dx fp32 C<=64 u_saved=False ',
-                'mlp_dx fp32 C<=128 u_saved=False ',
+        want = ('mlp_dx/cl fp16 C<=256 ', 'mlp_dx fp32 C<=64 ', 'mlp_dx fp32 C<=128 ',
                 'mlp_weight_grad fp32 C<=128 u_saved=False sums BLOCK_T=16 BLOCK_H=16 ',
                 'mlp_weight_grad/cl bf16 C<=256 u_saved=True sums BLOCK_T=16 BLOCK_H=32 '
                 'BLOCK_W=32 ',
@@ -503,14 +502,14 @@ def test_gpu_build_specs_cover_every_launch_configuration():
                     assert not [s for s in tb.GPU_BUILD_SPECS if s[0] is tb._mlp_dx_kernel
                                 and s[1]['x_ptr'] == '*' + tn and s[2]['BLOCK_C'] == bc]
                     continue
+                bt, _, bh, warps, stages = tb._dx_config(bc, dtype, layout)
+                const = dict(BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=False,
+                             PRECISION=prec, ROUND_BF16=False)
+                assert len(find_specs(tb._mlp_dx_kernel, tn, const,
+                                      dict(num_warps=warps, num_stages=stages),
+                                      (f'sx{unit}', f'sg{unit}', f'sd{unit}'))) == 1
                 for has_u in (False, True):
                     u1 = ('suc',) if has_u else ()
-                    bt, _, bh, warps, stages = tb._dx_config(bc, dtype, layout)
-                    const = dict(HAS_U=has_u, BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=False,
-                                 PRECISION=prec, ROUND_BF16=False)
-                    assert len(find_specs(tb._mlp_dx_kernel, tn, const,
-                                          dict(num_warps=warps, num_stages=stages),
-                                          (f'sx{unit}', f'sg{unit}', f'sd{unit}') + u1)) == 1
                     bt, bh, bw, bk, warps = tb._wg_config(bc, dtype, layout)
                     const = dict(HAS_U=has_u, SCRATCH=False, SUMS=True, FUSE_DX=False,
                                  BLOCK_T=bt, BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk, DOT_F32=False,
