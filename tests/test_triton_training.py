@@ -63,8 +63,12 @@ def test_drop_path_in_the_kernels(monkeypatch, recompute):
     assert torch.equal(out[1], x[1])
 
 
+@pytest.mark.parametrize('seed', [1234, 1, 2, 3])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_half_gradients_within_twice_the_reference_error(dtype):
+def test_half_gradients_within_twice_the_reference_error(dtype, seed):
+    """Several draws, not one: on two of six draws norm1.bias's error was 2.6-3.3x the
+    reference's while (s, t) were formed in the half dtype (params.BlockParams.scale_shift)."""
+    torch.manual_seed(seed)
     block = make_block(32, dtype=dtype).train()
     x = random_input((2, 32, 4, 5), dtype)
     g = random_input(x.shape, dtype)
