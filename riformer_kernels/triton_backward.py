@@ -175,6 +175,23 @@ def _store_dz_and_sums(
 
 
 @triton.jit
+def _load_tile_z_and_d_o(x_ptr, g_ptr, A_ptr, B_ptr, l2_ptr, n, n64, offs_t, offs_c, mask_c,
+                         mask2, C, sxn, sxc, sxt, sgn, sgc, sgt, cdt: tl.constexpr):
+    """x and g of a (tokens, channels) tile in fp32 (0 outside mask2) and what the MLP backward
+    starts from: z = A x + B (the norm2 input) and dO = l2 g, both in the dot dtype `cdt`.
+    g is 0 on masked tokens and channels, so dO and everything derived from it vanish there."""
+    a_c = tl.load(A_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    b_c = tl.load(B_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    l2 = tl.load(l2_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    x = tl.load(x_ptr + n64 * sxn + offs_t[:, None] * sxt + offs_c[None, :] * sxc,
+                mask=mask2, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + n64 * sgn + offs_t[:, None] * sgt + offs_c[None, :] * sgc,
+                mask=mask2, other=0.0).to(tl.float32)
+    z = tl.where(mask2, a_c[None, :] * x + b_c[None, :], 0.0).to(cdt)
+    return x, g, z, (l2[None, :] * g).to(cdt)
+
+
+@triton.jit
 def _dx_tile(g, dz, x, P_ptr, Q_ptr, R_ptr, S_ptr, mean_ptr, pc, mc):
     """Phase 2 on a (tokens, channels) tile: dx = P g + Q dz + R (x - m) + S, fp32. pc: the
     (n, c) offsets of the tile's channels into the (N, C) coefficients; mc their mask."""
@@ -222,16 +239,8 @@ def _mlp_dx_kernel(
     mc = offs_c < C
     m2 = mt[:, None] & mc[None, :]
 
-    a_c = tl.load(A_ptr + n * C + offs_c, mask=mc, other=0.0)
-    b_c = tl.load(B_ptr + n * C + offs_c, mask=mc, other=0.0)
-    l2 = tl.load(l2_ptr + n * C + offs_c, mask=mc, other=0.0)
-    x = tl.load(x_ptr + n64 * sxn + offs_t[:, None] * sxt + offs_c[None, :] * sxc,
-                mask=m2, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + n64 * sgn + offs_t[:, None] * sgt + offs_c[None, :] * sgc,
-                mask=m2, other=0.0).to(tl.float32)
-    z = tl.where(m2, a_c[None, :] * x + b_c[None, :], 0.0).to(cdt)
-    # g is 0 on masked tokens and channels, so dO, dh, du and dz vanish there.
-    d_o = (l2[None, :] * g).to(cdt)
+    x, g, z, d_o = _load_tile_z_and_d_o(x_ptr, g_ptr, A_ptr, B_ptr, l2_ptr, n, n64, offs_t,
+                                        offs_c, mc, m2, C, sxn, sxc, sxt, sgn, sgc, sgt, cdt)
 
     dz = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
     for h0 in range(0, HID, BLOCK_H):
@@ -348,15 +357,9 @@ def _mlp_weight_grad_kernel(
             acc_b1 += tl.sum(du, 0)
 
         mtw = mt[:, None] & mw[None, :]
-        a_w = tl.load(A_ptr + n * C + offs_w, mask=mw, other=0.0)
-        b_w = tl.load(B_ptr + n * C + offs_w, mask=mw, other=0.0)
-        l2_w = tl.load(l2_ptr + n * C + offs_w, mask=mw, other=0.0)
-        x_w = tl.load(x_ptr + n64 * sxn + offs_t[:, None] * sxt + offs_w[None, :] * sxc,
-                      mask=mtw, other=0.0).to(tl.float32)
-        g_w = tl.load(g_ptr + n64 * sgn + offs_t[:, None] * sgt + offs_w[None, :] * sgc,
-                      mask=mtw, other=0.0).to(tl.float32)
-        z_w = tl.where(mtw, a_w[None, :] * x_w + b_w[None, :], 0.0).to(cdt)
-        d_o_w = (l2_w[None, :] * g_w).to(cdt)
+        x_w, g_w, z_w, d_o_w = _load_tile_z_and_d_o(
+            x_ptr, g_ptr, A_ptr, B_ptr, l2_ptr, n, n64, offs_t, offs_w, mw, mtw, C,
+            sxn, sxc, sxt, sgn, sgc, sgt, cdt)
         acc_w1 += tl.dot(tl.trans(du.to(cdt)), z_w, input_precision=PRECISION)
         acc_w2 += tl.dot(tl.trans(d_o_w), h.to(cdt), input_precision=PRECISION)
         if SUMS:
