@@ -4,8 +4,7 @@ from .block import RIFormerBlock
 from .dispatch import (BackendUnavailableError, available_backends, explain_dispatch,
                        register_backend, requested_backend, set_recompute, use_backend)
 from .models import (MODEL_NAMES, RIFormer, RIFormerClassifier, create_model, load_checkpoint)
-from . import torch_backend  # noqa: F401  (registers the `torch` backend)
-from . import native_backends  # noqa: F401  (registers `triton`, `cuda`, `cpu` when present)
+from . import backends  # noqa: F401  (registers torch, cpu, triton, cuda; each says if unusable)
 
 __all__ = [
     'RIFormerBlock', 'RIFormer', 'RIFormerClassifier', 'create_model', 'load_checkpoint',

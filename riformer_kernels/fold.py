@@ -1,4 +1,4 @@
-"""The block's algebra, once: per-(n,c) moments -> the fold coefficients (DESIGN.md section 2).
+"""The block's algebra, once: per-(n,c) moments -> the fold coefficients (docs/design.md section 2).
 
 Everything here is O(N*C) arithmetic in PyTorch ops, differentiable by autograd, and shared by
 every fused backend: the `torch` backend calls it directly, the kernel backends call it between
@@ -116,7 +116,7 @@ class BackwardCoefficients(NamedTuple):
 
 def backward_coefficients(sums: torch.Tensor, mean, var, coeffs: FoldCoefficients, s, t, l1,
                           g2, hw: int) -> BackwardCoefficients:
-    """DESIGN.md section 3: from per-(n,c) sums of the MLP backward to every gradient but the MLP's.
+    """docs/design.md section 3: from per-(n,c) sums of the MLP backward to every gradient but the MLP's.
 
     `sums` is (5, N, C): sum_t g, sum_t g (x - m), sum_t dz, sum_t dz (x - m), sum_t g o, where g
     is dL/dout, dz = dL/dz from the MLP, o = fc2 output (before layer scale). `l1` is (N, C).

@@ -1,7 +1,7 @@
 """A block's parameters as the fused backends see them, in either form.
 
 The training form carries norm1 and the affine mixer; the deploy form carries `norm_reparam`.
-Both reduce to one (s, t) pair (DESIGN.md section 1), computed here inside autograd so the
+Both reduce to one (s, t) pair (docs/design.md section 1), computed here inside autograd so the
 gradients of g1, b1, w_aff and b_aff flow through it.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fold
 from .reference import fused_scale_shift
 
 
@@ -54,6 +55,13 @@ class BlockParams:
         dt = torch.promote_types(self.g1.dtype, torch.float32)
         return fused_scale_shift(*(v.to(dt) for v in (self.g1, self.beta1, self.w_aff,
                                                         self.b_aff)))
+
+    def fold_inputs(self, n: int, dtype: torch.dtype, dp1=None, dp2=None):
+        """(s, t, l1, l2): `scale_shift` and the per-sample layer scales (N, C) in `dtype` (the
+        statistics dtype), with the drop-path factors dp1/dp2 (N,) folded in when given."""
+        s, t = self.scale_shift()
+        return (s, t, fold.per_sample_scale(self.ls1, dp1, n, dtype),
+                fold.per_sample_scale(self.ls2, dp2, n, dtype))
 
     def tensors(self):
         return [v for v in vars(self).values() if isinstance(v, torch.Tensor)]

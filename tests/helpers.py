@@ -2,6 +2,7 @@
 import copy
 
 import torch
+from torch.func import functional_call
 
 import riformer_kernels as rk
 
@@ -76,3 +77,31 @@ def check_same_seed_as_reference(block, x, backend, tol, seed=7):
     for k in grads_ref:
         assert rel_err(grads[k], grads_ref[k]) <= tol, k
     assert not torch.allclose(out_ref, run_block(copy.deepcopy(block).eval(), x, 'reference')[0])
+
+
+def gradcheck_block(block, backend, shape=(2, 6, 3, 2)) -> bool:
+    """torch.autograd.gradcheck of x and every parameter of an fp64 `block` run by `backend`.
+
+    Tighter than gradcheck's defaults (atol 1e-5, rtol 1e-3): in fp64 the finite differences at
+    eps 1e-6 are good to ~1e-9, and the analytic gradients are exact up to rounding."""
+    names = [n for n, _ in block.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in block.parameters()]
+    x = random_input(shape).requires_grad_(True)
+
+    def f(x, *ps):
+        with rk.use_backend(backend):
+            return functional_call(block, dict(zip(names, ps)), (x,))
+
+    return torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def large_offset_errors(backend):
+    """(error of `backend`, error of the reference, the fp32 block, the fp64 input): in fp32 on
+    x + 1e4, both against the fp64 reference. The fold must not lose more precision to the
+    offset than the reference does."""
+    block32 = make_block(16, dtype=torch.float32)
+    x64 = random_input((2, 16, 6, 6), offset=1e4)
+    truth = run_block(copy.deepcopy(block32).double(), x64, 'reference')[0]
+    x32 = x64.float()
+    return (rel_err(run_block(block32, x32, backend)[0], truth),
+            rel_err(run_block(block32, x32, 'reference')[0], truth), block32, x64)

@@ -56,7 +56,7 @@ def test_triton_counts_masked_in_elements_distinct_per_launch():
 
 @needs_interpreter
 def test_fused_block_forward_bytes_against_targets():
-    """Units of |x|. Targets at DESIGN.md's shape (N=8, C=64, 56x56, fp32): <=3.2 unchained,
+    """Units of |x|. Targets at docs/design.md's shape (N=8, C=64, 56x56, fp32): <=3.2 unchained,
     <=2.2 chained (see the task note). At this small test shape the O(C^2) weights and the
     O(N*C) algebra weigh more, so the bounds here add their measured share: 0.35 |x|."""
     n, c, hw = 2, 32, 32

@@ -242,7 +242,7 @@ ptxas info    : Used 255 registers, used 0 barriers, 380 bytes cmem[0]
 def test_ptxas_parser_sees_spills_and_stack():
     # The resource check below is only as good as this parser: it must find every
     # kernel per arch and must not read a spill as zero.
-    from riformer_kernels._nvcc_report import parse_ptxas
+    from riformer_kernels.tools.nvcc_report import parse_ptxas
 
     rows = {(r["kernel"], r["arch"]): r for r in parse_ptxas(_PTXAS_SAMPLE)}
     k80, k90 = rows[("_Z4kernPf", "sm_80")], rows[("_Z4kernPf", "sm_90")]
@@ -256,7 +256,7 @@ def test_ptxas_parser_sees_spills_and_stack():
 @pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
                     reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
 def test_cuda_kernels_no_spills_no_stack():
-    from riformer_kernels import _nvcc_report
+    from riformer_kernels.tools import nvcc_report as _nvcc_report
 
     if _nvcc_report.find_nvcc() is None:
         pytest.skip("nvcc not found")

@@ -23,15 +23,13 @@ def test_merge_moments_equals_one_pass_over_the_whole_row():
 @pytest.mark.parametrize('deploy', [False, True])
 @pytest.mark.parametrize('with_drop_path', [False, True])
 def test_backward_coefficients_match_autograd(deploy, with_drop_path):
-    """DESIGN.md section 3 (P, Q, R, S and the O(C) parameter gradients) vs autograd."""
+    """docs/design.md section 3 (P, Q, R, S and the O(C) parameter gradients) vs autograd."""
     n, c, h, w = 3, 10, 4, 5
     block = make_block(c, deploy=deploy)
     p = BlockParams.of(block)
     x = random_input((n, c, h, w)).requires_grad_(True)
     dp = torch.tensor([2.0, 0.0, 2.0], dtype=torch.float64) if with_drop_path else None
-    s, t = p.scale_shift()
-    l1 = fold.per_sample_scale(p.ls1, dp, n, torch.float64)
-    l2 = fold.per_sample_scale(p.ls2, dp, n, torch.float64)
+    s, t, l1, l2 = p.fold_inputs(n, torch.float64, dp, dp)
     mean, var = fold.channel_moments(x)
     cf = fold.fold_coefficients(mean, var, s, t, l1, p.g2, p.beta2, p.eps1, p.eps2)
     pc = lambda v: v[:, :, None, None]  # noqa: E731

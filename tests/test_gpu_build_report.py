@@ -1,17 +1,17 @@
-"""`python -m riformer_kernels.gpu_build_report`: real-GPU compiles of the Triton kernels, no GPU."""
+"""`python -m riformer_kernels.tools.gpu_build_report`: real-GPU compiles of the Triton kernels, no GPU."""
 import subprocess
 import sys
 
 import pytest
 
-from riformer_kernels import gpu_build_report as report
+from riformer_kernels.tools import gpu_build_report as report
 
 pytest.importorskip('triton')
 
 
 def test_forward_specs_are_discovered_and_well_formed():
     specs = report.collect_specs()
-    mine = [s for m, s in specs if m == 'riformer_kernels.triton_forward']
+    mine = [s for m, s in specs if m == 'riformer_kernels.backends.triton.forward']
     names = {s[0].__name__ for s in mine}
     assert {'fused_mlp_kernel', 'moments_kernel'} <= names
     for fn, sig, const, desc, *opts in mine:
@@ -23,7 +23,7 @@ def test_forward_specs_are_discovered_and_well_formed():
 def test_report_compiles_a_forward_subset_for_sm80_and_sm90_without_spills():
     """A representative subset (the full report compiles ~60 configs: minutes on 2 cores)."""
     only = ['fused_mlp C<=64 bf16', 'moments C-block 32 fp16']
-    res = subprocess.run([sys.executable, '-m', 'riformer_kernels.gpu_build_report',
+    res = subprocess.run([sys.executable, '-m', 'riformer_kernels.tools.gpu_build_report',
                           '--skip-cuda', '--only', *only], capture_output=True, text=True,
                          timeout=600)
     print(res.stdout[-3000:], res.stderr[-3000:])

@@ -7,7 +7,7 @@ import torch
 import riformer_kernels as rk
 from helpers import randomize_, rel_err
 
-# Parameter counts of the deploy-form backbones with a 1000-class head (DESIGN.md table, in M).
+# Parameter counts of the deploy-form backbones with a 1000-class head (docs/design.md table, in M).
 PARAMS_M = {'s12': 11.92, 's24': 21.39, 's36': 30.86, 'm36': 56.17, 'm48': 73.47}
 TINY_ARCH = dict(layers=[1, 2, 1, 1], embed_dims=[8, 16, 24, 32], mlp_ratios=[4, 4, 4, 4],
                  layer_scale_init_value=1e-5)

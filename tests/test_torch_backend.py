@@ -3,11 +3,10 @@ import copy
 
 import pytest
 import torch
-from torch.func import functional_call
 
 import riformer_kernels as rk
-from helpers import (check_same_seed_as_reference, make_block, rel_err, random_input,
-                     run_block)
+from helpers import (check_same_seed_as_reference, gradcheck_block, large_offset_errors,
+                     make_block, rel_err, random_input, run_block)
 
 # Odd shapes on purpose: N=1, C not a multiple of 8, H*W=1, non-square, a prime spatial size.
 SHAPES = [(2, 16, 5, 7), (1, 24, 3, 3), (3, 20, 1, 1), (2, 13, 4, 9), (1, 64, 8, 8), (2, 8, 11, 1)]
@@ -56,17 +55,7 @@ def test_non_contiguous_view_input():
 @pytest.mark.parametrize('deploy', [False, True])
 def test_gradcheck_fp64(deploy):
     block = make_block(6, deploy=deploy)
-    names = [n for n, _ in block.named_parameters()]
-    params = [p.detach().clone().requires_grad_(True) for p in block.parameters()]
-    x = random_input((2, 6, 3, 2)).requires_grad_(True)
-
-    def f(x, *ps):
-        with rk.use_backend('torch'):
-            return functional_call(block, dict(zip(names, ps)), (x,))
-
-    # tighter than gradcheck's defaults (atol 1e-5, rtol 1e-3): in fp64 the finite differences
-    # at eps 1e-6 are good to ~1e-9, and the analytic gradients are exact up to rounding
-    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert gradcheck_block(block, 'torch')
 
 
 def test_channels_last_output_keeps_memory_format():
@@ -96,12 +85,8 @@ def test_constant_input_zero_variance_is_finite_and_exact(deploy):
 
 def test_large_offset_loses_no_more_precision_than_reference():
     """x + 1e4 in fp32: the fold must not be less precise than the reference itself."""
-    block32 = make_block(16, dtype=torch.float32)
-    x64 = random_input((2, 16, 6, 6), offset=1e4)
-    truth = run_block(copy.deepcopy(block32).double(), x64, 'reference')[0]
+    fold_err, ref_err, block32, x64 = large_offset_errors('torch')
     x32 = x64.float()
-    ref_err = rel_err(run_block(block32, x32, 'reference')[0], truth)
-    fold_err = rel_err(run_block(block32, x32, 'torch')[0], truth)
     # 2x + one ulp of slack: both are fp32 computations rounding differently.
     print(f"large offset: fold {fold_err:.3g} reference {ref_err:.3g}")
     assert fold_err <= 2 * ref_err + 1.2e-7, (fold_err, ref_err)

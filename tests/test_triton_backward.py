@@ -1,4 +1,4 @@
-"""Triton backward kernels (riformer_kernels.triton_backward) against float64 autograd.
+"""Triton backward kernels (riformer_kernels.backends.triton.backward) against float64 autograd.
 
 Run under the Triton interpreter on CPU-only machines (conftest). Every output buffer of the
 module is NaN-filled before launch, so an element a kernel fails to write fails the test.
@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 
 import riformer_kernels as rk
 from riformer_kernels import fold
-from riformer_kernels import triton_backward as tb
+from riformer_kernels.backends.triton import KERNELS as triton_kernels
+from riformer_kernels.backends.triton import backward as tb
 from riformer_kernels.params import BlockParams
 from riformer_kernels.reference import drop_path_factors
 from helpers import make_block, random_input, rel_err, run_block
@@ -44,12 +46,8 @@ def kernel_inputs(block, x, dp1=None, dp2=None):
     """What the autograd Function hands the kernels: statistics and coefficients in fp32 (fp64
     for fp64 inputs), computed by the shared fold from x in its own dtype."""
     p = BlockParams.of(block)
-    n = x.shape[0]
     mean, var = fold.channel_moments(x)
-    sd = mean.dtype
-    s, t = p.scale_shift()
-    l1 = fold.per_sample_scale(p.ls1, dp1, n, sd)
-    l2 = fold.per_sample_scale(p.ls2, dp2, n, sd)
+    s, t, l1, l2 = p.fold_inputs(x.shape[0], mean.dtype, dp1, dp2)
     cf = fold.fold_coefficients(mean, var, s, t, l1, p.g2, p.beta2, p.eps1, p.eps2)
     return p, mean, var, cf, s, t, l1, l2
 
@@ -160,14 +158,26 @@ def block_grads_reference(block, x, g, seed=None):
     return grads
 
 
+def fused_backward(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved, coefficients):
+    """The triton kernel set's two backward phases as the pipeline runs them, with
+    `coefficients(sums)` (an object with P, Q, R, S) in place of fold.backward_coefficients:
+    (dx, dw1, db1, dw2, db2, coefficients(sums))."""
+    saved = SimpleNamespace(x=x, mean=mean, A=A, B=B, w1=w1, b1=b1, w2=w2, b2=b2, l2=l2,
+                            u=u_saved)
+    phase1 = triton_kernels.backward_weights_and_sums(g, saved)
+    bc = coefficients(phase1.sums)
+    dx, (dw1, db1, dw2) = triton_kernels.backward_dx(g, saved, phase1, bc)
+    return dx, dw1, db1, dw2, phase1.db2, bc
+
+
 def full_backward_with_kernels(block, x, g, dp1=None, dp2=None):
-    """The whole block backward as the triton backend composes it (`tb.fused_backward`: phase 1
+    """The whole block backward as the triton backend composes it (`fused_backward`: phase 1
     kernels, the shared O(N*C) coefficients, phase 2 kernel), and the O(C) chain through (s, t)
     by autograd."""
     n, _, h, w = x.shape
     p, mean, var, cf, s, t, l1, l2 = kernel_inputs(block, x, dp1, dp2)
     with torch.no_grad():
-        dx, dw1, db1, dw2, db2, bc = tb.fused_backward(
+        dx, dw1, db1, dw2, db2, bc = fused_backward(
             g, x, mean, cf.A, cf.B, p.w1, p.b1, p.w2, p.b2, l2, None,
             lambda sums: fold.backward_coefficients(sums, mean, var, cf, s, t, l1, p.g2, h * w))
     ones = torch.ones(n, dtype=mean.dtype)
@@ -279,7 +289,7 @@ FUSED_CASES = [
 
 
 class FixedCoefficients:
-    """A `coefficients` callback for tb.fused_backward: records the sums, returns given P..S."""
+    """A `coefficients` callback for fused_backward: records the sums, returns given P..S."""
     def __init__(self, P, Q, R, S):
         self.P, self.Q, self.R, self.S = P, Q, R, S
         self.sums = []
@@ -293,7 +303,7 @@ class FixedCoefficients:
     f"{tb._TL_NAME[c[0]]}-C{c[1][1]}-{c[1][2]}x{c[1][3]}{'-cl' if c[2] else ''}"
     f"{'-u' if c[3] else ''}{'-large' if c[4] else ''}"))
 def test_fused_backward_equals_the_two_phase_backward(case, monkeypatch):
-    """tb.fused_backward (small path: weight gradients and sums in one launch, then dx with dz
+    """fused_backward (small path: weight gradients and sums in one launch, then dx with dz
     recomputed; large path: phase 2 inside the weight-gradient kernel) gives what
     mlp_backward + input_grad give: the same weight gradients, sums and db2 bit for bit, dx
     to rounding (fp32: the same dz; half: input_grad reads dz rounded to the dtype), bitwise
@@ -317,7 +327,7 @@ def test_fused_backward_equals_the_two_phase_backward(case, monkeypatch):
     with torch.no_grad():
         dz, dw1, db1, dw2, db2, sums = tb.mlp_backward(g, x, *args)
         dx = tb.input_grad(g, dz, x, mean, P, Q, R, S)
-        runs = [tb.fused_backward(g, x, *args, coefficients)[:5] for _ in range(2)]
+        runs = [fused_backward(g, x, *args, coefficients)[:5] for _ in range(2)]
     for a, b in zip(runs[0], runs[1]):
         assert torch.equal(a, b)
     assert len(coefficients.sums) == 2 and torch.equal(coefficients.sums[0], sums)
@@ -340,7 +350,7 @@ def test_fused_backward_dx_half_is_closer_to_float64_than_two_phase():
     p, mean, _, cf, _, _, _, l2 = kernel_inputs(block, x)
     coefficients = FixedCoefficients(*(torch.randn(shape[0], shape[1]) for _ in range(4)))
     with torch.no_grad():
-        fdx = tb.fused_backward(g, x, mean, cf.A, cf.B, p.w1, p.b1, p.w2, p.b2, l2, None,
+        fdx = fused_backward(g, x, mean, cf.A, cf.B, p.w1, p.b1, p.w2, p.b2, l2, None,
                                 coefficients)[0]
         dz = tb.mlp_backward(g, x, mean, cf.A, cf.B, p.w1, p.b1, p.w2, p.b2, l2)[0]
         dx = tb.input_grad(g, dz, x, mean, coefficients.P, coefficients.Q, coefficients.R,
@@ -456,9 +466,9 @@ def test_gpu_build_specs_compile_for_sm80_and_sm90_without_spills():
     """The heaviest spec of each kernel (by registers at sm_80) and the specs at the spill edge
     (fp32 dx at C<=64 and C<=128 without u, the SUMS weight-gradient kernel whose larger tiles
     spilled), compiled with the interpreter off; the whole list is checked by
-    `python -m riformer_kernels.gpu_build_report` (all 0 spills, no stack)."""
+    `python -m riformer_kernels.tools.gpu_build_report` (all 0 spills, no stack)."""
     script = textwrap.dedent("""
-        from riformer_kernels import triton_backward as tb
+        from riformer_kernels.backends.triton import backward as tb
         assert tuple(tb._mlp_weight_grad_kernel.do_not_specialize) == tb.WEIGHT_GRAD_RUNTIME_INTS
         want = ('mlp_dx/cl fp16 C<=256 ', 'mlp_dx fp32 C<=64 ', 'mlp_dx fp32 C<=128 ',
                 'mlp_weight_grad fp32 C<=128 u_saved=False sums BLOCK_T=16 BLOCK_H=16 ',
@@ -634,7 +644,7 @@ def test_gpu_build_specs_are_the_kernels_launched(case, monkeypatch):
         P = torch.randn(2, c)
         tb.input_grad(g, dz, x, mean, P, P, P, P)
         args = (mean, cf.A, cf.B, p.w1, p.b1, p.w2, p.b2, l2, u)      # the fused backward
-        tb.fused_backward(g, x, *args, FixedCoefficients(P, P, P, P))
+        fused_backward(g, x, *args, FixedCoefficients(P, P, P, P))
     modes = [(kw['SUMS'], kw['FUSE_DX']) for fn, _, kw in launches
              if fn is k['_mlp_weight_grad_kernel']]
     assert modes == ([(False, False), (False, True)] if large else [(True, False)] * 2)

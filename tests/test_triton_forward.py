@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 
 import riformer_kernels as rk
-from riformer_kernels import dispatch, fold
+from riformer_kernels import dispatch, fold, pipeline
 from riformer_kernels.params import BlockParams
 from helpers import (check_same_seed_as_reference, make_block, random_input, rel_err,
                      run_block)
 
-tfw = pytest.importorskip('riformer_kernels.triton_forward')
-from riformer_kernels import triton_backend as tbk  # noqa: E402
+tfw = pytest.importorskip('riformer_kernels.backends.triton.forward')
+from riformer_kernels.backends import triton as tbk  # noqa: E402
 
 pytestmark = pytest.mark.skipif(rk.available_backends()['triton'].reason != 'usable',
                                 reason=rk.available_backends()['triton'].reason)
@@ -144,9 +144,9 @@ def test_chained_moments_record_matches_the_values():
     x = random_input((2, 16, 10, 13), dtype=torch.float32)
     with torch.no_grad(), rk.use_backend('triton'):
         y = block(x)
-    rec = tbk.chained_moments(y)
+    rec = pipeline.chained_moments(y, 'triton')
     assert rec is not None
-    mean, var = tfw.merge_partials(rec.pmean, rec.pm2, 130, rec.span)
+    mean, var = tfw.merge_partials(rec.m1, rec.m2, 130, rec.span)
     mean64, var64 = fold.channel_moments(y.double())
     assert rel_err(mean, mean64) <= 1e-6 and rel_err(var, var64) <= 1e-5
 

@@ -11,7 +11,7 @@ import torch
 
 import riformer_kernels as rk
 from riformer_kernels import block as block_module
-from riformer_kernels import triton_backward
+from riformer_kernels.backends.triton import backward as triton_backward
 from helpers import make_block, random_input, rel_err, run_block
 
 bytes_moved = pytest.importorskip('benchmarks.bytes_moved')

@@ -9,20 +9,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import fold
-from .dispatch import Backend, register_backend
-from .params import BlockParams
+from .. import fold
+from ..dispatch import Backend, register_backend
+from ..params import BlockParams
 
 
 def block_forward(x: torch.Tensor, p: BlockParams, dp1: torch.Tensor | None,
                   dp2: torch.Tensor | None, dropout_p: float, training: bool) -> torch.Tensor:
     """Fused-algebra forward of one block. dp1/dp2: per-sample drop-path factors (N,) or None."""
-    n = x.shape[0]
     mean, var = fold.channel_moments(x)
     sd = mean.dtype
-    s, t = p.scale_shift()
-    l1 = fold.per_sample_scale(p.ls1, dp1, n, sd)
-    l2 = fold.per_sample_scale(p.ls2, dp2, n, sd)
+    s, t, l1, l2 = p.fold_inputs(x.shape[0], sd, dp1, dp2)
     cf = fold.fold_coefficients(mean, var, s, t, l1, p.g2, p.beta2, p.eps1, p.eps2)
 
     def per_channel(v):

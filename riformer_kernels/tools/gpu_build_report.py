@@ -1,6 +1,6 @@
 """Compile every GPU kernel for real GPUs (no GPU needed) and report registers, spills, smem.
 
-    python -m riformer_kernels.gpu_build_report [--archs 80 90] [--skip-cuda]
+    python -m riformer_kernels.tools.gpu_build_report [--archs 80 90] [--skip-cuda]
                                                [--only TEXT ...] [--json FILE]
 
 Exit status: 0 when everything compiled with no spills (and no local-memory stack); 1 on a
@@ -18,9 +18,9 @@ Triton kernels are discovered from a registry: each kernel module defines
 * `options` (optional): compile options such as {'num_warps': 8, 'num_stages': 2}.
 
 One entry per config the module's launch rule can choose, so the report covers everything that
-can run. Modules read: `riformer_kernels.triton_forward` and, when importable,
-`riformer_kernels.triton_backward` (any later module can be added to `SPEC_MODULES`). CUDA C++
-kernels (csrc/cuda/*.cu) are added through `riformer_kernels._nvcc_report.compile_cuda_report`
+can run. Modules read: `riformer_kernels.backends.triton.forward` and, when importable,
+`riformer_kernels.backends.triton.backward` (any later module can be added to `SPEC_MODULES`). CUDA C++
+kernels (csrc/cuda/*.cu) are added through `riformer_kernels.tools.nvcc_report.compile_cuda_report`
 when that module exists.
 
 The compile runs in a subprocess with TRITON_INTERPRET unset (the kernels must be defined with
@@ -41,9 +41,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-SPEC_MODULES = ('riformer_kernels.triton_forward', 'riformer_kernels.triton_backward')
-REQUIRED_SPEC_MODULES = ('riformer_kernels.triton_forward',)
-_ROOT = Path(__file__).resolve().parent.parent
+SPEC_MODULES = ('riformer_kernels.backends.triton.forward', 'riformer_kernels.backends.triton.backward')
+REQUIRED_SPEC_MODULES = ('riformer_kernels.backends.triton.forward',)
+_ROOT = Path(__file__).resolve().parents[2]   # the repository (csrc/ beside the package)
 
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers")
@@ -132,7 +132,7 @@ def _worker(archs, only):
 def run_triton_report(archs=(80, 90), only=None) -> list[dict]:
     """Compile in a fresh interpreter with TRITON_INTERPRET unset; rows as dicts."""
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    cmd = [sys.executable, '-m', 'riformer_kernels.gpu_build_report', '--worker',
+    cmd = [sys.executable, '-m', 'riformer_kernels.tools.gpu_build_report', '--worker',
            '--archs', *map(str, archs)] + (['--only', *only] if only else [])
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(_ROOT))
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith('{')]
@@ -144,7 +144,7 @@ def run_triton_report(archs=(80, 90), only=None) -> list[dict]:
 
 def run_cuda_report(archs=(80, 90)) -> list[dict]:
     try:
-        nvcc_report = importlib.import_module('riformer_kernels._nvcc_report')
+        nvcc_report = importlib.import_module('riformer_kernels.tools.nvcc_report')
     except ImportError:
         return []
     sources = sorted(glob.glob(str(_ROOT / 'csrc' / 'cuda' / '*.cu')))

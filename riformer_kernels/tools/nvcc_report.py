@@ -2,7 +2,7 @@
 
 No GPU is needed: ptxas reports registers, spills, stack frame and shared memory per
 kernel and architecture at compile time. Used by tests/test_extension.py (which asserts
-zero spills and zero stack) and by a later `python -m riformer_kernels.gpu_build_report`.
+zero spills and zero stack) and by a later `python -m riformer_kernels.tools.gpu_build_report`.
 
     compile_cuda_report(["csrc/cuda/moments.cu"], archs=("80", "90")) -> list[dict]
 """
@@ -17,7 +17,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
+_ROOT = Path(__file__).resolve().parents[2]   # the repository (csrc/ beside the package)
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
 _PROPS = re.compile(r"Function properties for (\S+)")

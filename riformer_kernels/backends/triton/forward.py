@@ -1,4 +1,4 @@
-"""Triton forward kernels of the fused block (DESIGN.md sections 2-3), their launch rules and ops.
+"""Triton forward kernels of the fused block (docs/design.md sections 2-3), their launch rules and ops.
 
 Kernels:
 
@@ -36,7 +36,7 @@ kernel", and the two-GEMM configs are spill-free at every C. With the current ta
                two-GEMM above: S12 C = 64 flash, 128, 320, 512 two-GEMM
 
 Registers sm_80/sm_90 (NCHW / channels_last, without -> with u; all 0 spills, `python -m
-riformer_kernels.gpu_build_report --skip-cuda --only fused_mlp mlp_gemm`):
+riformer_kernels.tools.gpu_build_report --skip-cuda --only fused_mlp mlp_gemm`):
 
     flash half C<=16 T128 H32 w8    214/196 -> 255/245 ; cl 128/139 -> 220/208   smem 6-13 KB
     flash half C<=32 T64 H32 w8     242/204 -> 255/249 ; cl 179/139 -> 222/175   smem 8-10 KB
@@ -86,7 +86,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import fold
+from ... import fold
 
 INTERPRET = os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 TARGET_PROGRAMS = 4 * 132   # 4 programs per SM of an H100 SXM
@@ -154,16 +154,37 @@ def _epilogue_and_moments(acc, x_ptrs, o_ptrs, mask, mask_t, a, b, l2, b2, count
     tl.store(o_ptrs, out_io, mask=mask)
     # Moments of the value the next block will read, i.e. after rounding to io_dtype.
     ov = out_io.to(tl.float32)
+    return _merge_tile_moments(tl.where(mask, ov, 0.0), mask, mask_t, count, mean, m2)
+
+
+@triton.jit
+def _merge_tile_moments(v, mask, mask_t, count, mean, m2):
+    """Chan's merge of one [BLOCK_T, BLOCK_C] tile into the running per-channel (count, mean,
+    m2). The tile's own moments take two passes over the values held in registers, so nothing
+    cancels like E[x^2] - E[x]^2; `v` must be 0 where `mask` is false."""
     n_tile = tl.sum(mask_t.to(tl.float32), axis=0)
-    tile_mean = tl.sum(tl.where(mask, ov, 0.0), axis=0) / tl.maximum(n_tile, 1.0)
-    d = tl.where(mask, ov - tile_mean[None, :], 0.0)
+    tile_mean = tl.sum(v, axis=0) / tl.maximum(n_tile, 1.0)
+    d = tl.where(mask, v - tile_mean[None, :], 0.0)
     tile_m2 = tl.sum(d * d, axis=0)
     total = count + n_tile
     w = n_tile / tl.maximum(total, 1.0)
     delta = tile_mean - mean
-    mean = mean + delta * w
-    m2 = m2 + tile_m2 + delta * delta * count * w
-    return total, mean, m2
+    return total, mean + delta * w, m2 + tile_m2 + delta * delta * count * w
+
+
+@triton.jit
+def _no_moments(BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The running (count, mean, m2) of a program's token span before its first tile."""
+    count = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
+    return count, tl.zeros([BLOCK_C], tl.float32), tl.zeros([BLOCK_C], tl.float32)
+
+
+@triton.jit
+def _span_tile(pid_p, subtiles, s, T, mask_c, BLOCK_T: tl.constexpr):
+    """Token offsets, token mask and (token, channel) mask of tile `s` of span `pid_p`."""
+    offs_t = (pid_p * subtiles + s) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    return offs_t, mask_t, mask_t[:, None] & mask_c[None, :]
 
 
 @triton.jit
@@ -176,26 +197,12 @@ def moments_kernel(x_ptr, mean_ptr, m2_ptr, C, T, n_parts, subtiles,
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     base = x_ptr + pid_n.to(tl.int64) * stride_xn
-    count = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
+    count, mean, m2 = _no_moments(BLOCK_T, BLOCK_C)
     for s in range(0, subtiles):
-        offs_t = (pid_p * subtiles + s) * BLOCK_T + tl.arange(0, BLOCK_T)
-        mask_t = offs_t < T
-        mask = mask_t[:, None] & mask_c[None, :]
+        offs_t, mask_t, mask = _span_tile(pid_p, subtiles, s, T, mask_c, BLOCK_T)
         xv = tl.load(base + offs_t[:, None] * stride_xt + offs_c[None, :] * stride_xc,
                      mask=mask, other=0.0).to(tl.float32)
-        n_tile = tl.sum(mask_t.to(tl.float32), axis=0)
-        # Two passes over the tile held in registers, then Chan's merge: no E[x^2]-E[x]^2.
-        tile_mean = tl.sum(xv, axis=0) / tl.maximum(n_tile, 1.0)
-        d = tl.where(mask, xv - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(d * d, axis=0)
-        total = count + n_tile
-        w = n_tile / tl.maximum(total, 1.0)
-        delta = tile_mean - mean
-        mean = mean + delta * w
-        m2 = m2 + tile_m2 + delta * delta * count * w
-        count = total
+        count, mean, m2 = _merge_tile_moments(xv, mask, mask_t, count, mean, m2)
     dst = (pid_n * n_parts + pid_p) * C + offs_c
     tl.store(mean_ptr + dst, mean, mask=mask_c)
     tl.store(m2_ptr + dst, m2, mask=mask_c)
@@ -227,14 +234,10 @@ def fused_mlp_kernel(x_ptr, out_ptr, u_ptr, A_ptr, B_ptr, a_ptr, b_ptr, l2_ptr,
     u_base = u_ptr + pid_n.to(tl.int64) * stride_un
     io_dtype = out_ptr.dtype.element_ty
 
-    count = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
+    count, mean, m2 = _no_moments(BLOCK_T, BLOCK_C)
     # A runtime loop: registers do not grow with the number of tiles a program takes.
     for s in range(0, subtiles):
-        offs_t = (pid_p * subtiles + s) * BLOCK_T + tl.arange(0, BLOCK_T)
-        mask_t = offs_t < T
-        mask = mask_t[:, None] & mask_c[None, :]
+        offs_t, mask_t, mask = _span_tile(pid_p, subtiles, s, T, mask_c, BLOCK_T)
         x_ptrs = x_base + offs_t[:, None] * stride_xt + offs_c[None, :] * stride_xc
         xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         # Padded channels must be exactly zero: they are the K extent of the first dot.
@@ -267,6 +270,15 @@ def fused_mlp_kernel(x_ptr, out_ptr, u_ptr, A_ptr, B_ptr, a_ptr, b_ptr, l2_ptr,
 
 
 @triton.jit
+def _program_tile(n_fast, n_tiles):
+    """(fast index, sample, tile) of this program in a 1-D grid of N x n_tiles x n_fast
+    programs, the fast index varying fastest (programs that run together share a tile)."""
+    pid = tl.program_id(0)
+    rest = pid // n_fast
+    return pid % n_fast, rest // n_tiles, rest % n_tiles
+
+
+@triton.jit
 def mlp_gemm1_kernel(x_ptr, h_ptr, u_ptr, A_ptr, B_ptr, w1_ptr, b1_ptr,
                      C, T, HID, n_ttiles, n_htiles,
                      stride_xn, stride_xc, stride_xt, stride_hn, stride_ht,
@@ -278,12 +290,8 @@ def mlp_gemm1_kernel(x_ptr, h_ptr, u_ptr, A_ptr, B_ptr, w1_ptr, b1_ptr,
     (sample, token tile, hidden tile), K-loop over C in BLOCK_K chunks (masked: C need not be a
     power of two). h (and u = W1 z + b1 when SAVE_U) go to token-major buffers (hidden stride 1:
     an (N, HID, H, W) channels_last tensor), in h's dtype (x's dtype, fp32 for fp32 inputs)."""
-    pid = tl.program_id(0)
     # hidden tiles fastest: programs running together share the x tile (L2) and differ in W1
-    pid_h = pid % n_htiles
-    pid_nt = pid // n_htiles
-    pid_n = pid_nt // n_ttiles
-    pid_t = pid_nt % n_ttiles
+    pid_h, pid_n, pid_t = _program_tile(n_htiles, n_ttiles)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -328,12 +336,8 @@ def mlp_gemm2_kernel(h_ptr, x_ptr, out_ptr, a_ptr, b_ptr, l2_ptr, w2_ptr, b2_ptr
     """Two-GEMM path, GEMM 2 with the block epilogue: out = a x + b + l2 (W2 h + b2) for one
     (sample, token span, channel tile), K-loop over the hidden dim; `subtiles` token tiles per
     program, whose moments are merged into one partial per (n, span, c) like the flash kernel's."""
-    pid = tl.program_id(0)
     # channel tiles fastest: programs running together share the h tile (L2)
-    pid_c = pid % n_ctiles
-    pid_np = pid // n_ctiles
-    pid_n = pid_np // n_parts
-    pid_p = pid_np % n_parts
+    pid_c, pid_n, pid_p = _program_tile(n_ctiles, n_parts)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     nc = pid_n * C + offs_c
@@ -346,9 +350,7 @@ def mlp_gemm2_kernel(h_ptr, x_ptr, out_ptr, a_ptr, b_ptr, l2_ptr, w2_ptr, b2_ptr
     o_base = out_ptr + pid_n.to(tl.int64) * stride_on
     offs_k = tl.arange(0, BLOCK_K)
 
-    count = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
+    count, mean, m2 = _no_moments(BLOCK_T, BLOCK_C)
     for s in range(0, subtiles):
         offs_t = (pid_p * subtiles + s) * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = offs_t < T
@@ -379,7 +381,7 @@ def mlp_gemm2_kernel(h_ptr, x_ptr, out_ptr, a_ptr, b_ptr, l2_ptr, w2_ptr, b2_ptr
 
 # Flash-MLP tiles per (BLOCK_C, operand kind): (BLOCK_T, BLOCK_H, num_warps). Only spill-free
 # entries: a (BLOCK_C, kind) that is absent takes the two-GEMM path (`mlp_path`). Numbers: see
-# the module docstring and `python -m riformer_kernels.gpu_build_report --only fused_mlp`.
+# the module docstring and `python -m riformer_kernels.tools.gpu_build_report --only fused_mlp`.
 # (BLOCK_C, operand kind) -> (BLOCK_T, BLOCK_H, num_warps[, fp32 dot precision]). fp32 dots are
 # 'ieee' unless a tile names 'tf32x3': three TF32 tensor-core products (hi*hi + hi*lo + lo*hi)
 # that keep fp32-level accuracy (~2^-21 relative per product, far inside the 1e-5 contract)
@@ -651,7 +653,7 @@ def mlp_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, a: torch.Tens
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`fused_mlp_forward` with options: returns (out, pmean, pm2, u). save_u: also write
     u = W1 z + b1 (pre-GELU) as an (N, HID, H, W) channels_last tensor in x's dtype (what
-    `triton_backward.mlp_backward(u_saved=...)` takes), else u is an empty tensor. path:
+    `backward.mlp_backward(u_saved=...)` takes), else u is an empty tensor. path:
     'auto' (the rule, `mlp_path`), 'flash' or 'two_gemm'."""
     return _launch_mlp(x, A, B, a, b, l2, w1, b1, w2, b2, save_u, path)
 
@@ -695,7 +697,7 @@ def _(h, x, a, b, l2, w2, b2):
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU build specs (read by riformer_kernels.gpu_build_report; format documented there)
+# GPU build specs (read by riformer_kernels.tools.gpu_build_report; format documented there)
 #
 # The specs reproduce what Triton's launcher compiles: an integer argument equal to 1 becomes a
 # compile-time constant, so every spec comes in the two layouts the backend launches, NCHW

@@ -1,0 +1,93 @@
+"""The `cpu` kernel set: the fused block's kernels in the extension's C++ (csrc/cpu).
+
+Run by `riformer_kernels.pipeline` (statistics, fold, autograd, chaining live there):
+
+* moments: `riformer::moments` (one read of x; per-(n,c) mean and variance, fp32 -- fp64 for
+  fp64 input). Its partials are the mean and variance themselves (`merge` is the identity).
+* mlp_forward: `riformer::mlp_forward` / `mlp_forward_save_u` run the MLP over cache-sized token
+  tiles (z = A x + B, fc1 GEMM, exact GELU, fc2 GEMM, epilogue a x + b + l2 o) and also return
+  the moments of the output they stored (emit_moments): the next block's statistics.
+* phase 1: `riformer::mlp_backward` (dz, the MLP's weight gradients, the five per-(n,c) sums);
+  phase 2: `riformer::input_grad` (dx = P g + Q dz + R (x - m) + S).
+
+Layouts: NCHW-contiguous and channels_last are read natively; any other strides are copied to
+NCHW first. dtypes: float32, bfloat16, float64.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from ..pipeline import KernelSet, Partials, Phase1, register_kernel_set
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+_OPS = ('moments', 'mlp_forward', 'mlp_forward_save_u', 'mlp_backward', 'input_grad')
+
+
+def _availability() -> str | None:
+    if _ext.LOAD_ERROR is not None:
+        return _ext.LOAD_ERROR
+    missing = [op for op in _OPS if not _ext.has_kernel(op, 'CPU')]
+    if missing:
+        return f"the extension has no CPU kernels for {missing} in this build"
+    if not torch.backends.mkl.is_available():
+        return "torch was built without MKL, whose GEMMs the cpu kernels call"
+    return None
+
+
+def _supports(block, x: torch.Tensor) -> str | None:
+    if x.device.type != 'cpu':
+        return f"the cpu backend runs CPU tensors only (input is on {x.device})"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"the cpu kernels support float32, bfloat16 and float64, not {x.dtype}"
+    return None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    # NCHW wins where both hold (C == 1 or H*W == 1): the kernels make the same choice.
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _prepare_input(x: torch.Tensor) -> torch.Tensor:
+    if _memory_format(x) == torch.contiguous_format and not x.is_contiguous():
+        x = x.contiguous()          # a strided view: the kernels read NCHW or channels_last
+    return x
+
+
+def _moments(x: torch.Tensor):
+    mean, var = torch.ops.riformer.moments(x)
+    return Partials(mean, var, 0)
+
+
+def _merge(mean, var, tokens: int, span: int):
+    return mean, var
+
+
+def _mlp_forward(x, cf, l2, w1, b1, w2, b2, save_u: bool):
+    if save_u:
+        return torch.ops.riformer.mlp_forward_save_u(x, cf.A, cf.B, cf.a, cf.b, w1, b1, w2, b2,
+                                                     l2, True)
+    out, mean, var = torch.ops.riformer.mlp_forward(x, cf.A, cf.B, cf.a, cf.b, w1, b1, w2, b2,
+                                                    l2, True)
+    return out, mean, var, None
+
+
+def _backward_weights_and_sums(g, sv) -> Phase1:
+    g = g.contiguous(memory_format=_memory_format(sv.x))
+    dz, dw1, db1, dw2, db2, sums = torch.ops.riformer.mlp_backward(
+        g, sv.x, sv.mean, sv.A, sv.B, sv.w1, sv.b1, sv.w2, sv.b2, sv.l2, sv.u)
+    return Phase1(sums, db2, (dw1, db1, dw2), (g, dz))
+
+
+def _backward_dx(g, sv, p1: Phase1, bc):
+    g, dz = p1.carry
+    return torch.ops.riformer.input_grad(g, dz, sv.x, sv.mean, bc.P, bc.Q, bc.R, bc.S), p1.weights
+
+
+KERNELS = KernelSet(
+    'cpu', availability=_availability, supports=_supports, prepare_input=_prepare_input,
+    moments=_moments, merge=_merge, mlp_forward=_mlp_forward, output_span=lambda out: 0,
+    backward_weights_and_sums=_backward_weights_and_sums, backward_dx=_backward_dx)
+register_kernel_set(KERNELS)

@@ -1,0 +1,253 @@
+"""The fused block pipeline, once, for every kernel backend (cpu, triton, later cuda).
+
+A kernel backend is a `KernelSet`: a few kernels behind a small typed interface. Everything
+around them lives here and nowhere else:
+
+    forward   x -> (layout the kernels read) -> per-(n,c) statistics, from the chained partial
+              moments x carries or a moments pass -> fold.fold_coefficients (the one copy of the
+              algebra, docs/design.md section 2) -> the MLP kernel, which also returns the
+              partial moments of its output (chained into the next block, section 4)
+    training  one autograd Function (`FusedBlockFunction`): saves x and O(N*C) statistics, plus
+              the hidden pre-activation u when recompute=False; backward = phase 1 (weight
+              gradients and the five per-(n,c) sums) -> fold.backward_coefficients -> phase 2
+              (dx) (section 3). The O(C) gradients reach the training-form parameters (norm1,
+              the affine mixer, layer scales, drop-path factors) through autograd of
+              `BlockParams.scale_shift` and `fold.per_sample_scale`, outside the Function.
+
+The `torch` backend is deliberately not a kernel set: it is the fold in plain PyTorch ops,
+differentiated by autograd, and so an independent check of this pipeline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from . import fold
+from .dispatch import Backend, recompute_for, register_backend
+from .params import BlockParams
+
+
+class Partials(NamedTuple):
+    """Statistics of a tensor in a kernel set's own form; `KernelSet.merge` turns them into
+    per-(n,c) mean and variance. (cpu: the mean and variance themselves; triton: per-span
+    partial means and M2s, `span` tokens each.)"""
+    m1: torch.Tensor
+    m2: torch.Tensor
+    span: int
+
+
+class Saved(NamedTuple):
+    """What the training forward keeps for the backward: x, O(N*C) statistics and the block's
+    inputs (the parameters are alive anyway); u only with recompute=False."""
+    x: torch.Tensor
+    mean: torch.Tensor    # (N, C) channel moments of x, statistics dtype
+    var: torch.Tensor
+    A: torch.Tensor       # (N, C) fold coefficients (fold.FoldCoefficients fields)
+    B: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    mu1: torch.Tensor     # (N, 1)
+    r1: torch.Tensor
+    ybar: torch.Tensor    # (N, C)
+    mu2: torch.Tensor     # (N, 1)
+    r2: torch.Tensor
+    # the Function's differentiable inputs after x, in order
+    s: torch.Tensor
+    t: torch.Tensor
+    l1: torch.Tensor      # (N, C) layer scale 1 x drop-path factor, statistics dtype
+    l2: torch.Tensor
+    g2: torch.Tensor
+    beta2: torch.Tensor
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    u: torch.Tensor | None = None   # (N, 4C, H, W) pre-GELU hidden, only when recompute=False
+
+    def coefficients(self) -> fold.FoldCoefficients:
+        return fold.FoldCoefficients(self.a, self.b, self.A, self.B, self.mu1, self.r1,
+                                     self.ybar, self.mu2, self.r2)
+
+
+class Phase1(NamedTuple):
+    """Result of a kernel set's phase 1: the (5, N, C) sums fold.backward_coefficients takes,
+    db2, the MLP weight gradients when phase 1 produced them (else None: phase 2 does), and
+    whatever the kernel set hands from phase 1 to phase 2 (`carry`, opaque here)."""
+    sums: torch.Tensor
+    db2: torch.Tensor
+    weights: tuple | None      # (dw1, db1, dw2)
+    carry: tuple
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """The kernels of one backend, called by the pipeline only.
+
+    availability() -> None when usable in this process, else why not.
+    supports(block, x) -> None when the kernels can run this call, else why not (the checks
+        every kernel set shares -- autocast, MLP dropout -- are the pipeline's).
+    prepare_input(x) -> x in a layout the kernels read (a copy only where they cannot).
+    moments(x) -> Partials of x.
+    merge(m1, m2, tokens, span) -> (mean, var), each (N, C) in the statistics dtype.
+    mlp_forward(x, coeffs, l2, w1, b1, w2, b2, save_u) -> (out, m1, m2, u or None):
+        out = a x + b + l2 (W2 GELU(W1 (A x + B) + b1) + b2) and the Partials fields of out.
+    output_span(out) -> the `span` of the partials mlp_forward returned for out.
+    backward_weights_and_sums(g, saved) -> Phase1.
+    backward_dx(g, saved, phase1, coeffs: fold.BackwardCoefficients) -> (dx, (dw1, db1, dw2)).
+    """
+    name: str
+    availability: Callable[[], str | None]
+    supports: Callable[[object, torch.Tensor], str | None]
+    prepare_input: Callable
+    moments: Callable
+    merge: Callable
+    mlp_forward: Callable
+    output_span: Callable
+    backward_weights_and_sums: Callable
+    backward_dx: Callable
+
+
+_KERNEL_SETS: dict[str, KernelSet] = {}
+
+
+def register_kernel_set(kernels: KernelSet) -> None:
+    """Make `kernels` a backend of `riformer_kernels.dispatch` that runs through this pipeline."""
+    _KERNEL_SETS[kernels.name] = kernels
+    register_backend(Backend(
+        kernels.name, availability=kernels.availability,
+        supports=lambda block, x: _shared_supports(block, x) or kernels.supports(block, x),
+        forward=lambda block, x, dp1, dp2: block_forward(
+            kernels, x, BlockParams.of(block), dp1, dp2, recompute_for(block))))
+
+
+def kernel_set(name: str) -> KernelSet:
+    return _KERNEL_SETS[name]
+
+
+def _shared_supports(block, x: torch.Tensor) -> str | None:
+    if torch.is_autocast_enabled(x.device.type):
+        return "autocast is enabled; the fused backends take explicit dtypes (reference runs it)"
+    if block.training and block.mlp.drop.p > 0:
+        return (f"dropout p={block.mlp.drop.p} inside the MLP is active in training; the fused "
+                f"kernels do not draw dropout masks (the torch backend applies it)")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# chained statistics (docs/design.md section 4)
+
+_CHAIN_ATTR = '_riformer_chained_moments'
+
+
+class ChainedMoments(NamedTuple):
+    """The partial moments of exactly the values a fused block wrote into its output, with the
+    identity of that tensor at the time: a block whose input still matches uses them and skips
+    its statistics pass. Any in-place change (bumps `_version`), a view, a copy or another
+    tensor does not match, so stale statistics are never used."""
+    kernels: str
+    partials: Partials
+    version: int
+    data_ptr: int
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+
+
+def _chaining_enabled() -> bool:
+    # Tensor attributes are not traced by torch.compile: there every block computes its moments.
+    return not torch.compiler.is_compiling()
+
+
+def attach_chained_moments(out: torch.Tensor, kernels: str, partials: Partials) -> None:
+    if _chaining_enabled():
+        setattr(out, _CHAIN_ATTR, ChainedMoments(kernels, partials, out._version, out.data_ptr(),
+                                                 tuple(out.shape), out.stride(), out.dtype))
+
+
+def chained_moments(x: torch.Tensor, kernels: str) -> Partials | None:
+    """The partials recorded on x by kernel set `kernels` if they still describe x, else None."""
+    if not _chaining_enabled():
+        return None
+    rec = getattr(x, _CHAIN_ATTR, None)
+    if rec is None or rec.kernels != kernels:
+        return None
+    if (rec.version != x._version or rec.data_ptr != x.data_ptr() or rec.shape != tuple(x.shape)
+            or rec.stride != x.stride() or rec.dtype != x.dtype):
+        return None
+    return rec.partials
+
+
+# ---------------------------------------------------------------------------------------------
+# forward and the autograd Function
+
+def _statistics(ks: KernelSet, x: torch.Tensor, chain: Partials | None):
+    m1, m2, span = chain if chain is not None else ks.moments(x)
+    return ks.merge(m1, m2, x.shape[2] * x.shape[3], span)
+
+
+def _fused_forward(ks: KernelSet, x, s, t, l1, l2, g2, beta2, w1, b1, w2, b2, eps1, eps2,
+                   chain: Partials | None, save_u: bool):
+    """(out, out m1, out m2, u, mean, var, fold coefficients) of one block."""
+    mean, var = _statistics(ks, x, chain)
+    cf = fold.fold_coefficients(mean, var, s, t, l1, g2, beta2, eps1, eps2)
+    out, m1, m2, u = ks.mlp_forward(x, cf, l2, w1, b1, w2, b2, save_u)
+    return out, m1, m2, u, mean, var, cf
+
+
+class FusedBlockFunction(torch.autograd.Function):
+    """out, out's partial moments = block(x) through kernel set `kernels` (a registered name).
+
+    Differentiable inputs: x, s, t, l1 (N,C), l2 (N,C), g2, beta2, w1, b1, w2, b2. Then eps1,
+    eps2, the chained partials of x (m1, m2, span; None, None, 0 without), the kernel set's
+    name and save_u (recompute=False: keep u for the backward)."""
+
+    @staticmethod
+    def forward(ctx, x, s, t, l1, l2, g2, beta2, w1, b1, w2, b2, eps1, eps2,
+                chain_m1, chain_m2, chain_span, kernels, save_u):
+        ks = kernel_set(kernels)
+        chain = Partials(chain_m1, chain_m2, chain_span) if chain_m1 is not None else None
+        out, m1, m2, u, mean, var, cf = _fused_forward(ks, x, s, t, l1, l2, g2, beta2, w1, b1,
+                                                       w2, b2, eps1, eps2, chain, save_u)
+        ctx.mark_non_differentiable(m1, m2)
+        ctx.save_for_backward(x, mean, var, cf.A, cf.B, cf.a, cf.b, cf.mu1, cf.r1, cf.ybar,
+                              cf.mu2, cf.r2, s, t, l1, l2, g2, beta2, w1, b1, w2, b2,
+                              *((u,) if save_u else ()))
+        ctx.kernels = kernels
+        return out, m1, m2
+
+    @staticmethod
+    def backward(ctx, g, _g_m1, _g_m2):
+        ks = kernel_set(ctx.kernels)
+        sv = Saved(*ctx.saved_tensors)
+        hw = sv.x.shape[2] * sv.x.shape[3]
+        p1 = ks.backward_weights_and_sums(g, sv)
+        bc = fold.backward_coefficients(p1.sums, sv.mean, sv.var, sv.coefficients(), sv.s, sv.t,
+                                        sv.l1, sv.g2, hw)
+        dx, (dw1, db1, dw2) = ks.backward_dx(g, sv, p1, bc)
+        grads = (dx, bc.d_s.to(sv.s.dtype), bc.d_t.to(sv.t.dtype), bc.d_l1.to(sv.l1.dtype),
+                 bc.d_l2.to(sv.l2.dtype), bc.d_g2.to(sv.g2.dtype), bc.d_beta2.to(sv.beta2.dtype),
+                 dw1.reshape(sv.w1.shape).to(sv.w1.dtype), db1.to(sv.b1.dtype),
+                 dw2.reshape(sv.w2.shape).to(sv.w2.dtype), p1.db2.to(sv.b2.dtype))
+        grads = tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[:11]))
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def block_forward(ks: KernelSet, x: torch.Tensor, p: BlockParams, dp1=None, dp2=None,
+                  recompute: bool = True) -> torch.Tensor:
+    """One block through kernel set `ks`. dp1/dp2: per-sample drop-path factors (N,) or None.
+    recompute=False saves the hidden pre-activation u for the backward (when one will run)."""
+    x = ks.prepare_input(x)
+    s, t, l1, l2 = p.fold_inputs(x.shape[0], fold.stats_dtype(x.dtype), dp1, dp2)
+    chain = chained_moments(x, ks.name)
+    args = (x, s, t, l1, l2, p.g2, p.beta2, p.w1, p.b1, p.w2, p.b2)
+    if torch.is_grad_enabled() and any(v.requires_grad for v in args):
+        cargs = chain if chain is not None else (None, None, 0)
+        out, m1, m2 = FusedBlockFunction.apply(*args, p.eps1, p.eps2, *cargs, ks.name,
+                                               not recompute)
+    else:
+        # Inference: the same kernels without the autograd bookkeeping.
+        out, m1, m2 = _fused_forward(ks, *args, p.eps1, p.eps2, chain, False)[:3]
+    attach_chained_moments(out, ks.name, Partials(m1, m2, ks.output_span(out)))
+    return out

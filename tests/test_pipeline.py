@@ -1,0 +1,101 @@
+"""The one fused pipeline (riformer_kernels.pipeline) as every kernel backend runs it: one autograd
+Function, chained statistics (one moments pass per stage), no stale or foreign statistics."""
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import riformer_kernels as rk
+from riformer_kernels import pipeline
+from helpers import randomize_, random_input, make_block, rel_err
+
+# The kernel set's statistics op, as the dispatcher sees it.
+MOMENTS_OP = {'cpu': 'riformer.moments.default',
+              'triton': 'riformer_triton.moments_partials.default'}
+KERNEL_SETS = [pytest.param(name, marks=pytest.mark.skipif(
+    not rk.available_backends()[name].usable, reason=rk.available_backends()[name].reason))
+    for name in MOMENTS_OP]
+ARCH = dict(layers=[3, 2, 1, 2], embed_dims=[8, 16, 24, 32], mlp_ratios=[4, 4, 4, 4],
+            layer_scale_init_value=1e-5)
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('kernels', KERNEL_SETS)
+def test_one_moments_pass_per_stage_forward_and_training(kernels):
+    """Inside a stage every block after the first takes its statistics from the previous
+    block's MLP kernel; only the stage's first block (whose input is the patch embedding or the
+    downsampling conv's output) runs the moments kernel. 4 stages: 4 passes, not 8."""
+    model = randomize_(rk.RIFormer(ARCH)).float()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), rk.use_backend('reference'):
+        truth = copy.deepcopy(model).double()(x.double())[-1]
+    for train in (False, True):
+        model.train(train)
+        counter = OpCounter()
+        with rk.use_backend(kernels), counter, torch.set_grad_enabled(train):
+            out = model(x)[-1]       # the backbone returns a tuple of features
+            if train:
+                out.sum().backward()
+        assert counter.counts.get(MOMENTS_OP[kernels]) == 4, counter.counts
+        assert rel_err(out, truth) <= 1e-4
+
+
+@pytest.mark.parametrize('kernels', KERNEL_SETS)
+def test_training_runs_the_pipeline_function(kernels):
+    block = make_block(16, dtype=torch.float32).train()
+    x = random_input((2, 16, 4, 4), torch.float32).requires_grad_(True)
+    with rk.use_backend(kernels):
+        out = block(x)
+    assert type(out.grad_fn).__name__ == 'FusedBlockFunctionBackward'
+    assert isinstance(pipeline.kernel_set(kernels), pipeline.KernelSet)
+
+
+@pytest.mark.parametrize('kernels', KERNEL_SETS)
+def test_stale_statistics_are_never_used(kernels):
+    """An in-place change or a view of a block's output makes the next block compute its own
+    moments, and its result stays that of the reference on the changed values."""
+    b1, b2 = (make_block(16, dtype=torch.float32).eval() for _ in range(2))
+    x = random_input((2, 16, 5, 5), dtype=torch.float32)
+    with torch.no_grad(), rk.use_backend(kernels):
+        y = b1(x)
+        assert pipeline.chained_moments(y, kernels) is not None
+        y.mul_(3.0).add_(1.0)
+        assert pipeline.chained_moments(y, kernels) is None
+        counter = OpCounter()
+        with counter:
+            out = b2(y)
+            b2(b1(x)[:, :, :, :])
+        assert counter.counts.get(MOMENTS_OP[kernels]) == 3, counter.counts
+    with torch.no_grad(), rk.use_backend('reference'):
+        truth = copy.deepcopy(b2).double()(y.double())
+    assert rel_err(out, truth) <= 1e-5
+
+
+@pytest.mark.skipif(not all(rk.available_backends()[k].usable for k in MOMENTS_OP),
+                    reason="needs both the cpu and the triton kernel sets")
+def test_one_kernel_sets_statistics_are_not_read_by_another():
+    """The partials' form belongs to the kernel set that wrote them (cpu: mean and variance;
+    triton: per-span partials), so a triton block after a cpu block runs its own moments."""
+    b1, b2 = (make_block(16, dtype=torch.float32).eval() for _ in range(2))
+    x = random_input((2, 16, 5, 5), dtype=torch.float32)
+    with torch.no_grad():
+        with rk.use_backend('cpu'):
+            y = b1(x)
+        counter = OpCounter()
+        with rk.use_backend('triton'), counter:
+            out = b2(y)
+    assert counter.counts.get(MOMENTS_OP['triton']) == 1, counter.counts
+    with torch.no_grad(), rk.use_backend('reference'):
+        truth = copy.deepcopy(b2).double()(y.double())
+    assert rel_err(out, truth) <= 1e-5
