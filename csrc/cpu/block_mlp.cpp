@@ -41,6 +41,7 @@
 
 #include "../common/block_math.h"
 #include "blas.h"
+#include "reductions.h"
 
 namespace riformer {
 namespace {
@@ -50,11 +51,6 @@ namespace {
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define RIFORMER_ISA_CLONES
-#endif
-#if defined(__GNUC__)
-#define RIFORMER_INLINE inline __attribute__((always_inline))
-#else
-#define RIFORMER_INLINE inline
 #endif
 
 // ---------------------------------------------------------------------------
@@ -94,16 +90,9 @@ RIFORMER_INLINE c10::BFloat16 from_acc<c10::BFloat16>(float v) {
   return c10::BFloat16(bits, c10::BFloat16::from_bits());
 }
 
-// Independent accumulator lanes for row sums: the compiler may not
-// reassociate one fp sum, but it vectorises independent lanes.
-constexpr int64_t kLanes = 16;
-
-template <typename T>
-RIFORMER_INLINE T sum_lanes(const T* lane) {
-  T s = 0;
-  for (int64_t i = 0; i < kLanes; ++i) s += lane[i];
-  return s;
-}
+// Independent accumulator lanes for row sums (reductions.h).
+using cpu::kLanes;
+using cpu::sum_lanes;
 
 // ---------------------------------------------------------------------------
 // Tile sizes. Tokens per tile such that the tile's hidden activation
@@ -349,63 +338,28 @@ RIFORMER_ISA_CLONES void epilogue_cols(const S* __restrict x, const acc_t<S>* __
   }
 }
 
-// Moments of each row of a [rows, L] buffer: corrected two-pass around the
-// row's first value then its mean (the moments kernel's scheme), so a large
-// common offset does not cancel.
+// Moments of each row of a [rows, L] buffer and of each column of a [L, C]
+// one: the moments kernel's corrected two-pass scheme (reductions.h), so a
+// large common offset does not cancel.
 template <typename A>
 RIFORMER_ISA_CLONES void row_moments(const A* __restrict v, int64_t ldv, int64_t rows,
                                      int64_t L, A* __restrict mean, A* __restrict m2) {
   for (int64_t r = 0; r < rows; ++r) {
-    const A* __restrict p = v + r * ldv;
-    const A c0 = p[0];
-    A lane[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= L; i += kLanes)
-      for (int64_t q = 0; q < kLanes; ++q) lane[q] += p[i + q] - c0;
-    for (; i < L; ++i) lane[i % kLanes] += p[i] - c0;
-    const A m = c0 + sum_lanes(lane) / A(L);
-    A l1[kLanes] = {}, l2[kLanes] = {};
-    i = 0;
-    for (; i + kLanes <= L; i += kLanes)
-      for (int64_t q = 0; q < kLanes; ++q) {
-        const A d = p[i + q] - m;
-        l1[q] += d;
-        l2[q] += d * d;
-      }
-    for (; i < L; ++i) {
-      const A d = p[i] - m;
-      l1[i % kLanes] += d;
-      l2[i % kLanes] += d * d;
-    }
-    const Moments<A> mo = moments_from_shifted_sums<A>(A(L), m, sum_lanes(l1), sum_lanes(l2));
+    const Moments<A> mo = cpu::contiguous_moments<A>(v + r * ldv, L);
     mean[r] = mo.mean;
     m2[r] = mo.m2;
   }
 }
 
-// Moments of each column of a [L, C] buffer (`scratch`: 2 C values).
+// (`scratch`: 3 C values.)
 template <typename A>
 RIFORMER_ISA_CLONES void col_moments(const A* __restrict v, int64_t L, int64_t C,
                                      A* __restrict scratch, A* __restrict mean,
                                      A* __restrict m2) {
-  A* __restrict s1 = scratch;
-  A* __restrict s2 = scratch + C;
-  for (int64_t c = 0; c < C; ++c) s1[c] = 0;
-  for (int64_t j = 0; j < L; ++j)
-    for (int64_t c = 0; c < C; ++c) s1[c] += v[j * C + c] - v[c];
-  for (int64_t c = 0; c < C; ++c) mean[c] = v[c] + s1[c] / A(L);
-  for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0;
-  for (int64_t j = 0; j < L; ++j)
-    for (int64_t c = 0; c < C; ++c) {
-      const A d = v[j * C + c] - mean[c];
-      s1[c] += d;
-      s2[c] += d * d;
-    }
-  for (int64_t c = 0; c < C; ++c) {
-    const Moments<A> mo = moments_from_shifted_sums<A>(A(L), mean[c], s1[c], s2[c]);
+  cpu::column_moments<A>(v, L, C, scratch, [&](int64_t c, const Moments<A>& mo) {
     mean[c] = mo.mean;
     m2[c] = mo.m2;
-  }
+  });
 }
 
 // Backward: from u (+ b1 when recomputed) to h = GELU(u) and d = GELU'(u).
@@ -852,7 +806,7 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
     Acc* U = thread_scratch<Acc>(1, Hd * W);
     S* Hh = kSameType<S> ? reinterpret_cast<S*>(U) : thread_scratch<S>(2, Hd * W);
     Acc* O = thread_scratch<Acc>(3, C * W);
-    Acc* moment_scratch = thread_scratch<Acc>(4, 2 * C);
+    Acc* moment_scratch = thread_scratch<Acc>(4, 3 * C);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t L = tiling.task_tokens(task);
       // NCHW: buffers are [rows, L] (row stride L); channels_last: [L, cols].
