@@ -76,24 +76,34 @@ inline int as_blas_int(int64_t v) {
   return static_cast<int>(v);
 }
 
-inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
-                 const float* A, int64_t lda, const float* B, int64_t ldb,
-                 float beta, float* C, int64_t ldc) {
-  TORCH_CHECK(sgemm_ != nullptr, "riformer cpu kernels need MKL's sgemm");
+// sgemm_ and dgemm_ share one Fortran signature, so the row-major -> column-
+// major operand swap is written once, for both.
+template <typename T>
+using fortran_gemm_fn = void(const char*, const char*, const int*, const int*, const int*,
+                             const T*, const T*, const int*, const T*, const int*, const T*, T*,
+                             const int*);
+
+template <typename T>
+inline void fortran_gemm(fortran_gemm_fn<T>* fn, const char* fn_name, bool ta, bool tb,
+                         int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+                         const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  TORCH_CHECK(fn != nullptr, "riformer cpu kernels need MKL's ", fn_name);
   const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
   const int m = as_blas_int(N), n = as_blas_int(M), k = as_blas_int(K);
   const int la = as_blas_int(lda), lb = as_blas_int(ldb), lc = as_blas_int(ldc);
-  sgemm_(&opb, &opa, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+  fn(&opb, &opa, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+}
+
+inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                 const float* A, int64_t lda, const float* B, int64_t ldb,
+                 float beta, float* C, int64_t ldc) {
+  fortran_gemm<float>(sgemm_, "sgemm", ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha,
                  const double* A, int64_t lda, const double* B, int64_t ldb,
                  double beta, double* C, int64_t ldc) {
-  TORCH_CHECK(dgemm_ != nullptr, "riformer cpu kernels need MKL's dgemm");
-  const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
-  const int m = as_blas_int(N), n = as_blas_int(M), k = as_blas_int(K);
-  const int la = as_blas_int(lda), lb = as_blas_int(ldb), lc = as_blas_int(ldc);
-  dgemm_(&opb, &opa, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+  fortran_gemm<double>(dgemm_, "dgemm", ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 // bf16 operands, fp32 accumulation and result.

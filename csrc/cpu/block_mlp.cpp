@@ -41,6 +41,7 @@
 
 #include "../common/block_math.h"
 #include "blas.h"
+#include "reductions.h"
 
 namespace riformer {
 namespace {
@@ -50,11 +51,6 @@ namespace {
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define RIFORMER_ISA_CLONES
-#endif
-#if defined(__GNUC__)
-#define RIFORMER_INLINE inline __attribute__((always_inline))
-#else
-#define RIFORMER_INLINE inline
 #endif
 
 // ---------------------------------------------------------------------------
@@ -94,16 +90,9 @@ RIFORMER_INLINE c10::BFloat16 from_acc<c10::BFloat16>(float v) {
   return c10::BFloat16(bits, c10::BFloat16::from_bits());
 }
 
-// Independent accumulator lanes for row sums: the compiler may not
-// reassociate one fp sum, but it vectorises independent lanes.
-constexpr int64_t kLanes = 16;
-
-template <typename T>
-RIFORMER_INLINE T sum_lanes(const T* lane) {
-  T s = 0;
-  for (int64_t i = 0; i < kLanes; ++i) s += lane[i];
-  return s;
-}
+// Independent accumulator lanes for row sums (reductions.h).
+using cpu::kLanes;
+using cpu::sum_lanes;
 
 // ---------------------------------------------------------------------------
 // Tile sizes. Tokens per tile such that the tile's hidden activation
@@ -349,63 +338,28 @@ RIFORMER_ISA_CLONES void epilogue_cols(const S* __restrict x, const acc_t<S>* __
   }
 }
 
-// Moments of each row of a [rows, L] buffer: corrected two-pass around the
-// row's first value then its mean (the moments kernel's scheme), so a large
-// common offset does not cancel.
+// Moments of each row of a [rows, L] buffer and of each column of a [L, C]
+// one: the moments kernel's corrected two-pass scheme (reductions.h), so a
+// large common offset does not cancel.
 template <typename A>
 RIFORMER_ISA_CLONES void row_moments(const A* __restrict v, int64_t ldv, int64_t rows,
                                      int64_t L, A* __restrict mean, A* __restrict m2) {
   for (int64_t r = 0; r < rows; ++r) {
-    const A* __restrict p = v + r * ldv;
-    const A c0 = p[0];
-    A lane[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= L; i += kLanes)
-      for (int64_t q = 0; q < kLanes; ++q) lane[q] += p[i + q] - c0;
-    for (; i < L; ++i) lane[i % kLanes] += p[i] - c0;
-    const A m = c0 + sum_lanes(lane) / A(L);
-    A l1[kLanes] = {}, l2[kLanes] = {};
-    i = 0;
-    for (; i + kLanes <= L; i += kLanes)
-      for (int64_t q = 0; q < kLanes; ++q) {
-        const A d = p[i + q] - m;
-        l1[q] += d;
-        l2[q] += d * d;
-      }
-    for (; i < L; ++i) {
-      const A d = p[i] - m;
-      l1[i % kLanes] += d;
-      l2[i % kLanes] += d * d;
-    }
-    const Moments<A> mo = moments_from_shifted_sums<A>(A(L), m, sum_lanes(l1), sum_lanes(l2));
+    const Moments<A> mo = cpu::contiguous_moments<A>(v + r * ldv, L);
     mean[r] = mo.mean;
     m2[r] = mo.m2;
   }
 }
 
-// Moments of each column of a [L, C] buffer (`scratch`: 2 C values).
+// (`scratch`: 3 C values.)
 template <typename A>
 RIFORMER_ISA_CLONES void col_moments(const A* __restrict v, int64_t L, int64_t C,
                                      A* __restrict scratch, A* __restrict mean,
                                      A* __restrict m2) {
-  A* __restrict s1 = scratch;
-  A* __restrict s2 = scratch + C;
-  for (int64_t c = 0; c < C; ++c) s1[c] = 0;
-  for (int64_t j = 0; j < L; ++j)
-    for (int64_t c = 0; c < C; ++c) s1[c] += v[j * C + c] - v[c];
-  for (int64_t c = 0; c < C; ++c) mean[c] = v[c] + s1[c] / A(L);
-  for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0;
-  for (int64_t j = 0; j < L; ++j)
-    for (int64_t c = 0; c < C; ++c) {
-      const A d = v[j * C + c] - mean[c];
-      s1[c] += d;
-      s2[c] += d * d;
-    }
-  for (int64_t c = 0; c < C; ++c) {
-    const Moments<A> mo = moments_from_shifted_sums<A>(A(L), mean[c], s1[c], s2[c]);
+  cpu::column_moments<A>(v, L, C, scratch, [&](int64_t c, const Moments<A>& mo) {
     mean[c] = mo.mean;
     m2[c] = mo.m2;
-  }
+  });
 }
 
 // Backward: from u (+ b1 when recomputed) to h = GELU(u) and d = GELU'(u).
@@ -736,6 +690,46 @@ RIFORMER_ISA_CLONES void input_grad_cols(const S* __restrict g, const S* __restr
 }
 
 // ---------------------------------------------------------------------------
+// Tile GEMMs, one definition for both layouts. A tile buffer of `rows`
+// channels (C or Hd) and L tokens is [rows, L] channel-major (NCHW) or
+// [L, rows] token-major (channels_last), and the two layouts run the same
+// products, transposed: channel-major Y[M, L] = Wm[M, K] X[K, L], token-major
+// Y[L, M] = X[L, K] Wm^T[K, M]. So each product of the kernels is written once,
+// given Wm and its transposed copy WmT (the one token-major GEMMs read).
+// ---------------------------------------------------------------------------
+template <typename S, typename Acc>
+void tile_gemm(bool cl, int64_t L, int64_t M, int64_t K, const S* Wm, const S* WmT,
+               const S* X, Acc* Y) {
+  if (!cl)
+    blas::gemm_nn(M, L, K, Wm, K, X, L, Y, L, false);
+  else
+    blas::gemm_nn(L, M, K, X, K, WmT, M, Y, M, false);
+}
+
+// Weight-gradient accumulation over a tile's tokens, G += P Q^T, for a tile
+// buffer P of M channels and the transposed copy QT of one of N channels
+// (tile_transpose). G is kept in the orientation the layout's GEMM produces:
+// [M, N] channel-major, [N, M] token-major.
+template <typename S, typename Acc>
+void tile_weight_grad(bool cl, int64_t L, int64_t M, int64_t N, const S* P, const S* QT,
+                      Acc* G) {
+  if (!cl)
+    blas::gemm_nn(M, N, L, P, L, QT, N, G, N, true);
+  else
+    blas::gemm_nn(N, M, L, QT, L, P, M, G, M, true);
+}
+
+// The transposed copy of a tile buffer of `rows` channels ([L, rows] from
+// [rows, L] channel-major; [rows, L] from [L, rows] token-major).
+template <typename S>
+void tile_transpose(bool cl, int64_t L, int64_t rows, const S* src, S* dst) {
+  if (!cl)
+    transpose_block<S>(src, L, rows, L, dst, rows);
+  else
+    transpose_block<S>(src, rows, L, rows, dst, L);
+}
+
+// ---------------------------------------------------------------------------
 // Argument checks and preparation
 // ---------------------------------------------------------------------------
 
@@ -852,7 +846,7 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
     Acc* U = thread_scratch<Acc>(1, Hd * W);
     S* Hh = kSameType<S> ? reinterpret_cast<S*>(U) : thread_scratch<S>(2, Hd * W);
     Acc* O = thread_scratch<Acc>(3, C * W);
-    Acc* moment_scratch = thread_scratch<Acc>(4, 2 * C);
+    Acc* moment_scratch = thread_scratch<Acc>(4, 3 * C);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t L = tiling.task_tokens(task);
       // NCHW: buffers are [rows, L] (row stride L); channels_last: [L, cols].
@@ -862,8 +856,8 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
         else
           prologue_cols<S>(X + (n * T + t0) * C, cA + n * C, cB + n * C, len, C, Z + col * C);
       });
+      tile_gemm<S>(cl, L, Hd, C, W1, W1T, Z, U);  // u = W1 z
       if (!cl) {
-        blas::gemm_nn(Hd, L, C, W1, C, Z, L, U, L, false);
         if (UOUT) {
           tiling.for_each_segment(task, [&](int64_t n, int64_t, int64_t t0, int64_t len,
                                             int64_t col) {
@@ -873,9 +867,7 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
           });
         }
         gelu_rows<S, false>(U, B1, Hd, L, Hh, nullptr, 0);
-        blas::gemm_nn(C, L, Hd, W2, Hd, Hh, L, O, L, false);
       } else {
-        blas::gemm_nn(L, Hd, C, Z, C, W1T, Hd, U, Hd, false);
         // channels_last: a tile's tokens are consecutive rows of u as well.
         int64_t row0 = -1;
         tiling.for_each_segment(task, [&](int64_t n, int64_t, int64_t t0, int64_t, int64_t col) {
@@ -885,8 +877,8 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
           gelu_cols<S, true>(U, B1, L, Hd, Hh, UOUT + row0 * Hd);
         else
           gelu_cols<S, false>(U, B1, L, Hd, Hh, nullptr);
-        blas::gemm_nn(L, C, Hd, Hh, Hd, W2T, C, O, C, false);
       }
+      tile_gemm<S>(cl, L, C, Hd, W2, W2T, Hh, O);  // o = W2 h
       tiling.for_each_segment(task, [&](int64_t n, int64_t k, int64_t t0, int64_t len,
                                         int64_t col) {
         const int64_t nc = n * C;
@@ -1100,42 +1092,28 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
             }
           }
         });
-        if (!cl) {
-          transpose_block<S>(Z, L, C, L, ZT, C);  // ZT [L, C]
-          if (!US) {
-            blas::gemm_nn(Hd, L, C, W1, C, Z, L, U, L, false);
+        // The tile's GEMMs (tile_gemm: channel-major Y = Wm X, token-major its
+        // transpose); dW1 and dW2 accumulate in the orientation the layout's GEMM
+        // produces: NCHW dW1 [Hd, C] and dW2^T [Hd, C], channels_last dW1^T and dW2.
+        tile_transpose<S>(cl, L, C, Z, ZT);
+        if (!US) {
+          tile_gemm<S>(cl, L, Hd, C, W1, W1T, Z, U);  // u = W1 z
+          if (!cl)
             gelu_grad_rows_inplace<S>(U, B1, Hd, L, Hh);
-          }
-          // dH[Hd, L] = W2^T dO
-          blas::gemm_nn(Hd, L, C, W2T, C, DO, L, DH, L, false);
-          hidden_grad_rows<S>(DH, U, Hd, L, DU, dB1);
-          // dW1[Hd, C] += dU[Hd, L] Z^T[L, C];  dz[C, L] = W1^T dU
-          blas::gemm_nn(Hd, C, L, DU, L, ZT, C, dW1, C, true);
-          blas::gemm_nn(C, L, Hd, W1T, Hd, DU, L, DZT, L, false);
-          if (weight2_by_gemm) {
-            // dW2^T[Hd, C] += H[Hd, L] dO^T[L, C];  O[C, L] = W2 H
-            transpose_block<S>(DO, L, C, L, DOT, C);
-            blas::gemm_nn(Hd, C, L, Hh, L, DOT, C, dW2, C, true);
-            blas::gemm_nn(C, L, Hd, W2, Hd, Hh, L, O, L, false);
-          }
-        } else {
-          transpose_block<S>(Z, C, L, C, ZT, L);  // ZT [C, L]
-          if (!US) {
-            blas::gemm_nn(L, Hd, C, Z, C, W1T, Hd, U, Hd, false);
+          else
             gelu_grad_cols_inplace<S>(U, B1, L, Hd, Hh);
-          }
-          // dH[L, Hd] = dO[L, C] W2[C, Hd]
-          blas::gemm_nn(L, Hd, C, DO, C, W2, Hd, DH, Hd, false);
+        }
+        tile_gemm<S>(cl, L, Hd, C, W2T, W2, DO, DH);  // dh = W2^T dO
+        if (!cl)
+          hidden_grad_rows<S>(DH, U, Hd, L, DU, dB1);
+        else
           hidden_grad_cols<S>(DH, U, L, Hd, DU, dB1);
-          // dW1^T[C, Hd] += Z^T[C, L] dU[L, Hd];  dz[L, C] = dU W1
-          blas::gemm_nn(C, Hd, L, ZT, L, DU, Hd, dW1, Hd, true);
-          blas::gemm_nn(L, C, Hd, DU, Hd, W1, C, DZT, C, false);
-          if (weight2_by_gemm) {
-            // dW2[C, Hd] += dO^T[C, L] H[L, Hd];  O[L, C] = H W2^T
-            transpose_block<S>(DO, C, L, C, DOT, L);
-            blas::gemm_nn(C, Hd, L, DOT, L, Hh, Hd, dW2, Hd, true);
-            blas::gemm_nn(L, C, Hd, Hh, Hd, W2T, C, O, C, false);
-          }
+        tile_weight_grad<S>(cl, L, Hd, C, DU, ZT, dW1);  // dW1 += dU z^T
+        tile_gemm<S>(cl, L, C, Hd, W1T, W1, DU, DZT);    // dz = W1^T dU
+        if (weight2_by_gemm) {
+          tile_transpose<S>(cl, L, C, DO, DOT);
+          tile_weight_grad<S>(cl, L, Hd, C, Hh, DOT, dW2);  // dW2^T += h dO^T
+          tile_gemm<S>(cl, L, C, Hd, W2, W2T, Hh, O);       // o = W2 h
         }
         // Per segment: dz out, the per-(n, c) sums, and GH = G H^T (per sample,
         // since l2 and sum g o are per sample) -> dW2 and sum g o.

@@ -24,86 +24,15 @@
 
 #include "../common/block_math.h"
 #include "../common/moments_checks.h"
+#include "reductions.h"
 
 namespace riformer {
 namespace {
 
-// Independent accumulator lanes: the compiler may not reassociate one fp sum
-// (no -ffast-math), but it vectorises independent lanes, and the shorter
-// per-lane chains also round less.
-constexpr int64_t kLanes = 16;
 // Elements per NCHW chunk (16 KiB of fp32: the second pass hits L1).
 constexpr int64_t kRowChunk = 4096;
 // Target elements per channels_last tile (rows * C).
 constexpr int64_t kTileElems = 4096;
-
-// Moments of L contiguous values. Pass 1 sums x - x[0] (removes any large
-// common offset before summing, and is exactly 0 for constant data); pass 2
-// is the corrected two-pass around the pass-1 mean.
-template <typename acc_t>
-Moments<acc_t> row_moments(const acc_t* p, int64_t L) {
-  const acc_t c0 = p[0];
-  acc_t lane[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= L; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) lane[j] += p[i + j] - c0;
-  }
-  for (; i < L; ++i) lane[i % kLanes] += p[i] - c0;
-  acc_t s = 0;
-  for (int64_t j = 0; j < kLanes; ++j) s += lane[j];
-  const acc_t m = c0 + s / acc_t(L);
-
-  acc_t l1[kLanes] = {};
-  acc_t l2[kLanes] = {};
-  i = 0;
-  for (; i + kLanes <= L; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const acc_t d = p[i + j] - m;
-      l1[j] += d;
-      l2[j] += d * d;
-    }
-  }
-  for (; i < L; ++i) {
-    const acc_t d = p[i] - m;
-    l1[i % kLanes] += d;
-    l2[i % kLanes] += d * d;
-  }
-  acc_t s1 = 0, s2 = 0;
-  for (int64_t j = 0; j < kLanes; ++j) {
-    s1 += l1[j];
-    s2 += l2[j];
-  }
-  return moments_from_shifted_sums<acc_t>(acc_t(L), m, s1, s2);
-}
-
-// Moments per channel of a channels_last tile: R rows of C contiguous
-// channels. The inner loops run over c (unit stride, independent per c), so
-// they vectorise without reassociating any sum. `scratch` holds 3*C values.
-template <typename acc_t>
-void tile_moments(const acc_t* p, int64_t R, int64_t C, acc_t* scratch,
-                  Moments<acc_t>* out) {
-  acc_t* m = scratch;
-  acc_t* s1 = scratch + C;
-  acc_t* s2 = scratch + 2 * C;
-  std::fill(s1, s1 + C, acc_t(0));
-  for (int64_t r = 0; r < R; ++r) {
-    const acc_t* q = p + r * C;
-    for (int64_t c = 0; c < C; ++c) s1[c] += q[c] - p[c];
-  }
-  for (int64_t c = 0; c < C; ++c) m[c] = p[c] + s1[c] / acc_t(R);
-  std::fill(s1, s1 + C, acc_t(0));
-  std::fill(s2, s2 + C, acc_t(0));
-  for (int64_t r = 0; r < R; ++r) {
-    const acc_t* q = p + r * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t d = q[c] - m[c];
-      s1[c] += d;
-      s2[c] += d * d;
-    }
-  }
-  for (int64_t c = 0; c < C; ++c)
-    out[c] = moments_from_shifted_sums<acc_t>(acc_t(R), m[c], s1[c], s2[c]);
-}
 
 // Returns a pointer to `n` values of acc_t: the input itself when it already
 // has the accumulation type, else an upcast copy in `buf`.
@@ -145,7 +74,7 @@ void moments_cpu_impl(const at::Tensor& x, bool channels_last,
         const int64_t t0 = k * kRowChunk;
         const int64_t L = std::min(kRowChunk, T - t0);
         const acc_t* p = as_acc<scalar_t, acc_t>(X + row * T + t0, L, buf);
-        part[task] = row_moments<acc_t>(p, L);
+        part[task] = cpu::contiguous_moments<acc_t>(p, L);
       }
     });
   } else {
@@ -165,7 +94,9 @@ void moments_cpu_impl(const at::Tensor& x, bool channels_last,
         const int64_t rows = std::min(R, T - t0);
         const acc_t* p =
             as_acc<scalar_t, acc_t>(X + (n * T + t0) * C, rows * C, buf);
-        tile_moments<acc_t>(p, rows, C, scratch.data(), part.data() + task * C);
+        Moments<acc_t>* out = part.data() + task * C;
+        cpu::column_moments<acc_t>(p, rows, C, scratch.data(),
+                                   [&](int64_t c, const Moments<acc_t>& mo) { out[c] = mo; });
       }
     });
   }
