@@ -2,6 +2,11 @@
 
     pip install -e . --no-build-isolation      # torch must already be installed
 
+The project's metadata (name, version, dependencies, extras, the `riformer-bench` script) is in
+pyproject.toml. This file holds what needs code: the extension (CUDA detection below) and the
+package list, which installs the repository's top-level benchmarks/ folder as the subpackage
+riformer_kernels.benchmarks (a top-level `benchmarks` package would clash with other projects).
+
 The C++ (CPU) kernels are always built. The CUDA kernels are built when torch
 is a CUDA build and a CUDA toolkit (nvcc) is found; no GPU is needed to build.
 
@@ -135,17 +140,19 @@ def build_extensions():
     return [ext], cpp_ext.BuildExtension.with_options(use_ninja=True)
 
 
+def packages():
+    """riformer_kernels and its subpackages, plus benchmarks/ installed as riformer_kernels.benchmarks."""
+    pkgs = find_packages(include=["riformer_kernels", "riformer_kernels.*"])
+    pkgs += ["riformer_kernels.benchmarks"]
+    pkgs += [f"riformer_kernels.benchmarks.{p}" for p in find_packages("benchmarks")]
+    return pkgs
+
+
 ext_modules, build_ext_cls = build_extensions()
 
 setup(
-    name="riformer_kernels",
-    version="0.1.0",
-    description="Fused RIFormer block kernels for PyTorch",
-    python_requires=">=3.9",
-    packages=find_packages(include=["riformer_kernels", "riformer_kernels.*",
-                                    "benchmarks", "benchmarks.*"]),
+    packages=packages(),
+    package_dir={"riformer_kernels.benchmarks": "benchmarks"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext_cls},
-    entry_points={"console_scripts": ["riformer-bench = benchmarks.cli:main"]},
-    zip_safe=False,
 )
