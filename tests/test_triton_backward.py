@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+pytest.importorskip('triton', reason='triton is not installed (optional: pip install triton)')
 import torch
 import torch.nn.functional as F
 
