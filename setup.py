@@ -110,6 +110,9 @@ def build_extensions():
     # Few translation units on purpose: each one costs seconds of header
     # parsing, so kernels of one op share a file.
     sources = [f"{CSRC}/ops.cpp", f"{CSRC}/cpu/moments.cpp", f"{CSRC}/cpu/block_mlp.cpp"]
+    # Every file of csrc/ (headers, and the CUDA sources in a CPU-only build): listed so that
+    # an sdist made anywhere carries them all (setuptools puts `depends` into the sdist).
+    csrc_files = sorted(str(f.relative_to(ROOT)) for f in (ROOT / CSRC).rglob("*") if f.is_file())
     # -fopenmp in compile AND link flags, or at::parallel_for runs on one
     # thread. No -march=native: the wheel must run on other CPUs (the CPU
     # kernels clone their hot loops per ISA level instead). -fno-trapping-math
@@ -125,6 +128,7 @@ def build_extensions():
         ext = cpp_ext.CUDAExtension(
             name="riformer_kernels._C",
             sources=sources,
+            depends=csrc_files,
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
@@ -133,6 +137,7 @@ def build_extensions():
         ext = cpp_ext.CppExtension(
             name="riformer_kernels._C",
             sources=sources,
+            depends=csrc_files,
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
