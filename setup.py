@@ -2,6 +2,11 @@
 
     pip install -e . --no-build-isolation      # torch must already be installed
 
+The project's metadata (name, version, dependencies, extras, the `riformer-bench` script) is in
+pyproject.toml. This file holds what needs code: the extension (CUDA detection below) and the
+package list, which installs the repository's top-level benchmarks/ folder as the subpackage
+riformer_kernels.benchmarks (a top-level `benchmarks` package would clash with other projects).
+
 The C++ (CPU) kernels are always built. The CUDA kernels are built when torch
 is a CUDA build and a CUDA toolkit (nvcc) is found; no GPU is needed to build.
 
@@ -105,6 +110,9 @@ def build_extensions():
     # Few translation units on purpose: each one costs seconds of header
     # parsing, so kernels of one op share a file.
     sources = [f"{CSRC}/ops.cpp", f"{CSRC}/cpu/moments.cpp", f"{CSRC}/cpu/block_mlp.cpp"]
+    # Every file of csrc/ (headers, and the CUDA sources in a CPU-only build): listed so that
+    # an sdist made anywhere carries them all (setuptools puts `depends` into the sdist).
+    csrc_files = sorted(str(f.relative_to(ROOT)) for f in (ROOT / CSRC).rglob("*") if f.is_file())
     # -fopenmp in compile AND link flags, or at::parallel_for runs on one
     # thread. No -march=native: the wheel must run on other CPUs (the CPU
     # kernels clone their hot loops per ISA level instead). -fno-trapping-math
@@ -120,6 +128,7 @@ def build_extensions():
         ext = cpp_ext.CUDAExtension(
             name="riformer_kernels._C",
             sources=sources,
+            depends=csrc_files,
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
@@ -128,6 +137,7 @@ def build_extensions():
         ext = cpp_ext.CppExtension(
             name="riformer_kernels._C",
             sources=sources,
+            depends=csrc_files,
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
@@ -135,17 +145,19 @@ def build_extensions():
     return [ext], cpp_ext.BuildExtension.with_options(use_ninja=True)
 
 
+def packages():
+    """riformer_kernels and its subpackages, plus benchmarks/ installed as riformer_kernels.benchmarks."""
+    pkgs = find_packages(include=["riformer_kernels", "riformer_kernels.*"])
+    pkgs += ["riformer_kernels.benchmarks"]
+    pkgs += [f"riformer_kernels.benchmarks.{p}" for p in find_packages("benchmarks")]
+    return pkgs
+
+
 ext_modules, build_ext_cls = build_extensions()
 
 setup(
-    name="riformer_kernels",
-    version="0.1.0",
-    description="Fused RIFormer block kernels for PyTorch",
-    python_requires=">=3.9",
-    packages=find_packages(include=["riformer_kernels", "riformer_kernels.*",
-                                    "benchmarks", "benchmarks.*"]),
+    packages=packages(),
+    package_dir={"riformer_kernels.benchmarks": "benchmarks"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext_cls},
-    entry_points={"console_scripts": ["riformer-bench = benchmarks.cli:main"]},
-    zip_safe=False,
 )

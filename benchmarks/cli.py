@@ -1,4 +1,5 @@
-"""`riformer-bench` / `python -m benchmarks`: block microbenchmarks and model benchmarks.
+"""`riformer-bench` / `python -m riformer_kernels.benchmarks` (`python -m benchmarks` in a
+checkout): block microbenchmarks and model benchmarks.
 
 Examples:
   riformer-bench --quick --out /tmp/bench                    # CI smoke run (< 60 s on 2 cores)
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -137,7 +139,6 @@ def main(argv=None) -> int:
     notes = method_notes(gpu, bytes_note, ceilings, left_out, args)
     title = args.title or f"riformer_kernels benchmarks ({device.type}, {info['dtype']})"
     written = []
-    plots = []
     if block_rows:
         path = os.path.join(args.out, f"{args.name}_blocks.csv")
         report.write_csv(path, block_rows, report.BLOCK_COLUMNS)
@@ -148,22 +149,32 @@ def main(argv=None) -> int:
         written.append(path)
     plot_title = f"{info['cpu'] if not gpu else info['gpu']}, {info['threads']} threads, " \
                  f"{info['dtype']}, batch {batch}"
-    try:
-        speedup_png = os.path.join(args.out, f"{args.name}_speedup.png")
-        if block_rows and report.plot_speedup(speedup_png, block_rows, plot_title):
-            plots.append(speedup_png)
-        memory_png = os.path.join(args.out, f"{args.name}_memory.png")
-        if model_rows and report.plot_memory(memory_png, model_rows,
-                                             plot_title.rsplit(',', 1)[0]):
-            plots.append(memory_png)
-    except ImportError as err:
-        notes.append(f"plots not drawn: matplotlib is not installed ({err})")
+    plots = draw_plots(report, args.out, args.name, block_rows, model_rows, plot_title, notes)
     md = os.path.join(args.out, f"{args.name}.md")
     report.write_markdown(md, title, info, notes, block_rows, model_rows, gpu, plots)
     written += plots + [md]
     for path in written:
         print(path)
     return 0
+
+
+def draw_plots(report, out, name, block_rows, model_rows, title, notes) -> list[str]:
+    """The PNG plots, or none, one line on stderr and a note in the report when matplotlib is
+    missing (an optional dependency: the CSV and markdown do not need it)."""
+    plots = []
+    try:
+        speedup_png = os.path.join(out, f"{name}_speedup.png")
+        if block_rows and report.plot_speedup(speedup_png, block_rows, title):
+            plots.append(speedup_png)
+        memory_png = os.path.join(out, f"{name}_memory.png")
+        if model_rows and report.plot_memory(memory_png, model_rows, title.rsplit(',', 1)[0]):
+            plots.append(memory_png)
+    except ImportError as err:
+        notes.append(f"plots not drawn: matplotlib is not installed ({err})")
+        print("riformer-bench: plots skipped: matplotlib is not installed (pip install "
+              "matplotlib, or riformer_kernels[bench]); CSV and markdown written",
+              file=sys.stderr)
+    return plots
 
 
 def method_notes(gpu, bytes_note, ceilings, left_out, args) -> list[str]:

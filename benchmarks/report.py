@@ -23,10 +23,11 @@ MODEL_COLUMNS = [
 
 
 def command_line() -> str:
-    """The command as typed: the console script, or `python -m benchmarks`."""
+    """The command as typed: the console script, `python -m benchmarks` from a checkout, or
+    `python -m riformer_kernels.benchmarks` where the package is installed."""
     prog = sys.argv[0]
     if prog.endswith('__main__.py') or prog == '-m':
-        prog = 'python -m benchmarks'
+        prog = f'python -m {__package__}'
     else:
         prog = os.path.basename(prog)
     return ' '.join([prog] + [shlex.quote(a) for a in sys.argv[1:]])

@@ -12,6 +12,13 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The repository's top-level benchmarks/ is installed as riformer_kernels.benchmarks, never as a
+# top-level `benchmarks`; the tests import it as `benchmarks` from the checkout. Appended, so an
+# installed riformer_kernels is not shadowed by the checkout (`python -m pytest` from the root
+# puts the checkout first anyway).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.append(ROOT)
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """The benchmark tool runs end to end and writes well-formed results (not how fast anything is)."""
 import csv
+import importlib.util
 import math
 import os
 import subprocess
@@ -7,9 +8,14 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # `benchmarks` lives beside the package, importable from a checkout
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # conftest puts it on sys.path
+
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+NO_MATPLOTLIB = 'matplotlib is not installed (optional: pip install matplotlib) so no plots'
+
+
+def _has_matplotlib():
+    return importlib.util.find_spec('matplotlib') is not None
 
 
 @pytest.fixture(scope='module')
@@ -39,11 +45,38 @@ def _assert_number(text, what):
 
 def test_quick_run_writes_every_output(quick_run):
     out, proc = quick_run
-    for name in ('bench_blocks.csv', 'bench_models.csv', 'bench.md', 'bench_speedup.png',
-                 'bench_memory.png'):
+    for name in ('bench_blocks.csv', 'bench_models.csv', 'bench.md'):
         path = out / name
         assert path.is_file() and path.stat().st_size > 0, f"{name} missing or empty"
         assert str(path) in proc.stdout, f"{name} not announced on stdout"
+    if not _has_matplotlib():  # said once, plainly, and nothing half-written
+        assert 'plots skipped: matplotlib is not installed' in proc.stderr
+        assert not list(out.glob('*.png'))
+
+
+def test_quick_run_writes_plots(quick_run):
+    pytest.importorskip('matplotlib', reason=NO_MATPLOTLIB)
+    out, proc = quick_run
+    for name in ('bench_speedup.png', 'bench_memory.png'):
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, f"{name} missing or empty"
+        assert str(path) in proc.stdout, f"{name} not announced on stdout"
+    assert '![bench_speedup.png](bench_speedup.png)' in (out / 'bench.md').read_text()
+    assert 'plots skipped' not in proc.stderr
+
+
+def test_plots_are_skipped_with_one_line_without_matplotlib(monkeypatch, capsys, tmp_path):
+    """Whether or not matplotlib is installed here: hide it and draw the plots."""
+    from benchmarks import cli, report
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # `import matplotlib` raises
+    monkeypatch.setitem(sys.modules, 'matplotlib.pyplot', None)
+    rows = [{'status': 'ok', 'mode': 'forward', 'impl': 'eager', 'channels': 64, 'size': 7}]
+    notes = []
+    plots = cli.draw_plots(report, str(tmp_path), 'bench', rows, rows, 'title, x', notes)
+    assert plots == [] and not list(tmp_path.iterdir())
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'plots skipped: matplotlib is not installed' in err
+    assert any(n.startswith('plots not drawn: matplotlib is not installed') for n in notes)
 
 
 def test_block_csv_has_columns_and_parsable_numbers(quick_run):
@@ -106,7 +139,6 @@ def test_markdown_has_header_tables_and_plots(quick_run):
         assert field in text, f"header lacks {field!r}"
     assert '## Block forward (inference' in text and '## Block forward + backward' in text
     assert '## Models' in text
-    assert '![bench_speedup.png](bench_speedup.png)' in text
     tables, current = [], []
     for line in text.splitlines() + ['']:
         if line.startswith('|'):
@@ -122,6 +154,7 @@ def test_markdown_has_header_tables_and_plots(quick_run):
 
 
 def test_pngs_are_png_files(quick_run):
+    pytest.importorskip('matplotlib', reason=NO_MATPLOTLIB)
     out, _ = quick_run
     for name in ('bench_speedup.png', 'bench_memory.png'):
         data = (out / name).read_bytes()
@@ -141,3 +174,53 @@ def test_shapes_cover_every_stage_of_every_arch():
     s12 = block_shapes(['s12'], resolutions=[224])
     assert [(s.channels, s.size) for s in s12] == [(64, 56), (128, 28), (320, 14), (512, 7)]
     assert s12[0].archs == ('s12', 's24', 's36')
+
+
+def _outside_checkout(code, tmp_path):
+    """Run `python -c code` from a folder outside the repository, so only what is installed
+    counts (not this checkout through the current directory or PYTHONPATH)."""
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    return subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+PROBE = """
+import importlib.util as u, json
+from importlib import metadata
+try:
+    direct_url = json.loads(metadata.distribution('riformer_kernels').read_text('direct_url.json')
+                            or '{}')
+except (metadata.PackageNotFoundError, ValueError):
+    direct_url = {}
+spec = u.find_spec('benchmarks')
+print(json.dumps({'installed': u.find_spec('riformer_kernels') is not None,
+                  'top_level_benchmarks': spec.origin if spec else None,
+                  'direct_url': direct_url}))
+"""
+
+
+def test_installed_as_riformer_kernels_benchmarks(tmp_path):
+    """Installed (editable or not), the benchmarks are riformer_kernels.benchmarks, and the
+    package puts no top-level `benchmarks` of its own into the environment."""
+    import json
+    from urllib.parse import unquote, urlparse
+    probe = _outside_checkout(PROBE, tmp_path)
+    assert probe.returncode == 0, probe.stderr
+    found = json.loads(probe.stdout)
+    if not found['installed']:
+        pytest.skip('riformer_kernels is not installed (pip install -e . --no-build-isolation); '
+                    'only this checkout is tested')
+    url = found['direct_url']
+    if url.get('dir_info', {}).get('editable'):
+        source = os.path.realpath(unquote(urlparse(url.get('url', '')).path))
+        if source != os.path.realpath(ROOT):
+            pytest.skip(f'the installed riformer_kernels is an editable install of another '
+                        f'checkout ({source}), not of this one')
+    top_level = found['top_level_benchmarks'] or ''
+    assert not top_level.startswith(os.path.join(ROOT, 'benchmarks')), \
+        f"top-level `benchmarks` importable from outside the checkout: {top_level}"
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    proc = subprocess.run([sys.executable, '-m', 'riformer_kernels.benchmarks', '--help'],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'riformer-bench' in proc.stdout and '--quick' in proc.stdout

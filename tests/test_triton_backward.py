@@ -11,6 +11,7 @@ import textwrap
 from types import SimpleNamespace
 
 import pytest
+pytest.importorskip('triton', reason='triton is not installed (optional: pip install triton)')
 import torch
 import torch.nn.functional as F
 

@@ -2,6 +2,7 @@
 import copy
 
 import pytest
+pytest.importorskip('triton', reason='triton is not installed (optional: pip install triton)')
 import torch
 import torch.nn.functional as F
 

@@ -7,6 +7,7 @@ including drop path, so drop-path factors can be fixed here without RNG coupling
 import copy
 
 import pytest
+pytest.importorskip('triton', reason='triton is not installed (optional: pip install triton)')
 import torch
 
 import riformer_kernels as rk
