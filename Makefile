@@ -12,10 +12,8 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: demo test install bench clean
 
-# PYTHONPATH: python/demo.py still imports `benchmarks.measure`, which is installed as
-# riformer_kernels.benchmarks now; the checkout's top-level benchmarks/ serves it meanwhile.
 demo: install
-	PYTHONPATH=$(CURDIR) $(PY) python/demo.py
+	$(PY) python/demo.py
 
 test: install
 	$(PY) -m pytest tests -q -ra

@@ -1,8 +1,9 @@
 // Operator schemas of the `riformer` namespace, defined exactly once here.
 // Kernels register per backend in their own translation units with
 // TORCH_LIBRARY_IMPL(riformer, CPU|CUDA, m). Fake (meta) kernels for
-// torch.compile are registered from Python with torch.library.register_fake,
-// which refuses to run if a C++ Meta kernel exists, so none is defined here.
+// torch.compile belong in Python (torch.library.register_fake, which refuses
+// to run if a C++ Meta kernel exists), so none is defined here; none is
+// registered yet either.
 //
 // This file also provides the Python module init, so that
 // `import riformer_kernels._C` loads the shared library (and with it the
@@ -17,8 +18,9 @@ TORCH_LIBRARY(riformer, m) {
   // (fp32/fp16/bf16 -> fp32 outputs, fp64 -> fp64), shape (N, C).
   m.def("moments(Tensor x) -> (Tensor mean, Tensor var)");
 
-  // Schemas only: the fused block kernels are implemented by later work.
-  // Calling these now fails with "no kernel registered" for every backend.
+  // The fused block's kernels: CPU implementations in csrc/cpu/block_mlp.cpp;
+  // no CUDA implementation yet (calling one on a CUDA tensor fails with "no
+  // kernel registered").
   m.def(
       "mlp_forward(Tensor x, Tensor A, Tensor B, Tensor a, Tensor b, "
       "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor l2, "

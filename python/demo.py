@@ -15,7 +15,7 @@ import time
 import torch
 
 import riformer_kernels as rk
-from benchmarks.measure import saved_for_backward_bytes
+from riformer_kernels.benchmarks.measure import saved_for_backward_bytes
 
 
 def timed(fn, device, rounds: int) -> float:

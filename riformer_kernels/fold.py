@@ -116,12 +116,14 @@ class BackwardCoefficients(NamedTuple):
 
 def backward_coefficients(sums: torch.Tensor, mean, var, coeffs: FoldCoefficients, s, t, l1,
                           g2, hw: int) -> BackwardCoefficients:
-    """docs/design.md section 3: from per-(n,c) sums of the MLP backward to every gradient but the MLP's.
+    """docs/design.md section 3: from the per-(n,c) sums of the MLP backward to every gradient
+    but the MLP's.
 
     `sums` is (5, N, C): sum_t g, sum_t g (x - m), sum_t dz, sum_t dz (x - m), sum_t g o, where g
     is dL/dout, dz = dL/dz from the MLP, o = fc2 output (before layer scale). `l1` is (N, C).
     `d_l1`/`d_l2` are per (n, c); the caller multiplies by the drop-path factors and sums over n
-    to get the layer-scale gradients (d l2 needs no extra factor: SGo already has none).
+    to get the layer-scale gradients (in the pipeline, autograd of `fold.per_sample_scale` does
+    it). d_l2 is SGo itself: out depends on l2 only through l2 o.
     """
     sd = mean.dtype
     s, t, g2, l1 = (p.to(sd) for p in (s, t, g2, l1))

@@ -212,7 +212,7 @@ RIFORMER_HOST_DEVICE void gelu_and_grad<double>(double u, double& h, double& d) 
 }
 
 // ---------------------------------------------------------------------------
-// Per-element forms of the folded block (DESIGN.md sections 2 and 3). The
+// Per-element forms of the folded block (docs/design.md sections 2 and 3). The
 // per-(n, c) coefficients come from riformer_kernels.fold; these are the only
 // places a kernel combines them with activations.
 // ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@
 //
 // The MKL symbols, which torch's x86 wheels export, are declared weak so the
 // extension loads even against a torch built without MKL; the Python backend
-// then reports itself unusable (auto falls back to the `torch` backend).
+// then reports itself unusable (auto falls back to the `reference` backend).
 //
 // All helpers take ROW-major operands: C[M, N] = alpha op(A)[M, K] op(B)[K, N]
 // + beta C, where op(X) = X^T when the flag is set, and ld* are row strides.

@@ -1,4 +1,4 @@
-// CPU kernels of the fused block's MLP (DESIGN.md section 3):
+// CPU kernels of the fused block's MLP (docs/design.md section 3):
 //   riformer::mlp_forward / mlp_forward_save_u   out = a x + b + l2 (W2 GELU(W1 (A x + B) + b1) + b2)
 //   riformer::mlp_backward                       phase 1: dz, dW1, db1, dW2, db2 and per-(n,c) sums
 //   riformer::input_grad                         phase 2: dx = P g + Q dz + R (x - m) + S
@@ -14,8 +14,8 @@
 // [T, C], a tile one contiguous [L, C] block ("token-major") and the GEMMs
 // run transposed, U[L, 4C] = Z W1^T. Both are native: no transposes.
 //
-// GEMMs: MKL through blas.h on the tile buffers (fp32 sgemm, fp64 dgemm,
-// bf16 x bf16 -> fp32 for bf16). Elementwise work is plain loops the compiler
+// GEMMs: through blas.h on the tile buffers (fp32: oneDNN brgemm where it
+// runs, else MKL sgemm; fp64 dgemm; bf16 x bf16 -> fp32 for bf16). Elementwise work is plain loops the compiler
 // vectorises; the hot ones are cloned per ISA level (target_clones) so one
 // portable binary runs AVX-512 / AVX2 code where the CPU has it.
 //

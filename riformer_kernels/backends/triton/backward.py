@@ -24,8 +24,9 @@ Small C (<= 256; fp32 <= 128), recompute, nothing of size 4C*T is stored, dz is 
   chunk): one GEMM per tile instead of reading 4 |x|.
   The backward thus moves x and g twice and dx once: 5 |x| (forward 3: 8 |x| per training step).
 
-Large C (> 256, fp32 > 128: S12 stages 3-4, M36: C in {320, 384, 512, 768}), no C-wide register
-tile; h and du make one round trip through a transient (N, 4C, T) scratch in the compute dtype:
+Large C (> 256, fp32 > 128: S12 stages 3-4, M36/M48 C in {320, 384, 512, 768}, in fp32 also
+C=192), no C-wide register tile; h and du make one round trip through a transient (N, 4C, T)
+scratch in the compute dtype:
 
 * A `_mlp_hidden_kernel`, one program per (token tile, hidden chunk): u and dh with C streamed in
   BLOCK_K chunks (the same `_hidden_tile_grads` the small path's weight-gradient kernel uses),
