@@ -44,7 +44,12 @@ def merge_moments(count: torch.Tensor | int, means: torch.Tensor, m2s: torch.Ten
     broadcastable to `means`). Returns (mean, population variance). Used to merge the per-tile
     partial moments that a kernel writes (chained statistics) deterministically.
     """
-    counts = torch.as_tensor(count, dtype=means.dtype, device=means.device).expand_as(means)
+    # Never a tensor built from host data: on a GPU that is a blocking copy (and it breaks
+    # CUDA-graph capture); an int becomes a device-side fill.
+    if isinstance(count, torch.Tensor):
+        counts = count.to(means.dtype).expand_as(means)
+    else:
+        counts = means.new_full(means.shape, float(count))
     total = counts.sum(dim)
     mean = (counts * means).sum(dim) / total
     # Deviations of each partial mean from the merged mean carry the between-tile variance.

@@ -67,6 +67,7 @@ import triton.language as tl
 from .backward_kernels import (WEIGHT_GRAD_RUNTIME_INTS, _input_grad_kernel, _mlp_dx_kernel,
                                _mlp_dz_chunk_kernel, _mlp_hidden_kernel,
                                _mlp_weight_grad_kernel, _sum_partials_kernel)
+from .device_guard import device_of
 
 INTERPRET = os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 
@@ -572,7 +573,8 @@ def _mlp_backward_op(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, A: to
                      b2: torch.Tensor, l2: torch.Tensor, u_saved: Optional[torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor, torch.Tensor]:
-    return _mlp_backward_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
+    with device_of(x):
+        return _mlp_backward_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
 
 
 def _fake_weight_grads_and_sums(x, w1):
@@ -594,7 +596,8 @@ def _(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
 def _input_grad_op(g: torch.Tensor, dz: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
                    P: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, S: torch.Tensor
                    ) -> torch.Tensor:
-    return _input_grad_impl(g, dz, x, mean, P, Q, R, S)
+    with device_of(x):
+        return _input_grad_impl(g, dz, x, mean, P, Q, R, S)
 
 
 @_input_grad_op.register_fake
@@ -609,7 +612,8 @@ def _backward_weights_sums_op(g: torch.Tensor, x: torch.Tensor, mean: torch.Tens
                               l2: torch.Tensor, u_saved: Optional[torch.Tensor]
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                          torch.Tensor]:
-    return _backward_weights_sums_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
+    with device_of(x):
+        return _backward_weights_sums_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
 
 
 @_backward_weights_sums_op.register_fake
@@ -623,7 +627,8 @@ def _backward_dx_op(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, A: tor
                     b2: torch.Tensor, l2: torch.Tensor, u_saved: Optional[torch.Tensor],
                     P: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, S: torch.Tensor
                     ) -> torch.Tensor:
-    return _backward_dx_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved, P, Q, R, S)
+    with device_of(x):
+        return _backward_dx_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved, P, Q, R, S)
 
 
 @_backward_dx_op.register_fake
@@ -637,7 +642,8 @@ def _backward_dz_op(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, A: tor
                     b2: torch.Tensor, l2: torch.Tensor, u_saved: Optional[torch.Tensor]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                torch.Tensor, torch.Tensor]:
-    return _backward_dz_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
+    with device_of(x):
+        return _backward_dz_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved)
 
 
 @_backward_dz_op.register_fake
@@ -659,8 +665,9 @@ def _backward_weights_dx_op(g: torch.Tensor, x: torch.Tensor, dz: torch.Tensor,
                             hs: torch.Tensor, dus: torch.Tensor, db1p: torch.Tensor,
                             P: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, S: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_weights_dx_impl(g, x, dz, mean, A, B, w1, b1, w2, b2, l2, u_saved,
-                                     hs, dus, db1p, P, Q, R, S)
+    with device_of(x):
+        return _backward_weights_dx_impl(g, x, dz, mean, A, B, w1, b1, w2, b2, l2, u_saved,
+                                         hs, dus, db1p, P, Q, R, S)
 
 
 @_backward_weights_dx_op.register_fake

@@ -87,6 +87,7 @@ import triton
 import triton.language as tl
 
 from ... import fold
+from .device_guard import device_of
 
 INTERPRET = os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 TARGET_PROGRAMS = 4 * 132   # 4 programs per SM of an H100 SXM
@@ -500,9 +501,13 @@ def output_format(x: torch.Tensor):
 
 
 def partial_counts(t: int, span: int, n_parts: int, device) -> torch.Tensor:
-    """Number of tokens behind each partial: `span`, except a shorter last one. Shape (1, P, 1)."""
-    counts = [min(span, t - i * span) for i in range(n_parts)]
-    return torch.tensor(counts, dtype=torch.float32, device=device).view(1, n_parts, 1)
+    """Number of tokens behind each partial: `span`, except a shorter last one. Shape (1, P, 1).
+
+    Built on the device (arange and a clamp: kernels, exact in fp32 below 2^24 tokens), not from
+    a host list: `torch.tensor(list, device=cuda)` is a blocking pageable copy every forward and
+    raises under CUDA-graph capture."""
+    first = torch.arange(n_parts, dtype=torch.float32, device=device) * span
+    return (t - first).clamp_(max=span).view(1, n_parts, 1)
 
 
 def merge_partials(pmean: torch.Tensor, pm2: torch.Tensor, t: int, span: int):
@@ -533,7 +538,8 @@ def _launch_moments(x: torch.Tensor):
 @torch.library.custom_op('riformer_triton::moments_partials', mutates_args=())
 def moments_partials(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(n, span, c) partial means and M2s of x (fp32); spans per `moments_config`."""
-    return _launch_moments(x)
+    with device_of(x):
+        return _launch_moments(x)
 
 
 @moments_partials.register_fake
@@ -638,7 +644,8 @@ def fused_mlp_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, a: torc
     A, B, a, b: (N, C) fp32 contiguous; l2: (N, C) fp32 with unit channel stride (its sample
     stride may be 0); w1 (HID, C, 1, 1), w2 (C, HID, 1, 1), biases in x's dtype.
     """
-    return _launch_mlp(x, A, B, a, b, l2, w1, b1, w2, b2)[:3]
+    with device_of(x):
+        return _launch_mlp(x, A, B, a, b, l2, w1, b1, w2, b2)[:3]
 
 
 @fused_mlp_forward.register_fake
@@ -655,7 +662,8 @@ def mlp_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, a: torch.Tens
     u = W1 z + b1 (pre-GELU) as an (N, HID, H, W) channels_last tensor in x's dtype (what
     `backward.mlp_backward(u_saved=...)` takes), else u is an empty tensor. path:
     'auto' (the rule, `mlp_path`), 'flash' or 'two_gemm'."""
-    return _launch_mlp(x, A, B, a, b, l2, w1, b1, w2, b2, save_u, path)
+    with device_of(x):
+        return _launch_mlp(x, A, B, a, b, l2, w1, b1, w2, b2, save_u, path)
 
 
 @mlp_forward.register_fake
@@ -669,7 +677,9 @@ def mlp_hidden(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, w1: torch.Tens
     """GEMM 1 of the two-GEMM path alone: (h, u), h = GELU(u), u = W1 (A x + B) + b1, both
     (N, HID, H, W) channels_last in x's dtype; u is empty unless save_u."""
     n, c, hh, ww = x.shape
-    return _launch_gemm1(x, A, B, w1, b1, save_u, mlp_config(n, c, hh * ww, x.dtype, 'two_gemm'))
+    with device_of(x):
+        return _launch_gemm1(x, A, B, w1, b1, save_u,
+                             mlp_config(n, c, hh * ww, x.dtype, 'two_gemm'))
 
 
 @mlp_hidden.register_fake
@@ -686,9 +696,11 @@ def mlp_output(h: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     """GEMM 2 of the two-GEMM path alone: out = a x + b + l2 (W2 h + b2) and the partial
     moments of out (spans per `mlp_config(..., path='two_gemm')`). h as `mlp_hidden` gives it."""
     n, c, hh, ww = x.shape
-    if tuple(h.stride()[1:]) != (1, ww * h.shape[1], h.shape[1]):
-        h = h.contiguous(memory_format=torch.channels_last)
-    return _launch_gemm2(h, x, a, b, l2, w2, b2, mlp_config(n, c, hh * ww, x.dtype, 'two_gemm'))
+    with device_of(x):
+        if tuple(h.stride()[1:]) != (1, ww * h.shape[1], h.shape[1]):
+            h = h.contiguous(memory_format=torch.channels_last)
+        return _launch_gemm2(h, x, a, b, l2, w2, b2,
+                             mlp_config(n, c, hh * ww, x.dtype, 'two_gemm'))
 
 
 @mlp_output.register_fake
