@@ -1,0 +1,139 @@
+"""Quick end-to-end check of every usable backend on this machine against the float64 reference.
+
+    python -m riformer_kernels.selftest [--device cpu|cuda] [--quick]
+
+For each backend `available_backends()` reports usable on the device (the interpreter-run triton
+backend on CPU tensors only with --interpreter, it is slow), one block per case -- training and
+deploy form, NCHW and channels_last, both memory modes, a drop-path draw, a small C (the
+flash / small-C paths) and a large one (two-GEMM / large-C paths) -- is run forward and
+backward, and the output and every gradient are compared with the reference in float64 on the
+same parameters and input (with a drop path: the reference in the backend's dtype, so both
+draw the same masks). fp32 must agree to 1e-4 relative to each tensor's scale; half
+precision (bf16, fp16 where the backend takes it) to 3e-2. Prints one line per case and exits
+1 if any case fails, 0 otherwise. Not a replacement for the test suite: a smoke test that fits
+in seconds, so a freshly built install (or a GPU lent for minutes) can be checked at once.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+
+import torch
+
+import riformer_kernels as rk
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2,
+             torch.float64: 1e-10}
+DTYPES = {'cpu': (torch.float32, torch.bfloat16, torch.float64),
+          'triton': (torch.float32, torch.bfloat16, torch.float16),
+          'torch': (torch.float32,)}
+
+
+def _randomize(block: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    """Parameters of order one (upstream's 1e-5 layer scales would hide both branches)."""
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if 'layer_scale' in name:
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            elif 'norm' in name and name.endswith('weight'):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+            else:
+                fan_in = p[0].numel() if p.dim() > 1 else 4
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+    return block
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return float('inf')
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _run(block, x, g, backend, seed):
+    block = copy.deepcopy(block)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    with rk.use_backend(backend):
+        out = block(x)
+    out.backward(g)
+    grads = {'x': x.grad, **{n: p.grad for n, p in block.named_parameters()}}
+    return out, grads
+
+
+def check_case(backend, device, dtype, c, hw, deploy, channels_last, recompute, drop_path,
+               gen) -> tuple[float, float]:
+    """(worst relative error over output and gradients, its tolerance)."""
+    block = _randomize(rk.RIFormerBlock(c, deploy=deploy, drop_path=drop_path,
+                                        recompute=recompute), gen).train()
+    x = torch.randn(4, c, hw, hw, generator=gen, dtype=torch.float64) * 1.5 + 0.3
+    g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    # Drop-path masks are drawn in the block's dtype: with a drop path the reference runs in the
+    # backend's dtype (same seed, same draws, the same masks), else in float64.
+    ref_dtype = dtype if drop_path > 0 else torch.float64
+    ref_out, ref_grads = _run(copy.deepcopy(block).to(device, ref_dtype),
+                              x.to(device, ref_dtype), g.to(device, ref_dtype), 'reference',
+                              seed=1)
+    xd = x.to(device, dtype)
+    if channels_last:
+        xd = xd.contiguous(memory_format=torch.channels_last)
+    out, grads = _run(block.to(device, dtype), xd, g.to(device, dtype), backend, seed=1)
+    worst = max([_rel_err(out, ref_out)] + [_rel_err(grads[k], ref_grads[k]) for k in ref_grads])
+    return worst, TOLERANCE[dtype]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--device', choices=('cpu', 'cuda'),
+                        default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--interpreter', action='store_true',
+                        help="also run the triton backend on CPU tensors (needs "
+                             "TRITON_INTERPRET=1 before the import; slow)")
+    parser.add_argument('--quick', action='store_true', help="one dtype per backend")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    print(f"riformer_kernels {rk.__version__} | torch {torch.__version__} | device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == 'cuda' else ''))
+    backends = []
+    for name, info in rk.available_backends().items():
+        if name == 'reference' or not info.usable:
+            print(f"  skip {name}: {info.reason if not info.usable else 'the oracle'}")
+            continue
+        if name == 'triton' and device.type == 'cpu' and not args.interpreter:
+            print("  skip triton on CPU tensors: the interpreter is a test vehicle (--interpreter)")
+            continue
+        if name == 'cpu' and device.type != 'cpu':
+            continue
+        backends.append(name)
+    failures, cases = 0, 0
+    gen = torch.Generator().manual_seed(0)
+    for backend in backends:
+        dtypes = DTYPES.get(backend, (torch.float32,))
+        for dtype in dtypes[:1] if args.quick else dtypes:
+            for c, hw in ((32, 7), (320, 3)):
+                for deploy, channels_last, recompute, drop_path in (
+                        (False, False, True, 0.0), (True, True, False, 0.0),
+                        (False, True, True, 0.5)):
+                    start = time.perf_counter()
+                    try:
+                        err, tol = check_case(backend, device, dtype, c, hw, deploy,
+                                              channels_last, recompute, drop_path, gen)
+                        ok, detail = err <= tol, f"max rel err {err:.2e} (tol {tol:.0e})"
+                    except Exception as exc:  # report every case, not only the first failure
+                        ok, detail = False, f"{type(exc).__name__}: {exc}"[:300]
+                    cases += 1
+                    failures += not ok
+                    form = 'deploy' if deploy else 'train'
+                    layout = 'channels_last' if channels_last else 'nchw'
+                    mode = 'recompute' if recompute else 'save-u'
+                    print(f"  {'ok  ' if ok else 'FAIL'} {backend:7s} {str(dtype)[6:]:9s} C={c:<4d}"
+                          f"{hw}x{hw} {form:6s} {layout:13s} {mode:9s} drop_path={drop_path}"
+                          f"  {detail}  {time.perf_counter() - start:.1f}s", flush=True)
+    print(f"{cases - failures} passed, {failures} failed")
+    return 1 if failures or not cases else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""`python -m riformer_kernels.selftest`: passes on this machine, and fails when a backend is wrong."""
+import dataclasses
+
+import pytest
+
+from riformer_kernels import pipeline, selftest
+import riformer_kernels as rk
+
+needs_cpu = pytest.mark.skipif(not rk.available_backends()['cpu'].usable,
+                               reason=rk.available_backends()['cpu'].reason)
+
+
+def test_selftest_passes_here(capsys):
+    assert selftest.main(['--quick', '--device', 'cpu']) == 0
+    out = capsys.readouterr().out
+    assert ' 0 failed' in out and 'FAIL' not in out
+
+
+@needs_cpu
+def test_selftest_reports_a_wrong_kernel(monkeypatch, capsys):
+    """A cpu kernel set whose MLP output is off by 1e-3 of its scale fails the fp32 cases."""
+    ks = pipeline.kernel_set('cpu')
+
+    def off(x, cf, l2, w1, b1, w2, b2, save_u):
+        out, m1, m2, u = ks.mlp_forward(x, cf, l2, w1, b1, w2, b2, save_u)
+        return out * (1 + 1e-3), m1, m2, u
+
+    monkeypatch.setitem(pipeline._KERNEL_SETS, 'cpu', dataclasses.replace(ks, mlp_forward=off))
+    assert selftest.main(['--quick', '--device', 'cpu']) == 1
+    assert 'FAIL cpu' in capsys.readouterr().out
+
