@@ -393,7 +393,8 @@ def ptx_global_loads(ptx: str) -> dict:
 
 
 def _selected(spec, only) -> bool:
-    return not only or any(o in spec[3] or o in spec[0].__name__ for o in only)
+    full = f"{spec[0].__name__} {spec[3]}"
+    return not only or any(o in full for o in only)
 
 
 def _build_list(mode, only):
