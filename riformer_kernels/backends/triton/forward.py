@@ -402,9 +402,9 @@ def mlp_gemm2_kernel(h_ptr, x_ptr, out_ptr, a_ptr, b_ptr, l2_ptr, w2_ptr, b2_ptr
 # (BLOCK_C, operand kind) -> (BLOCK_T, BLOCK_H, num_warps[, fp32 dot precision]). fp32 dots are
 # 'ieee' unless a tile names 'tf32x3': three TF32 tensor-core products (hi*hi + hi*lo + lo*hi)
 # that keep fp32-level accuracy (~2^-21 relative per product, far inside the 1e-5 contract)
-# with MMA operand layouts instead of FMA K-slices. fp32 C<=64 needs it: with 'ieee' every
-# 16-token tile spills 24-40 bytes in channels_last; with 'tf32x3' T16 H16 w8 is spill-free in
-# all four variants at sm_80 and sm_90 (206-236 registers; T32 spills 16-48 bytes).
+# with MMA operand layouts instead of FMA K-slices. No tile uses it now: fp32 C<=64 took it when
+# the report compiled unaligned variants ('ieee' T16 H16 w8 spilled 24-40 bytes there); compiled
+# as launched (aligned), 'ieee' T16 H16 w8 is spill-free (100-128 registers).
 MLP_TILES = {
     (16, 'half'): (128, 32, 8), (32, 'half'): (64, 32, 8), (64, 'half'): (32, 64, 8),
     (128, 'half'): (32, 32, 4),
