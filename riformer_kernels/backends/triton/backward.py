@@ -106,14 +106,20 @@ SMALL_PATH_MAX_CHANNELS_FP32 = 128
 # for the earlier dz kernel, which also kept o in registers; BLOCK_C=512 spilled there in the
 # configurations tried, BLOCK_T=BLOCK_H=16 with 8 or 16 warps, hence the path rule above.)
 # BLOCK_C=256 is fp16/bf16 only (SMALL_PATH_MAX_CHANNELS_FP32).
-_DX_CONFIGS = {16: (16, 32, 8, 3), 32: (16, 32, 8, 3), 64: (16, 32, 8, 3), 128: (16, 32, 8, 3),
-               256: (16, 16, 8, 1)}
+# 4 warps (was 8): a 16x32 tile of the u / dh dots is two 16x16 MMA tiles, so 8 warps left 6 of
+# them duplicating it; compiled as launched (aligned, gpu_build_report) 4 warps are spill-free
+# (C<=256 T16 H32 w4: 206-236 registers, was H16 w8).
+_DX_CONFIGS = {16: (16, 32, 4, 3), 32: (16, 32, 4, 3), 64: (16, 32, 4, 3), 128: (16, 32, 4, 3),
+               256: (16, 32, 4, 1)}
 # fp32 exceptions, found once the specs compiled the kernels as launched (unit strides constant):
 # C<=32 (16, 32, 8, 3) spilled 4 bytes at sm_80 in channels_last with u_saved; C<=64 spilled
 # 24 bytes at sm_90 in NCHW without u (and (16, 16, 8, 3) 8 bytes in channels_last; (16, 32, 8,
 # 2) 16 bytes in NCHW); C<=128 (16, 32, 8, 3) spilled 20 bytes at sm_90 in NCHW without u (dx
 # kernel), (16, 32, 8, 2) is clean. Applied to both layouts (same summation order for both).
-_DX_CONFIGS_FP32 = {32: (16, 32, 8, 2), 64: (16, 16, 8, 2), 128: (16, 32, 8, 2)}
+# Compiled as launched (with Triton's divisibility-16 attributes), (16, 16, 8, 2) at C<=64 spilled
+# 8 bytes at sm_80 in NCHW; (16, 32, 4, 2) is spill-free (72-80 registers) and halves the warps
+# duplicating the 16x32 dots.
+_DX_CONFIGS_FP32 = {32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 32, 4, 2)}
 # _mlp_weight_grad_kernel, small path (recompute or u_saved, with the sums: SUMS):
 # (BLOCK_T, BLOCK_H, BLOCK_W = BLOCK_K, num_warps). 4 warps or 64-wide tiles spilled before the
 # sums were added. With SUMS (two more (BLOCK_T, BLOCK_W) dot results per tile), BLOCK_T=32 spilled

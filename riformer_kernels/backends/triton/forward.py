@@ -32,7 +32,7 @@ kernel", and the two-GEMM configs are spill-free at every C. With the current ta
     fp16/bf16: flash for C <= 128 (BLOCK_C 16/32/64/128: tokens 128/64/32/16), two-GEMM above:
                S12/S24/S36 C = 64, 128 flash, 320, 512 two-GEMM; M36/M48 C = 96 flash,
                192, 384, 768 two-GEMM
-    fp32:      flash for C <= 64 (tokens 32/16/16; C<=64 with 3xTF32 dots, see MLP_TILES),
+    fp32:      flash for C <= 64 (tokens 32/16/16; IEEE dots),
                two-GEMM above: S12 C = 64 flash, 128, 320, 512 two-GEMM
 
 Registers sm_80/sm_90 (NCHW / channels_last, without -> with u; all 0 spills, `python -m
@@ -48,6 +48,21 @@ riformer_kernels.tools.gpu_build_report --skip-cuda --only fused_mlp mlp_gemm`):
     gemm1 fp32 T64 H64 K16 w8        96/96  -> 100/90  ; cl 128/108 -> 156/122   smem 20 KB
     gemm2 half T64 C64 K32 w8       255/255            ; cl 174/176                smem 16 KB
     gemm2 fp32 T64 C32 K16 w8       182/188            ; cl 128/128                smem 12 KB
+
+Compiled as launched (`python -m riformer_kernels.tools.gpu_build_report`, default mode: the
+variants Triton's launcher builds for every S12..M48 stage at 224/384 px, N = 1, 8, 64, 256,
+with its divisibility-16 attributes on aligned pointers and integers), unaligned spec table
+above -> launched aligned variant, sm_80/sm_90, 0 spills:
+
+    flash half C<=64 T32 H64 w8 NCHW    231/254 regs 20 KB, no cp.async -> 168/128 regs 40 KB,
+                                        12 cp.async, ld.global vector/scalar 2/6
+    flash half C<=128 T16 H16 w8 -> T32 H32 w4 (each warp owns one 16x16 tile of both dots;
+                                        8 warps duplicated the single 16x16 tile 8 times):
+                                        198-255 regs, 42 KB, 24 cp.async
+    flash fp32 C<=64 T16 H16 w8 3xTF32 -> IEEE (spill-free once aligned: 100-128 regs, 21 KB;
+                                        the 3xTF32 choice rested on the unaligned variant)
+    gemm1 half T128 H64 K64 w8 cl C=320 14x14   255/255 regs 25 KB -> 128/128 regs,
+                                        66.5/89 KB smem, 24 cp.async
 
 Why the flash kernel needs so many registers (and why the earlier table was optimistic):
 Triton's launcher turns an integer argument equal to 1 into a compile-time constant, so the
@@ -381,18 +396,20 @@ def mlp_gemm2_kernel(h_ptr, x_ptr, out_ptr, a_ptr, b_ptr, l2_ptr, w2_ptr, b2_ptr
 # launch rules
 
 # Flash-MLP tiles per (BLOCK_C, operand kind): (BLOCK_T, BLOCK_H, num_warps). Only spill-free
+# (checked on the launched, aligned variants since gpu_build_report compiles what launches: half
+# C<=128 T32 H32 w4 and IEEE fp32 C<=64 T16 H16 w8 are spill-free there).
 # entries: a (BLOCK_C, kind) that is absent takes the two-GEMM path (`mlp_path`). Numbers: see
 # the module docstring and `python -m riformer_kernels.tools.gpu_build_report --only fused_mlp`.
 # (BLOCK_C, operand kind) -> (BLOCK_T, BLOCK_H, num_warps[, fp32 dot precision]). fp32 dots are
 # 'ieee' unless a tile names 'tf32x3': three TF32 tensor-core products (hi*hi + hi*lo + lo*hi)
 # that keep fp32-level accuracy (~2^-21 relative per product, far inside the 1e-5 contract)
-# with MMA operand layouts instead of FMA K-slices. fp32 C<=64 needs it: with 'ieee' every
-# 16-token tile spills 24-40 bytes in channels_last; with 'tf32x3' T16 H16 w8 is spill-free in
-# all four variants at sm_80 and sm_90 (206-236 registers; T32 spills 16-48 bytes).
+# with MMA operand layouts instead of FMA K-slices. No tile uses it now: fp32 C<=64 took it when
+# the report compiled unaligned variants ('ieee' T16 H16 w8 spilled 24-40 bytes there); compiled
+# as launched (aligned), 'ieee' T16 H16 w8 is spill-free (100-128 registers).
 MLP_TILES = {
     (16, 'half'): (128, 32, 8), (32, 'half'): (64, 32, 8), (64, 'half'): (32, 64, 8),
-    (128, 'half'): (16, 16, 8),
-    (16, 'fp32'): (32, 32, 8), (32, 'fp32'): (16, 16, 8), (64, 'fp32'): (16, 16, 8, 'tf32x3'),
+    (128, 'half'): (32, 32, 4),
+    (16, 'fp32'): (32, 32, 8), (32, 'fp32'): (16, 16, 8), (64, 'fp32'): (16, 16, 8),
 }
 # Two-GEMM tiles per operand kind. GEMM 1: (BLOCK_T, BLOCK_H, BLOCK_K over C, num_warps);
 # GEMM 2: (BLOCK_T, BLOCK_C, BLOCK_K over the hidden dim, num_warps).
