@@ -185,7 +185,7 @@ def measure_bytes(fn, *args, **kwargs) -> dict:
 def block_table(n=8, c=64, hw=(56, 56), dtype=torch.float32, backends=('reference', 'torch',
                                                                             'triton'),
                 train=False):
-    """Bytes per block in units of |x|: forward unchained and (triton) chained, no grad; with
+    """Bytes per block in units of |x|: forward unchained and (kernel sets) chained, no grad; with
     `train`, also one training step (forward + backward) per memory mode."""
     import riformer_kernels as rk
 
@@ -199,7 +199,7 @@ def block_table(n=8, c=64, hw=(56, 56), dtype=torch.float32, backends=('referenc
             with rk.use_backend(backend):
                 m = measure_bytes(blocks[0], x)
                 rows.append((backend, 'forward', m['total'] / unit, m))
-                if backend == 'triton':
+                if backend in ('triton', 'cpu'):     # the kernel sets chain statistics
                     y = blocks[0](x)
                     m = measure_bytes(blocks[1], y)
                     rows.append((backend, 'forward chained', m['total'] / unit, m))

@@ -310,3 +310,22 @@ def test_ops_reject_bad_inputs_naming_the_problem():
     with pytest.raises(RuntimeError, match="grad_out must have x's memory format"):
         torch.ops.riformer.mlp_backward(g, x, torch.zeros(2, 8), *coeffs[:2], w1.float(), b1,
                                         w2.float(), b2, torch.ones(2, 8), None)
+
+
+def test_chained_forward_moves_one_read_of_x_less():
+    """Bytes moved (benchmarks.bytes_moved counts every op's inputs and outputs): a cpu block
+    reads x for its moments, reads it again in the MLP kernel and writes out (~3 |x|); a block
+    whose input carries the previous cpu block's output moments skips the first read (~2 |x|).
+    The excess over 3 and 2 is the O(C^2) weights and O(N*C) statistics at this small N."""
+    from benchmarks.bytes_moved import measure_bytes
+
+    blocks = [make_block(64, dtype=torch.float32).eval() for _ in range(2)]
+    x = random_input((2, 64, 56, 56), dtype=torch.float32)
+    unit = x.numel() * x.element_size()
+    with torch.no_grad(), rk.use_backend('cpu'):
+        unchained = measure_bytes(blocks[0], x)
+        chained = measure_bytes(blocks[1], unchained['result'])
+    assert 'riformer.moments.default' in unchained['by_op']
+    assert 'riformer.moments.default' not in chained['by_op']
+    assert 3.0 <= unchained['total'] / unit <= 3.2
+    assert 2.0 <= chained['total'] / unit <= 2.2
