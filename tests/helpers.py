@@ -1,17 +1,48 @@
-"""Helpers the tests share. Tolerances live in the tests that use them, with their reasons."""
+"""Helpers the tests share. Tolerances live in the tests that use them, with their reasons.
+
+This module also decides where the Triton kernel tests run (`KERNEL_DEVICE`) and switches the
+Triton interpreter on for CPU runs; tests/conftest.py imports it before anything else imports
+riformer_kernels, because the @triton.jit kernels read TRITON_INTERPRET when they are defined.
+"""
 import copy
+import os
 
 import torch
-from torch.func import functional_call
 
-import riformer_kernels as rk
+
+def _kernel_test_device() -> torch.device:
+    """The one place that decides the device of every Triton kernel test.
+
+    * RIFORMER_TEST_DEVICE, when set (e.g. `cuda:1`, or `cuda` for a CUDA emulator that torch
+      sees as a CUDA device): the hook for devices the rule below does not know.
+    * else CUDA when torch sees a CUDA device: the kernels are compiled and run for real;
+    * else CPU, with the Triton interpreter (TRITON_INTERPRET=1, set below).
+    """
+    name = os.environ.get('RIFORMER_TEST_DEVICE')
+    if name:
+        return torch.device(name)
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+KERNEL_DEVICE = _kernel_test_device()
+if KERNEL_DEVICE.type == 'cpu':
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+# Whether the Triton kernels are interpreted (numpy on the host) rather than compiled for a GPU.
+INTERPRETER = os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
+# Compiled kernels on a CUDA device: what the GPU-only tests (marker `gpu`) need.
+COMPILED_GPU_KERNELS = KERNEL_DEVICE.type == 'cuda' and not INTERPRETER
+
+import riformer_kernels as rk  # noqa: E402  (after TRITON_INTERPRET is decided)
+from torch.func import functional_call  # noqa: E402
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|: relative to the tensor's scale, not per element
     (per-element ratios explode where the truth crosses zero)."""
-    actual = actual.detach().to(torch.float64)
-    expected = expected.detach().to(torch.float64)
+    # both to the CPU in fp64: the operands may live on different devices (a CUDA result
+    # against a CPU truth); fp64 holds every fp32/fp16/bf16 value exactly.
+    actual = actual.detach().to('cpu', torch.float64)
+    expected = expected.detach().to('cpu', torch.float64)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert torch.isfinite(actual).all(), "non-finite values in the result"
     scale = expected.abs().max().item()
@@ -37,9 +68,11 @@ def randomize_(module: torch.nn.Module, generator: torch.Generator | None = None
     return module
 
 
-def make_block(dim, deploy=False, dtype=torch.float64, **kwargs):
+def make_block(dim, deploy=False, dtype=torch.float64, device='cpu', **kwargs):
+    """A randomised block; its values are drawn on the CPU (the same on every device), then
+    moved to `device`."""
     block = rk.RIFormerBlock(dim, deploy=deploy, **kwargs)
-    return randomize_(block).to(dtype)
+    return randomize_(block).to(dtype).to(device)
 
 
 def run_block(block, x, backend, grad_out=None):
@@ -56,9 +89,11 @@ def run_block(block, x, backend, grad_out=None):
     return out.detach(), grads
 
 
-def random_input(shape, dtype=torch.float64, channels_last=False, offset=0.0):
+def random_input(shape, dtype=torch.float64, channels_last=False, offset=0.0, device='cpu'):
+    """Drawn on the CPU in fp64 and rounded there (the same values on every device), then
+    moved to `device`."""
     x = torch.randn(shape, dtype=torch.float64) * 1.5 + 0.3 + offset
-    x = x.to(dtype)
+    x = x.to(dtype).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -68,7 +103,7 @@ def check_same_seed_as_reference(block, x, backend, tol, seed=7):
     """Under the same seed, `backend` draws the reference's random masks (drop path, dropout):
     output and every gradient agree with the reference within `tol`, and the masks were active
     (the training output differs from the eval-mode one)."""
-    g = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
+    g = torch.randn(x.shape, dtype=torch.float64).to(x.dtype).to(x.device)
     torch.manual_seed(seed)
     out_ref, grads_ref = run_block(block, x, 'reference', g)
     torch.manual_seed(seed)
@@ -77,6 +112,17 @@ def check_same_seed_as_reference(block, x, backend, tol, seed=7):
     for k in grads_ref:
         assert rel_err(grads[k], grads_ref[k]) <= tol, k
     assert not torch.allclose(out_ref, run_block(copy.deepcopy(block).eval(), x, 'reference')[0])
+
+
+def on_kernel_device(make):
+    """`make` (make_block or random_input) with device=KERNEL_DEVICE: what the triton test
+    modules build every tensor with."""
+    def made(*args, **kwargs):
+        kwargs.setdefault('device', KERNEL_DEVICE)
+        return make(*args, **kwargs)
+    made.__name__ = made.__qualname__ = make.__name__
+    made.__doc__ = make.__doc__
+    return made
 
 
 def gradcheck_block(block, backend, shape=(2, 6, 3, 2)) -> bool:

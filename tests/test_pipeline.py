@@ -1,6 +1,10 @@
 """The one fused pipeline (riformer_kernels.pipeline) as every kernel backend runs it: one autograd
-Function, chained statistics (one moments pass per stage), no stale or foreign statistics."""
+Function, chained statistics (one moments pass per stage), no stale or foreign statistics.
+
+The cpu kernel set runs on CPU tensors; the triton one on helpers.KERNEL_DEVICE (CUDA when torch
+sees a GPU, else CPU under the Triton interpreter)."""
 import copy
+import os
 
 import pytest
 import torch
@@ -8,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import riformer_kernels as rk
 from riformer_kernels import pipeline
+import helpers
 from helpers import randomize_, random_input, make_block, rel_err
 
 # The kernel set's statistics op, as the dispatcher sees it.
@@ -16,6 +21,8 @@ MOMENTS_OP = {'cpu': 'riformer.moments.default',
 KERNEL_SETS = [pytest.param(name, marks=pytest.mark.skipif(
     not rk.available_backends()[name].usable, reason=rk.available_backends()[name].reason))
     for name in MOMENTS_OP]
+# The device each kernel set's tests run on: the cpu kernels take CPU tensors only.
+DEVICE = {'cpu': torch.device('cpu'), 'triton': helpers.KERNEL_DEVICE}
 ARCH = dict(layers=[3, 2, 1, 2], embed_dims=[8, 16, 24, 32], mlp_ratios=[4, 4, 4, 4],
             layer_scale_init_value=1e-5)
 
@@ -36,8 +43,9 @@ def test_one_moments_pass_per_stage_forward_and_training(kernels):
     """Inside a stage every block after the first takes its statistics from the previous
     block's MLP kernel; only the stage's first block (whose input is the patch embedding or the
     downsampling conv's output) runs the moments kernel. 4 stages: 4 passes, not 8."""
-    model = randomize_(rk.RIFormer(ARCH)).float()
-    x = torch.randn(2, 3, 32, 32)
+    dev = DEVICE[kernels]
+    model = randomize_(rk.RIFormer(ARCH)).float().to(dev)
+    x = torch.randn(2, 3, 32, 32).to(dev)
     with torch.no_grad(), rk.use_backend('reference'):
         truth = copy.deepcopy(model).double()(x.double())[-1]
     for train in (False, True):
@@ -53,8 +61,8 @@ def test_one_moments_pass_per_stage_forward_and_training(kernels):
 
 @pytest.mark.parametrize('kernels', KERNEL_SETS)
 def test_training_runs_the_pipeline_function(kernels):
-    block = make_block(16, dtype=torch.float32).train()
-    x = random_input((2, 16, 4, 4), torch.float32).requires_grad_(True)
+    block = make_block(16, dtype=torch.float32, device=DEVICE[kernels]).train()
+    x = random_input((2, 16, 4, 4), torch.float32, device=DEVICE[kernels]).requires_grad_(True)
     with rk.use_backend(kernels):
         out = block(x)
     assert type(out.grad_fn).__name__ == 'FusedBlockFunctionBackward'
@@ -65,8 +73,9 @@ def test_training_runs_the_pipeline_function(kernels):
 def test_stale_statistics_are_never_used(kernels):
     """An in-place change or a view of a block's output makes the next block compute its own
     moments, and its result stays that of the reference on the changed values."""
-    b1, b2 = (make_block(16, dtype=torch.float32).eval() for _ in range(2))
-    x = random_input((2, 16, 5, 5), dtype=torch.float32)
+    dev = DEVICE[kernels]
+    b1, b2 = (make_block(16, dtype=torch.float32, device=dev).eval() for _ in range(2))
+    x = random_input((2, 16, 5, 5), dtype=torch.float32, device=dev)
     with torch.no_grad(), rk.use_backend(kernels):
         y = b1(x)
         assert pipeline.chained_moments(y, kernels) is not None
@@ -84,6 +93,10 @@ def test_stale_statistics_are_never_used(kernels):
 
 @pytest.mark.skipif(not all(rk.available_backends()[k].usable for k in MOMENTS_OP),
                     reason="needs both the cpu and the triton kernel sets")
+@pytest.mark.skipif(DEVICE['triton'].type != 'cpu',
+                    reason="the cpu kernels take CPU tensors and the triton kernels here take "
+                    f"{DEVICE['triton']} tensors: one kernel set's output never reaches the "
+                    "other without a copy, which carries no statistics")
 def test_one_kernel_sets_statistics_are_not_read_by_another():
     """The partials' form belongs to the kernel set that wrote them (cpu: mean and variance;
     triton: per-span partials), so a triton block after a cpu block runs its own moments."""
@@ -99,3 +112,29 @@ def test_one_kernel_sets_statistics_are_not_read_by_another():
     with torch.no_grad(), rk.use_backend('reference'):
         truth = copy.deepcopy(b2).double()(y.double())
     assert rel_err(out, truth) <= 1e-5
+
+
+def test_kernel_tests_run_on_cuda_when_cuda_is_present():
+    """The kernel-test device cannot silently regress to CPU tensors on a GPU machine: with CUDA
+    visible (and no RIFORMER_TEST_DEVICE override) it is CUDA, the Triton kernels are compiled
+    unless TRITON_INTERPRET was set by hand, and the gpu-marked tests run; without CUDA it is
+    the CPU with the interpreter on. The helpers build on the device they are given."""
+    override = os.environ.get('RIFORMER_TEST_DEVICE')
+    if override:
+        assert helpers.KERNEL_DEVICE == torch.device(override)
+    elif torch.cuda.is_available():
+        assert helpers.KERNEL_DEVICE.type == 'cuda'
+        assert helpers.COMPILED_GPU_KERNELS == (not helpers.INTERPRETER)
+    else:
+        assert helpers.KERNEL_DEVICE.type == 'cpu'
+        assert helpers.INTERPRETER and not helpers.COMPILED_GPU_KERNELS
+    assert DEVICE['triton'] == helpers.KERNEL_DEVICE
+    dev = helpers.KERNEL_DEVICE
+    x = helpers.on_kernel_device(helpers.random_input)((1, 4, 2, 2))
+    block = helpers.on_kernel_device(helpers.make_block)(4)
+    assert x.device.type == block.mlp.fc1.weight.device.type == dev.type
+    # values do not depend on the device: drawn on the CPU, then moved
+    torch.manual_seed(0)
+    cpu_x = helpers.random_input((1, 4, 2, 2))
+    torch.manual_seed(0)
+    assert torch.equal(helpers.random_input((1, 4, 2, 2), device=dev).cpu(), cpu_x)

@@ -1,5 +1,9 @@
-"""The `triton` backend's forward (kernels run by the Triton interpreter on CPU) vs the reference."""
+"""The `triton` backend's forward vs the reference.
+
+Every tensor is built on helpers.KERNEL_DEVICE: compiled kernels on CUDA when torch sees a GPU,
+else the Triton interpreter on CPU (conftest). Tests marked `gpu` need compiled kernels."""
 import copy
+import os
 
 import pytest
 pytest.importorskip('triton', reason='triton is not installed (optional: pip install triton)')
@@ -9,8 +13,14 @@ import torch.nn.functional as F
 import riformer_kernels as rk
 from riformer_kernels import dispatch, fold, pipeline
 from riformer_kernels.params import BlockParams
-from helpers import (check_same_seed_as_reference, make_block, random_input, rel_err,
+import helpers
+from helpers import (INTERPRETER, KERNEL_DEVICE as DEV, check_same_seed_as_reference, rel_err,
                      run_block)
+
+# Blocks and inputs of this module live on the kernel-test device (their values are drawn on the
+# CPU, identical on every device).
+make_block = helpers.on_kernel_device(helpers.make_block)
+random_input = helpers.on_kernel_device(helpers.random_input)
 
 tfw = pytest.importorskip('riformer_kernels.backends.triton.forward')
 from riformer_kernels.backends import triton as tbk  # noqa: E402
@@ -156,7 +166,7 @@ def test_chained_moments_record_matches_the_values():
 def test_training_forward_and_all_gradients_match_reference(deploy):
     block = make_block(16, deploy=deploy, dtype=torch.float32).train()
     x = random_input((2, 16, 3, 5), dtype=torch.float32)
-    g = torch.randn(x.shape, dtype=torch.float64)
+    g = torch.randn(x.shape, dtype=torch.float64).to(DEV)
     out_ref, grads_ref = run_block(copy.deepcopy(block).double(), x.double(), 'reference', g)
     out, grads = run_block(block, x, 'triton', g.float())
     assert set(grads) == set(grads_ref)
@@ -197,17 +207,19 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(tfw.moments_partials, (x,))
     block = make_block(16, dtype=torch.float32)
     p = BlockParams.of(block)
-    nc = torch.rand(2, 16) + 0.5
+    nc = torch.rand(2, 16).to(DEV) + 0.5
     args = (x, nc, nc - 1, nc + 1, nc * 0.1, nc * 2, p.w1.detach(), p.b1.detach(),
             p.w2.detach(), p.b2.detach())
     torch.library.opcheck(tfw.fused_mlp_forward, args,
                           test_utils=('test_schema', 'test_faketensor'))
 
 
+@pytest.mark.skipif(not INTERPRETER, reason="CPU tensors run the triton kernels only under "
+                    "the interpreter (the GPU counterpart: test_dispatch_rules_for_cuda_tensors)")
 def test_dispatch_rules_for_cpu_tensors(monkeypatch):
     monkeypatch.delenv('RIFORMER_BACKEND', raising=False)
-    block = make_block(8, dtype=torch.float32)
-    x = random_input((1, 8, 2, 2), dtype=torch.float32)
+    block = helpers.make_block(8, dtype=torch.float32)
+    x = helpers.random_input((1, 8, 2, 2), dtype=torch.float32)
     assert 'triton' not in dispatch.AUTO_ORDER['cpu']
     assert dispatch.choose_backend(block, x).backend.name != 'triton'
     with rk.use_backend('triton'):
@@ -216,6 +228,22 @@ def test_dispatch_rules_for_cpu_tensors(monkeypatch):
             block.double()(x.double())
     monkeypatch.setattr(tfw, 'INTERPRET', False)
     assert 'TRITON_INTERPRET' in (tbk._supports(block, x) or '')
+
+
+@pytest.mark.gpu
+def test_dispatch_rules_for_cuda_tensors(monkeypatch):
+    """On a GPU auto picks the triton kernels for CUDA tensors, and explicit requests for a
+    dtype they do not take fail with the reason."""
+    monkeypatch.delenv('RIFORMER_BACKEND', raising=False)
+    block = make_block(8, dtype=torch.float32)
+    x = random_input((1, 8, 2, 2), dtype=torch.float32)
+    assert x.is_cuda and not tfw.INTERPRET
+    assert dispatch.AUTO_ORDER['cuda'][0] == 'triton'
+    assert dispatch.choose_backend(block, x).backend.name == 'triton'
+    with rk.use_backend('triton'), pytest.raises(rk.BackendUnavailableError,
+                                                  match='float32/float16/bfloat16'):
+        block.double()(x.double())
+    assert 'CPU tensors' in (tbk._supports(block, x.cpu()) or '')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +339,7 @@ def _op_args(c, shape, dtype, channels_last=False):
     block = make_block(c, dtype=dtype)
     p = BlockParams.of(block)
     x = random_input(shape, dtype=dtype, channels_last=channels_last)
-    nc = torch.rand(shape[0], c) + 0.5
+    nc = torch.rand(shape[0], c).to(DEV) + 0.5
     return (x, nc, nc - 1, nc + 1, nc * 0.1, nc * 2, p.w1.detach(), p.b1.detach(),
             p.w2.detach(), p.b2.detach())
 
@@ -323,7 +351,14 @@ def test_save_u_returns_the_pre_gelu_hidden_and_leaves_out_unchanged(path, c):
     out, pmean, pm2, u = tfw.mlp_forward(*args, save_u=True, path=path)
     out0, pmean0, pm20, u0 = tfw.mlp_forward(*args, save_u=False, path=path)
     assert u0.numel() == 0
-    assert torch.equal(out, out0) and torch.equal(pmean, pmean0) and torch.equal(pm2, pm20)
+    # SAVE_U=True and SAVE_U=False are two compilations of the same fp32 arithmetic. numpy (the
+    # interpreter) evaluates both identically: bitwise equal there. A GPU compiler may contract
+    # a*b+c into an FMA differently in the two variants (each choice one rounding, 2^-24 of the
+    # operands); 1e-6 of the tensor's scale leaves room for the dots' few hundred terms and the
+    # moments' span-long sums while catching any real difference (u written over out, a wrong
+    # tile: order-one errors).
+    for a, b in ((out, out0), (pmean, pmean0), (pm2, pm20)):
+        assert torch.equal(a, b) if INTERPRETER else rel_err(a, b) <= 1e-6
     z = A.double()[:, :, None, None] * x.double() + B.double()[:, :, None, None]
     u_ref = F.conv2d(z, w1.double(), b1.double())
     assert u.shape == u_ref.shape and u.dtype == x.dtype
@@ -337,6 +372,8 @@ def test_gemm_ops_compose_to_the_two_gemm_forward():
     h, u = tfw.mlp_hidden(x, A, B, w1, b1, save_u=True)
     out, pmean, pm2 = tfw.mlp_output(h, x, a, b, l2, w2, b2)
     ref = tfw.mlp_forward(*args, save_u=True, path='two_gemm')
+    # bitwise on every device: the same two compiled kernels (GEMM 1 with SAVE_U, GEMM 2) with
+    # the same inputs, a run-to-run comparison within one variant
     assert torch.equal(out, ref[0]) and torch.equal(pmean, ref[1]) and torch.equal(u, ref[3])
     # h = GELU(u) rounded once to fp16 from the fp32 u; u itself is stored rounded
     assert rel_err(h, F.gelu(u.float())) <= 2e-3
@@ -409,3 +446,67 @@ def test_rule_never_picks_a_config_missing_from_gpu_build_specs():
                                 BLOCK_K=g2['BLOCK_K'], **{unit: 1}, **gpu), g2['num_warps'])]
                     for key in want:
                         assert key in built, (c, dtype, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel-test device, and what only compiled kernels on a GPU can show
+
+def test_this_module_builds_on_the_kernel_device():
+    """The module's blocks and inputs are on KERNEL_DEVICE, which is CUDA whenever torch sees
+    a GPU (unless RIFORMER_TEST_DEVICE says otherwise): no test here can silently run CPU
+    tensors on a GPU machine."""
+    x, block = random_input((1, 4, 2, 2)), make_block(4)
+    assert x.device.type == block.mlp.fc1.weight.device.type == DEV.type
+    if torch.cuda.is_available() and not os.environ.get('RIFORMER_TEST_DEVICE'):
+        assert DEV.type == 'cuda'
+    assert tfw.INTERPRET == INTERPRETER
+
+
+def _stage_case_id(case):
+    c, hw, n = case
+    return f'N{n}-C{c}-{hw}x{hw}'
+
+
+# S12's four stages at N=64 (docs/design.md): C=64 at 56x56, 128 at 28x28, 320 at 14x14, 512 at
+# 7x7. The fp32 C=64 stage is a flash shape with 3xTF32 dots; 128 and up take the two-GEMM path.
+S12_STAGES = [(64, 56, 64), (128, 28, 64), (320, 14, 64), (512, 7, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('c', [33, 48, 64])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+def test_gpu_fp32_3xtf32_flash_tiles_within_1e5(c, channels_last):
+    """fp32 C in 33..64 runs the flash tile whose dots are 3xTF32 (MLP_TILES). The interpreter
+    ignores input_precision (its dots are numpy fp32), so only compiled kernels test that the
+    three TF32 products keep the 1e-5 fp32 contract; 8 x 56 x 56 tokens, many tiles."""
+    shape = (8, c, 56, 56)
+    cfg = tfw.mlp_config(shape[0], c, shape[2] * shape[3], torch.float32)
+    assert cfg['path'] == 'flash' and cfg['fp32_precision'] == 'tf32x3', cfg
+    block = make_block(c, dtype=torch.float32).eval()
+    x = random_input(shape, dtype=torch.float32, channels_last=channels_last)
+    assert x.is_cuda and not tfw.INTERPRET
+    err = rel_err(run_block(block, x, 'triton')[0], _truth(block, x))
+    assert err <= 1e-5, err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('stage', S12_STAGES, ids=_stage_case_id)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+def test_gpu_s12_stage_forward(stage, dtype, channels_last):
+    """The forward at S12's real stage shapes, N=64: fp32 within 1e-5 of the fp64 reference,
+    bf16 within twice the reference's own bf16 error (too large for the interpreter)."""
+    c, hw, n = stage
+    block = make_block(c, dtype=dtype).eval()
+    x = random_input((n, c, hw, hw), dtype=dtype, channels_last=channels_last)
+    assert x.is_cuda and not tfw.INTERPRET
+    truth = _truth(block, x)
+    out = run_block(block, x, 'triton')[0]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+    err = rel_err(out, truth)
+    if dtype == torch.float32:
+        assert err <= 1e-5, err
+    else:
+        ref_err = rel_err(run_block(block, x, 'reference')[0], truth)
+        assert 0 < ref_err and err <= 2 * ref_err, (err, ref_err)

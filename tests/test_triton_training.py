@@ -1,10 +1,12 @@
 """The triton backend in training: fused backward, memory modes, saved bytes, bytes moved.
 
-Everything runs the Triton kernels (under the interpreter on CPU-only machines). The truth is
+Everything runs the Triton kernels on helpers.KERNEL_DEVICE (compiled on CUDA when torch sees a
+GPU, else under the interpreter on CPU; tests marked `gpu` need compiled kernels). The truth is
 the float64 `torch` backend, which equals the reference to 1e-10 (tests/test_torch_backend.py)
 including drop path, so drop-path factors can be fixed here without RNG coupling.
 """
 import copy
+import os
 
 import pytest
 pytest.importorskip('triton', reason='triton is not installed (optional: pip install triton)')
@@ -13,7 +15,16 @@ import torch
 import riformer_kernels as rk
 from riformer_kernels import block as block_module
 from riformer_kernels.backends.triton import backward as triton_backward
-from helpers import make_block, random_input, rel_err, run_block
+from riformer_kernels.backends.triton import forward as triton_forward
+import helpers
+from helpers import INTERPRETER, KERNEL_DEVICE as DEV, rel_err, run_block
+
+# Blocks and inputs of this module live on the kernel-test device (their values are drawn on the
+# CPU, identical on every device).
+make_block = helpers.on_kernel_device(helpers.make_block)
+random_input = helpers.on_kernel_device(helpers.random_input)
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETER, reason='bytes moved are counted by instrumenting the Triton interpreter')
 
 bytes_moved = pytest.importorskip('benchmarks.bytes_moved')
 
@@ -25,6 +36,30 @@ def _fixed_drop_path(monkeypatch, factors):
     def draw(n, drop_prob, dtype, device):
         return torch.tensor(factors, dtype=dtype, device=device)
     monkeypatch.setattr(block_module, 'drop_path_factors', draw)
+
+
+def _record_kernel_launches(monkeypatch):
+    """Names of the Triton kernels launched from here on, on any device: each kernel of the two
+    modules is wrapped where its launch code looks it up (a module global)."""
+    launched = []
+
+    class Recorder:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(self.name)
+                return self.fn[grid](*args, **kwargs)
+            return launch
+
+    kernels = {triton_forward: ('moments_kernel', 'fused_mlp_kernel', 'mlp_gemm1_kernel',
+                                'mlp_gemm2_kernel'),
+               triton_backward: triton_backward._STRIDE_ARGS}
+    for module, names in kernels.items():
+        for name in names:
+            monkeypatch.setattr(module, name, Recorder(name, getattr(module, name)))
+    return launched
 
 
 def _grads(block, x, g, backend, recompute=True):
@@ -83,7 +118,7 @@ def test_half_gradients_within_twice_the_reference_error(dtype, seed):
 
 
 @pytest.mark.parametrize('recompute', [True, False], ids=['recompute', 'save-u'])
-def test_torch_compile_fullgraph_trains_like_eager(recompute):
+def test_torch_compile_fullgraph_trains_like_eager(recompute, monkeypatch):
     """torch.compile(fullgraph=True) of a triton-backend block: no graph break (every kernel
     entry is a custom op with a fake implementation; the autograd Function's backward runs
     fused_backward), the compiled step launches the fused kernels, and its output and gradients
@@ -97,13 +132,15 @@ def test_torch_compile_fullgraph_trains_like_eager(recompute):
     xc = x.clone().requires_grad_(True)
     torch._dynamo.reset()
     counter = bytes_moved._Counter()
+    recorded = _record_kernel_launches(monkeypatch)
     with rk.use_backend('triton'), bytes_moved._instrument_triton(counter):
         out = torch.compile(block, fullgraph=True)(xc)
         out.backward(g)
-    launched = {name for name, _, _ in counter.launches}
-    if triton_backward.INTERPRET:     # launches are counted by instrumenting the interpreter
-        assert {'moments_kernel', 'fused_mlp_kernel', '_mlp_weight_grad_kernel',
-                '_mlp_dx_kernel'} <= launched, launched
+    fused = {'moments_kernel', 'fused_mlp_kernel', '_mlp_weight_grad_kernel', '_mlp_dx_kernel'}
+    assert fused <= set(recorded), recorded           # every device: the launch code ran them
+    if INTERPRETER:     # and the interpreter executed them (its instrumented launches)
+        launched = {name for name, _, _ in counter.launches}
+        assert fused <= launched, launched
     got = {'x': xc.grad, **{k: v.grad for k, v in block.named_parameters()}}
     assert rel_err(out, eager_out) <= 1e-6
     for k in truth:
@@ -199,6 +236,7 @@ def _forward_backward_bytes_ratio():
     return moved['total'] / x_bytes, allowance
 
 
+@needs_interpreter
 def test_bytes_moved_forward_backward_of_this_design():
     """What this revision's kernels move: forward 3 |x| (moments read, MLP read + write) and
     backward 5 |x| (the weight-gradient kernel reads x and g and also produces the per-(n,c)
@@ -212,8 +250,78 @@ def test_bytes_moved_forward_backward_of_this_design():
     assert ratio <= 8.0 + 0.5 + 0.125 + 0.5 + allowance, ratio
 
 
+@needs_interpreter
 def test_bytes_moved_forward_backward_meets_the_issue_target():
     """Issue 6: <= 10 |x| forward + backward (eager: 98), with no allowance for the weights'
     own traffic even at this test size."""
     ratio, _ = _forward_backward_bytes_ratio()
     assert ratio <= 10.0, ratio
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel-test device, and what only compiled kernels on a GPU can show
+
+def test_this_module_builds_on_the_kernel_device():
+    """The module's blocks and inputs are on KERNEL_DEVICE, which is CUDA whenever torch sees
+    a GPU (unless RIFORMER_TEST_DEVICE says otherwise)."""
+    x, block = random_input((1, 4, 2, 2)), make_block(4)
+    assert x.device.type == block.mlp.fc1.weight.device.type == DEV.type
+    if torch.cuda.is_available() and not os.environ.get('RIFORMER_TEST_DEVICE'):
+        assert DEV.type == 'cuda'
+    assert triton_forward.INTERPRET == triton_backward.INTERPRET == INTERPRETER
+
+
+# S12's four stages at N=64 (docs/design.md): C=64 at 56x56, 128 at 28x28, 320 at 14x14, 512 at
+# 7x7. 64 and 128 take the small backward path, 320 and 512 the large one (fp32 and bf16 alike).
+S12_STAGES = [(64, 56, 64), (128, 28, 64), (320, 14, 64), (512, 7, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('stage', S12_STAGES, ids=lambda s: f'N{s[2]}-C{s[0]}-{s[1]}x{s[1]}')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+def test_gpu_s12_stage_training(stage, dtype, channels_last):
+    """A training step at S12's real stage shapes, N=64 (too large for the interpreter): fp32
+    output within 1e-5 and every gradient within 1e-4 of the fp64 reference; bf16 output and
+    every gradient within twice the reference's own bf16 error."""
+    c, hw, n = stage
+    block = make_block(c, dtype=dtype).train()
+    x = random_input((n, c, hw, hw), dtype, channels_last=channels_last)
+    g = random_input(x.shape, dtype)
+    assert x.is_cuda and not triton_backward.INTERPRET
+    out, grads = _grads(block, x, g, 'triton')
+    out_t, truth = run_block(copy.deepcopy(block).double(), x.double(), 'reference', g.double())
+    assert set(grads) == set(truth)
+    if dtype == torch.float32:
+        assert rel_err(out, out_t) <= 1e-5
+        for k in truth:
+            assert rel_err(grads[k], truth[k]) <= FP32_TOL, k
+    else:
+        out_r, ref = run_block(block, x, 'reference', g)
+        assert rel_err(out, out_t) <= 2 * rel_err(out_r, out_t)
+        for k in truth:
+            ref_err, err = rel_err(ref[k], truth[k]), rel_err(grads[k], truth[k])
+            assert err <= 2 * ref_err, (k, err, ref_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('seed', [1234, 1, 2])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+@pytest.mark.parametrize('c', [64, 320], ids=lambda c: f'C{c}')
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
+def test_gpu_half_gradients_within_twice_the_reference_error(dtype, c, channels_last, seed):
+    """The stated half-precision rule with native bf16/fp16 dots and rounded stores (the
+    interpreter keeps z, dO, du and h in fp32, more accurate than a GPU): several draws, both
+    layouts, the small (C=64) and the large (C=320) backward path, recompute and saved u."""
+    torch.manual_seed(seed)
+    block = make_block(c, dtype=dtype).train()
+    x = random_input((4, c, 14, 14), dtype, channels_last=channels_last)
+    g = random_input(x.shape, dtype)
+    assert x.is_cuda and not triton_backward.INTERPRET
+    _, truth = run_block(copy.deepcopy(block).double(), x.double(), 'reference', g.double())
+    _, ref = run_block(block, x, 'reference', g)
+    for recompute in (True, False):
+        _, got = _grads(block, x, g, 'triton', recompute)
+        for k in truth:
+            ref_err, err = rel_err(ref[k], truth[k]), rel_err(got[k], truth[k])
+            assert err <= 2 * ref_err, (recompute, k, err, ref_err)

@@ -41,8 +41,12 @@ scratch in the compute dtype:
   dz is written in x's dtype: read once more, its sums reduced in-kernel from the fp32 value.
 
 Every reduction across programs is two-stage in a fixed order (`_sum_partials_kernel` loops over
-the partials sequentially): no float atomics, bitwise-equal results from run to run. The number of
-splits depends only on the shapes (not on the device), so results are also equal across GPUs.
+the partials sequentially): no float atomics, bitwise-equal results from run to run on one GPU
+model with one build (torch, Triton, driver). The number of splits depends only on the shapes
+(not on the device's SM count), so the reduction order is the same on every GPU; but different
+architectures compile the dots to different MMA instructions (and the compiler may contract
+differently per target and per kernel variant), so the bits may differ across GPU models and
+between variants of a kernel: only the tolerances of the tests hold there.
 
 Other entry points: `mlp_backward` (phase 1 with dz itself; on the small path dz comes from the
 phase-2 kernel with (P, Q, R, S) = (0, 1, 0, 0)) and `input_grad` (`_input_grad_kernel`: phase 2
