@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import riformer_kernels as rk
-from helpers import make_block, random_input, rel_err
+from helpers import KERNEL_DEVICE, make_block, random_input, rel_err
 
 tfw = pytest.importorskip('riformer_kernels.backends.triton.forward')
 from riformer_kernels.backends.triton import backward as tbw  # noqa: E402
@@ -106,8 +106,8 @@ def test_every_triton_op_runs_under_its_inputs_device(monkeypatch):
         monkeypatch.setattr(module, 'device_of', lambda x, real=real: guarded.append(x) or real(x))
     counter = HostToDevice()
     for c in (16, 320):
-        block = make_block(c, dtype=torch.float32).train()
-        x = random_input((2, c, 3, 3), torch.float32).requires_grad_(True)
+        block = make_block(c, dtype=torch.float32, device=KERNEL_DEVICE).train()
+        x = random_input((2, c, 3, 3), torch.float32, device=KERNEL_DEVICE).requires_grad_(True)
         with counter, rk.use_backend('triton'):
             block(x).sum().backward()
     calls = [op for op in counter.ops if op.startswith('riformer_triton.')]

@@ -667,7 +667,7 @@ def test_gpu_build_specs_are_the_kernels_launched(case, monkeypatch):
     p, mean, _, cf, _, _, _, l2 = kernel_inputs(block, x)
     with torch.no_grad():
         dz = tb.mlp_backward(g, x, mean, cf.A, cf.B, p.w1, p.b1, p.w2, p.b2, l2, u)[0]
-        P = torch.randn(2, c)
+        P = torch.randn(2, c).to(DEV)
         tb.input_grad(g, dz, x, mean, P, P, P, P)
         args = (mean, cf.A, cf.B, p.w1, p.b1, p.w2, p.b2, l2, u)      # the fused backward
         fused_backward(g, x, *args, FixedCoefficients(P, P, P, P))
