@@ -21,6 +21,7 @@ import torch
 import riformer_kernels as rk
 from riformer_kernels import dispatch
 from riformer_kernels.reference import reference_block_forward
+from riformer_kernels.testing import randomize_  # noqa: F401  (micro, model_bench)
 
 MODES = ('forward', 'train')
 BASE_IMPLS = ('eager', 'deploy', 'compile')
@@ -185,22 +186,6 @@ def tolerance(dtype: torch.dtype, eager_err: float) -> float:
     if dtype in (torch.float32, torch.float64):
         return 1e-4
     return 2 * eager_err
-
-
-def randomize_(module: torch.nn.Module, generator: torch.Generator, layer_scale=(0.5, 1.5)):
-    """Parameters of order one (layer scales in `layer_scale`): upstream's 1e-5 layer-scale init
-    makes a block nearly the identity, and a check on it could not see a wrong branch."""
-    lo, hi = layer_scale
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith(('layer_scale_1', 'layer_scale_2')):
-                p.copy_(lo + (hi - lo) * torch.rand(p.shape, generator=generator))
-            elif 'norm' in name and name.endswith('weight'):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=generator))
-            else:
-                fan_in = p[0].numel() if p.dim() > 1 else 4
-                p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)
-    return module
 
 
 def reference_result(module, x, mode: str, backward, x_requires_grad: bool):

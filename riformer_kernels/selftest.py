@@ -23,26 +23,13 @@ import time
 import torch
 
 import riformer_kernels as rk
+from riformer_kernels.testing import randomize_
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2,
              torch.float64: 1e-10}
 DTYPES = {'cpu': (torch.float32, torch.bfloat16, torch.float64),
           'triton': (torch.float32, torch.bfloat16, torch.float16),
           'torch': (torch.float32,)}
-
-
-def _randomize(block: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
-    """Parameters of order one (upstream's 1e-5 layer scales would hide both branches)."""
-    with torch.no_grad():
-        for name, p in block.named_parameters():
-            if 'layer_scale' in name:
-                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-            elif 'norm' in name and name.endswith('weight'):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-            else:
-                fan_in = p[0].numel() if p.dim() > 1 else 4
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
-    return block
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,7 +53,7 @@ def _run(block, x, g, backend, seed):
 def check_case(backend, device, dtype, c, hw, deploy, channels_last, recompute, drop_path,
                gen) -> tuple[float, float]:
     """(worst relative error over output and gradients, its tolerance)."""
-    block = _randomize(rk.RIFormerBlock(c, deploy=deploy, drop_path=drop_path,
+    block = randomize_(rk.RIFormerBlock(c, deploy=deploy, drop_path=drop_path,
                                         recompute=recompute), gen).train()
     x = torch.randn(4, c, hw, hw, generator=gen, dtype=torch.float64) * 1.5 + 0.3
     g = torch.randn(x.shape, generator=gen, dtype=torch.float64)

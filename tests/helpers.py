@@ -33,6 +33,7 @@ INTERPRETER = os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 COMPILED_GPU_KERNELS = KERNEL_DEVICE.type == 'cuda' and not INTERPRETER
 
 import riformer_kernels as rk  # noqa: E402  (after TRITON_INTERPRET is decided)
+from riformer_kernels.testing import randomize_  # noqa: E402,F401  (tests import it from here)
 from torch.func import functional_call  # noqa: E402
 
 
@@ -47,25 +48,6 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     assert torch.isfinite(actual).all(), "non-finite values in the result"
     scale = expected.abs().max().item()
     return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)
-
-
-def randomize_(module: torch.nn.Module, generator: torch.Generator | None = None):
-    """Give every parameter random values of order one (layer scales included).
-
-    Upstream initialises layer scales to 1e-5, which makes a block nearly the identity: a test on
-    such a block could not see an error in either branch. Norm weights stay away from zero so
-    gradient magnitudes are comparable across parameters.
-    """
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith(('layer_scale_1', 'layer_scale_2')):
-                p.copy_(0.5 + torch.rand(p.shape, generator=generator, dtype=p.dtype))
-            elif 'norm' in name and name.endswith('weight'):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-            else:
-                fan_in = p[0].numel() if p.dim() > 1 else 4
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) / fan_in ** 0.5)
-    return module
 
 
 def make_block(dim, deploy=False, dtype=torch.float64, device='cpu', **kwargs):
