@@ -61,7 +61,6 @@ does, and reads it back to fp32 dot operands.
 from __future__ import annotations
 
 import os
-import re
 from typing import Optional
 
 import torch
@@ -106,7 +105,7 @@ SMALL_PATH_MAX_CHANNELS_FP32 = 128
 # BLOCK_C (next power of two of C, >= 16) -> (BLOCK_T, BLOCK_H, num_warps, num_stages) of
 # _mlp_dx_kernel. Its dz accumulator is BLOCK_T * BLOCK_C fp32 in registers for the whole hidden
 # loop, plus x, g, z, dO and a W1 and a W2 chunk. Chosen by compiling for sm_80/sm_90 and
-# reading ptxas' spill counts (aot_resource_report): every entry has 0 spill bytes. (Chosen
+# reading ptxas' spill counts (the GPU build report): every entry has 0 spill bytes. (Chosen
 # for the earlier dz kernel, which also kept o in registers; BLOCK_C=512 spilled there in the
 # configurations tried, BLOCK_T=BLOCK_H=16 with 8 or 16 warps, hence the path rule above.)
 # BLOCK_C=256 is fp16/bf16 only (SMALL_PATH_MAX_CHANNELS_FP32).
@@ -123,7 +122,8 @@ _DX_CONFIGS = {16: (16, 32, 4, 3), 32: (16, 32, 4, 3), 64: (16, 32, 4, 3), 128: 
 # Compiled as launched (with Triton's divisibility-16 attributes), (16, 16, 8, 2) at C<=64 spilled
 # 8 bytes at sm_80 in NCHW; (16, 32, 4, 2) is spill-free (72-80 registers) and halves the warps
 # duplicating the 16x32 dots.
-_DX_CONFIGS_FP32 = {32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 32, 4, 2)}
+# C<=128 keeps 8 warps: with 4, the launched NCHW variant spilled 600 bytes at sm_90.
+_DX_CONFIGS_FP32 = {32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 32, 8, 2)}
 # _mlp_weight_grad_kernel, small path (recompute or u_saved, with the sums: SUMS):
 # (BLOCK_T, BLOCK_H, BLOCK_W = BLOCK_K, num_warps). 4 warps or 64-wide tiles spilled before the
 # sums were added. With SUMS (two more (BLOCK_T, BLOCK_W) dot results per tile), BLOCK_T=32 spilled
@@ -141,12 +141,15 @@ _WG_BLOCK_H_FP32 = {16: 32, 32: 16}
 #   'dz':     _mlp_dz_chunk_kernel (BLOCK_T, BLOCK_C, BLOCK_H, num_warps, num_stages)
 #   'wg':     _mlp_weight_grad_kernel in scratch mode (BLOCK_T, BLOCK_H, BLOCK_W, num_warps)
 _LARGE_CONFIGS = {
-    torch.float32: dict(hidden=(64, 32, 32, 4, 2), dz=(64, 64, 16, 8, 2), wg=(32, 32, 32, 8)),
+    # fp32 'hidden' BLOCK_K 16: with 32 the launched NCHW variants spilled 4 bytes at sm_90
+    torch.float32: dict(hidden=(64, 32, 16, 4, 2), dz=(64, 64, 16, 8, 2), wg=(32, 32, 32, 8)),
     torch.float16: dict(hidden=(64, 32, 32, 4, 2), dz=(64, 64, 32, 8, 2), wg=(32, 64, 64, 8)),
     torch.bfloat16: dict(hidden=(64, 32, 32, 4, 2), dz=(64, 64, 32, 8, 2), wg=(32, 64, 64, 8)),
 }
 _SUM_BLOCK, _SUM_WARPS = 512, 4
-_INPUT_GRAD_BLOCK_T, _INPUT_GRAD_BLOCK_C, _INPUT_GRAD_WARPS = 32, 32, 4
+# 8 warps: with 4, the launched fp16 NCHW variant (every channel stride divisible by 16)
+# spilled 28 bytes at sm_90.
+_INPUT_GRAD_BLOCK_T, _INPUT_GRAD_BLOCK_C, _INPUT_GRAD_WARPS = 32, 32, 8
 
 
 def _small_path_max(dtype: torch.dtype) -> int:
@@ -899,57 +902,3 @@ def _build_specs():
 
 
 GPU_BUILD_SPECS = _build_specs()
-
-
-# ---------------------------------------------------------------------------------------------
-# ahead-of-time resource check (no GPU needed; run with the interpreter off)
-
-_USED = re.compile(r"Used (\d+) registers")
-_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-
-
-def aot_resource_report(archs=(80, 90), specs=None):
-    """Compile every spec for each sm_<arch> and run the wheel's ptxas -v on the PTX: registers,
-    stack frame and spill bytes per (spec, arch). No GPU needed; interpreter must be off.
-
-    ptxas -v, not cuobjdump -res-usage: the latter's LOCAL column reads 0 while ptxas reports
-    spill stores into the stack frame.
-    """
-    import subprocess
-    import tempfile
-
-    if INTERPRET:
-        raise RuntimeError("compile with TRITON_INTERPRET unset (the kernels were defined for "
-                           "the interpreter in this process)")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
-    rows = []
-    for spec in (GPU_BUILD_SPECS if specs is None else specs):
-        fn, sig, const, desc, options = spec
-        for arch in archs:
-            k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget('cuda', arch, 32),
-                               options=options)
-            assert k.asm['cubin'], desc
-            with tempfile.NamedTemporaryFile('w', suffix='.ptx') as f:
-                f.write(k.asm['ptx'])
-                f.flush()
-                sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-                log = subprocess.run([ptxas, f"-arch={sm}", '-v', f.name, '-o', os.devnull],
-                                     capture_output=True, text=True, check=True).stderr
-            frame = _FRAME.search(log)
-            rows.append(dict(kernel=desc, arch=f"sm_{arch}", regs=int(_USED.search(log).group(1)),
-                             stack=int(frame.group(1)), spill_stores=int(frame.group(2)),
-                             spill_loads=int(frame.group(3)), shared=k.metadata.shared))
-    return rows
-
-
-if __name__ == '__main__':
-    import sys
-
-    archs = tuple(int(a) for a in sys.argv[1:]) or (80, 90)
-    for row in aot_resource_report(archs):
-        print(f"{row['arch']}  regs {row['regs']:3d}  stack {row['stack']:3d}  "
-              f"spill {row['spill_stores']:3d}/{row['spill_loads']:3d}  smem {row['shared']:6d}  "
-              f"{row['kernel']}", flush=True)

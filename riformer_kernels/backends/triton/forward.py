@@ -46,6 +46,7 @@ riformer_kernels.tools.gpu_build_report --skip-cuda --only fused_mlp mlp_gemm`):
     flash fp32 C<=32 T16 H16 w8     125/108 -> 128/128 ; cl  80/80  -> 128/122   smem 11 KB
     gemm1 half T128 H64 K64 w8      204/194 -> 204/193 ; cl 255/255 -> 255/254   smem 25 KB
     gemm1 fp32 T64 H64 K16 w8        96/96  -> 100/90  ; cl 128/108 -> 156/122   smem 20 KB
+                                    (now T32: see GEMM1_TILES)
     gemm2 half T64 C64 K32 w8       255/255            ; cl 174/176                smem 16 KB
     gemm2 fp32 T64 C32 K16 w8       182/188            ; cl 128/128                smem 12 KB
 
@@ -413,7 +414,10 @@ MLP_TILES = {
 }
 # Two-GEMM tiles per operand kind. GEMM 1: (BLOCK_T, BLOCK_H, BLOCK_K over C, num_warps);
 # GEMM 2: (BLOCK_T, BLOCK_C, BLOCK_K over the hidden dim, num_warps).
-GEMM1_TILES = {'fp32': (64, 64, 16, 8), 'half': (128, 64, 64, 8)}
+# fp32 BLOCK_T 32 (was 64): the launched channels_last variant at 7x7 (one token tile, n_ttiles
+# == 1 constant) spilled 4 bytes at sm_90; 4 warps spilled 12 bytes in NCHW. (32, 64, 16, 8) is
+# spill-free in every launched variant at 40-72 registers.
+GEMM1_TILES = {'fp32': (32, 64, 16, 8), 'half': (128, 64, 64, 8)}
 GEMM2_TILES = {'fp32': (64, 32, 16, 8), 'half': (64, 64, 32, 8)}
 MIN_PARTIAL_SPAN = 128   # tokens per partial moment: bounds the merge traffic to ~11/128 |x|
 SPAN_FLOOR = 64          # spans grow to this even below one program per SM: <= ~11/64 |x|
