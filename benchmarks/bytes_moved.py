@@ -200,7 +200,9 @@ def block_table(n=8, c=64, hw=(56, 56), dtype=torch.float32, backends=('referenc
                 m = measure_bytes(blocks[0], x)
                 rows.append((backend, 'forward', m['total'] / unit, m))
                 if backend in ('triton', 'cpu'):     # the kernel sets chain statistics
+                    blocks[0].chain_statistics = True    # as a model's stage sets it
                     y = blocks[0](x)
+                    blocks[0].chain_statistics = False
                     m = measure_bytes(blocks[1], y)
                     rows.append((backend, 'forward chained', m['total'] / unit, m))
     if train:

@@ -35,6 +35,11 @@ class RIFormerBlock(nn.Module):
         # saves x and O(N*C) statistics and recomputes the hidden activation in the backward;
         # False also saves it (4x |x|) so the backward skips fc1.
         self.recompute = recompute
+        # Whether this block's output is the next fused block's input (set by the model's
+        # stages for all but a stage's last block): then kernel sets whose output moments cost
+        # extra work (cpu) compute them, and the next block skips its statistics pass. The
+        # triton kernels produce them always. Never affects the result, only the work.
+        self.chain_statistics = False
 
     @property
     def drop_path_prob(self) -> float:

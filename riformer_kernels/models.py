@@ -38,6 +38,10 @@ def basic_blocks(dim, index, layers, mlp_ratio=4.0, drop_rate=0.0, drop_path_rat
         blocks.append(RIFormerBlock(dim, mlp_ratio=mlp_ratio, drop=drop_rate, drop_path=block_dpr,
                                     layer_scale_init_value=layer_scale_init_value, deploy=deploy,
                                     recompute=recompute))
+    # Every block but the stage's last feeds the next block: its kernels hand on the moments of
+    # its output (chained statistics, docs/design.md section 4).
+    for block in blocks[:-1]:
+        block.chain_statistics = True
     return nn.Sequential(*blocks)
 
 

@@ -91,8 +91,10 @@ class KernelSet:
     prepare_input(x) -> x in a layout the kernels read (a copy only where they cannot).
     moments(x) -> Partials of x.
     merge(m1, m2, tokens, span) -> (mean, var), each (N, C) in the statistics dtype.
-    mlp_forward(x, coeffs, l2, w1, b1, w2, b2, save_u) -> (out, m1, m2, u or None):
-        out = a x + b + l2 (W2 GELU(W1 (A x + B) + b1) + b2) and the Partials fields of out.
+    mlp_forward(x, coeffs, l2, w1, b1, w2, b2, save_u, emit_moments) -> (out, m1, m2, u or
+        None): out = a x + b + l2 (W2 GELU(W1 (A x + B) + b1) + b2) and the Partials fields of
+        out; empty m1/m2 when the kernel set skips them for emit_moments=False (a kernel set
+        whose moments come free may return them anyway).
     output_span(out) -> the `span` of the partials mlp_forward returned for out.
     backward_weights_and_sums(g, saved) -> Phase1.
     backward_dx(g, saved, phase1, coeffs: fold.BackwardCoefficients) -> (dx, (dw1, db1, dw2)).
@@ -119,7 +121,8 @@ def register_kernel_set(kernels: KernelSet) -> None:
         kernels.name, availability=kernels.availability,
         supports=lambda block, x: _shared_supports(block, x) or kernels.supports(block, x),
         forward=lambda block, x, dp1, dp2: block_forward(
-            kernels, x, BlockParams.of(block), dp1, dp2, recompute_for(block))))
+            kernels, x, BlockParams.of(block), dp1, dp2, recompute_for(block),
+            getattr(block, 'chain_statistics', False))))
 
 
 def kernel_set(name: str) -> KernelSet:
@@ -188,11 +191,11 @@ def _statistics(ks: KernelSet, x: torch.Tensor, chain: Partials | None):
 
 
 def _fused_forward(ks: KernelSet, x, s, t, l1, l2, g2, beta2, w1, b1, w2, b2, eps1, eps2,
-                   chain: Partials | None, save_u: bool):
+                   chain: Partials | None, save_u: bool, emit_moments: bool):
     """(out, out m1, out m2, u, mean, var, fold coefficients) of one block."""
     mean, var = _statistics(ks, x, chain)
     cf = fold.fold_coefficients(mean, var, s, t, l1, g2, beta2, eps1, eps2)
-    out, m1, m2, u = ks.mlp_forward(x, cf, l2, w1, b1, w2, b2, save_u)
+    out, m1, m2, u = ks.mlp_forward(x, cf, l2, w1, b1, w2, b2, save_u, emit_moments)
     return out, m1, m2, u, mean, var, cf
 
 
@@ -201,15 +204,17 @@ class FusedBlockFunction(torch.autograd.Function):
 
     Differentiable inputs: x, s, t, l1 (N,C), l2 (N,C), g2, beta2, w1, b1, w2, b2. Then eps1,
     eps2, the chained partials of x (m1, m2, span; None, None, 0 without), the kernel set's
-    name and save_u (recompute=False: keep u for the backward)."""
+    name, save_u (recompute=False: keep u for the backward) and emit_moments (the output feeds
+    another fused block)."""
 
     @staticmethod
     def forward(ctx, x, s, t, l1, l2, g2, beta2, w1, b1, w2, b2, eps1, eps2,
-                chain_m1, chain_m2, chain_span, kernels, save_u):
+                chain_m1, chain_m2, chain_span, kernels, save_u, emit_moments):
         ks = kernel_set(kernels)
         chain = Partials(chain_m1, chain_m2, chain_span) if chain_m1 is not None else None
         out, m1, m2, u, mean, var, cf = _fused_forward(ks, x, s, t, l1, l2, g2, beta2, w1, b1,
-                                                       w2, b2, eps1, eps2, chain, save_u)
+                                                       w2, b2, eps1, eps2, chain, save_u,
+                                                       emit_moments)
         ctx.mark_non_differentiable(m1, m2)
         ctx.save_for_backward(x, mean, var, cf.A, cf.B, cf.a, cf.b, cf.mu1, cf.r1, cf.ybar,
                               cf.mu2, cf.r2, s, t, l1, l2, g2, beta2, w1, b1, w2, b2,
@@ -231,13 +236,15 @@ class FusedBlockFunction(torch.autograd.Function):
                  dw1.reshape(sv.w1.shape).to(sv.w1.dtype), db1.to(sv.b1.dtype),
                  dw2.reshape(sv.w2.shape).to(sv.w2.dtype), p1.db2.to(sv.b2.dtype))
         grads = tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[:11]))
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def block_forward(ks: KernelSet, x: torch.Tensor, p: BlockParams, dp1=None, dp2=None,
-                  recompute: bool = True) -> torch.Tensor:
+                  recompute: bool = True, chain_statistics: bool = False) -> torch.Tensor:
     """One block through kernel set `ks`. dp1/dp2: per-sample drop-path factors (N,) or None.
-    recompute=False saves the hidden pre-activation u for the backward (when one will run)."""
+    recompute=False saves the hidden pre-activation u for the backward (when one will run).
+    chain_statistics: the output is the next fused block's input, so ask the kernels for its
+    moments (docs/design.md section 4); the output carries them when the kernels produced them."""
     x = ks.prepare_input(x)
     s, t, l1, l2 = p.fold_inputs(x.shape[0], fold.stats_dtype(x.dtype), dp1, dp2)
     chain = chained_moments(x, ks.name)
@@ -245,9 +252,11 @@ def block_forward(ks: KernelSet, x: torch.Tensor, p: BlockParams, dp1=None, dp2=
     if torch.is_grad_enabled() and any(v.requires_grad for v in args):
         cargs = chain if chain is not None else (None, None, 0)
         out, m1, m2 = FusedBlockFunction.apply(*args, p.eps1, p.eps2, *cargs, ks.name,
-                                               not recompute)
+                                               not recompute, chain_statistics)
     else:
         # Inference: the same kernels without the autograd bookkeeping.
-        out, m1, m2 = _fused_forward(ks, *args, p.eps1, p.eps2, chain, False)[:3]
-    attach_chained_moments(out, ks.name, Partials(m1, m2, ks.output_span(out)))
+        out, m1, m2 = _fused_forward(ks, *args, p.eps1, p.eps2, chain, False,
+                                     chain_statistics)[:3]
+    if m1.numel():
+        attach_chained_moments(out, ks.name, Partials(m1, m2, ks.output_span(out)))
     return out

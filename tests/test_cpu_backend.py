@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import riformer_kernels as rk
-from riformer_kernels import dispatch
+from riformer_kernels import dispatch, pipeline
 from helpers import (check_same_seed_as_reference, gradcheck_block, large_offset_errors,
                      make_block, random_input, rel_err, run_block)
 
@@ -323,8 +323,12 @@ def test_chained_forward_moves_one_read_of_x_less():
     x = random_input((2, 64, 56, 56), dtype=torch.float32)
     unit = x.numel() * x.element_size()
     with torch.no_grad(), rk.use_backend('cpu'):
+        alone = measure_bytes(blocks[0], x)               # an isolated block: no moments out
+        assert pipeline.chained_moments(alone['result'], 'cpu') is None
+        blocks[0].chain_statistics = True                 # as a model's stage sets it
         unchained = measure_bytes(blocks[0], x)
         chained = measure_bytes(blocks[1], unchained['result'])
+    assert torch.equal(alone['result'], unchained['result'])
     assert 'riformer.moments.default' in unchained['by_op']
     assert 'riformer.moments.default' not in chained['by_op']
     assert 3.0 <= unchained['total'] / unit <= 3.2

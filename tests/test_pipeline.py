@@ -75,6 +75,7 @@ def test_stale_statistics_are_never_used(kernels):
     moments, and its result stays that of the reference on the changed values."""
     dev = DEVICE[kernels]
     b1, b2 = (make_block(16, dtype=torch.float32, device=dev).eval() for _ in range(2))
+    b1.chain_statistics = True            # b1 feeds b2, as in a model's stage
     x = random_input((2, 16, 5, 5), dtype=torch.float32, device=dev)
     with torch.no_grad(), rk.use_backend(kernels):
         y = b1(x)
@@ -101,10 +102,12 @@ def test_one_kernel_sets_statistics_are_not_read_by_another():
     """The partials' form belongs to the kernel set that wrote them (cpu: mean and variance;
     triton: per-span partials), so a triton block after a cpu block runs its own moments."""
     b1, b2 = (make_block(16, dtype=torch.float32).eval() for _ in range(2))
+    b1.chain_statistics = True
     x = random_input((2, 16, 5, 5), dtype=torch.float32)
     with torch.no_grad():
         with rk.use_backend('cpu'):
             y = b1(x)
+        assert pipeline.chained_moments(y, 'cpu') is not None
         counter = OpCounter()
         with rk.use_backend('triton'), counter:
             out = b2(y)
@@ -138,3 +141,28 @@ def test_kernel_tests_run_on_cuda_when_cuda_is_present():
     cpu_x = helpers.random_input((1, 4, 2, 2))
     torch.manual_seed(0)
     assert torch.equal(helpers.random_input((1, 4, 2, 2), device=dev).cpu(), cpu_x)
+
+
+def test_a_stage_chains_every_block_but_its_last():
+    model = rk.RIFormer(ARCH)
+    for stage in model.network[::2]:                      # stages; odd entries downsample
+        flags = [block.chain_statistics for block in stage]
+        assert flags == [True] * (len(flags) - 1) + [False]
+    assert rk.RIFormerBlock(8).chain_statistics is False
+
+
+@pytest.mark.skipif(not rk.available_backends()['cpu'].usable,
+                    reason=rk.available_backends()['cpu'].reason)
+def test_an_isolated_cpu_block_asks_its_kernel_for_no_output_moments():
+    """The cpu kernels' output moments cost an extra pass per tile: a block whose output no
+    fused block reads (chain_statistics False) does not ask for them, and its result is the
+    same bits either way."""
+    block = make_block(16, dtype=torch.float32).eval()
+    x = random_input((2, 16, 5, 5), dtype=torch.float32)
+    with torch.no_grad(), rk.use_backend('cpu'):
+        alone = block(x)
+        block.chain_statistics = True
+        chained = block(x)
+    assert pipeline.chained_moments(alone, 'cpu') is None
+    assert pipeline.chained_moments(chained, 'cpu') is not None
+    assert torch.equal(alone, chained)

@@ -21,8 +21,8 @@ def test_selftest_reports_a_wrong_kernel(monkeypatch, capsys):
     """A cpu kernel set whose MLP output is off by 1e-3 of its scale fails the fp32 cases."""
     ks = pipeline.kernel_set('cpu')
 
-    def off(x, cf, l2, w1, b1, w2, b2, save_u):
-        out, m1, m2, u = ks.mlp_forward(x, cf, l2, w1, b1, w2, b2, save_u)
+    def off(x, cf, l2, w1, b1, w2, b2, save_u, emit_moments):
+        out, m1, m2, u = ks.mlp_forward(x, cf, l2, w1, b1, w2, b2, save_u, emit_moments)
         return out * (1 + 1e-3), m1, m2, u
 
     monkeypatch.setitem(pipeline._KERNEL_SETS, 'cpu', dataclasses.replace(ks, mlp_forward=off))

@@ -5,8 +5,9 @@ Run by `riformer_kernels.pipeline` (statistics, fold, autograd, chaining live th
 * moments: `riformer::moments` (one read of x; per-(n,c) mean and variance, fp32 -- fp64 for
   fp64 input). Its partials are the mean and variance themselves (`merge` is the identity).
 * mlp_forward: `riformer::mlp_forward` / `mlp_forward_save_u` run the MLP over cache-sized token
-  tiles (z = A x + B, fc1 GEMM, exact GELU, fc2 GEMM, epilogue a x + b + l2 o) and also return
-  the moments of the output they stored (emit_moments): the next block's statistics.
+  tiles (z = A x + B, fc1 GEMM, exact GELU, fc2 GEMM, epilogue a x + b + l2 o) and, when the
+  block's output feeds another block (emit_moments), the moments of the output they stored:
+  the next block's statistics.
 * phase 1: `riformer::mlp_backward` (dz, the MLP's weight gradients, the five per-(n,c) sums);
   phase 2: `riformer::input_grad` (dx = P g + Q dz + R (x - m) + S).
 
@@ -65,12 +66,14 @@ def _merge(mean, var, tokens: int, span: int):
     return mean, var
 
 
-def _mlp_forward(x, cf, l2, w1, b1, w2, b2, save_u: bool):
+def _mlp_forward(x, cf, l2, w1, b1, w2, b2, save_u: bool, emit_moments: bool):
+    # The output moments cost one more pass over each tile (8-12% of an isolated block's
+    # forward at S12 stages 1-2, measured): only when the next block will use them.
     if save_u:
         return torch.ops.riformer.mlp_forward_save_u(x, cf.A, cf.B, cf.a, cf.b, w1, b1, w2, b2,
-                                                     l2, True)
+                                                     l2, emit_moments)
     out, mean, var = torch.ops.riformer.mlp_forward(x, cf.A, cf.B, cf.a, cf.b, w1, b1, w2, b2,
-                                                    l2, True)
+                                                    l2, emit_moments)
     return out, mean, var, None
 
 
