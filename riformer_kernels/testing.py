@@ -1,5 +1,5 @@
 """Helpers for checking a backend against the reference: used by the selftest, the benchmarks'
-correctness gate and the test suite, so all three draw parameters the same way."""
+correctness gate and the test suite, so they draw parameters and measure errors the same way."""
 from __future__ import annotations
 
 import torch
@@ -25,3 +25,16 @@ def randomize_(module: torch.nn.Module, generator: torch.Generator | None = None
                 fan_in = p[0].numel() if p.dim() > 1 else 4
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) / fan_in ** 0.5)
     return module
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: relative to the tensor's scale, not per element
+    (per-element ratios explode where the truth crosses zero)."""
+    # both to the CPU in fp64: the operands may live on different devices (a CUDA result
+    # against a CPU truth); fp64 holds every fp32/fp16/bf16 value exactly.
+    actual = actual.detach().to('cpu', torch.float64)
+    expected = expected.detach().to('cpu', torch.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), "non-finite values in the result"
+    scale = expected.abs().max().item()
+    return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)

@@ -33,21 +33,11 @@ INTERPRETER = os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 COMPILED_GPU_KERNELS = KERNEL_DEVICE.type == 'cuda' and not INTERPRETER
 
 import riformer_kernels as rk  # noqa: E402  (after TRITON_INTERPRET is decided)
-from riformer_kernels.testing import randomize_  # noqa: E402,F401  (tests import it from here)
+# the tests import both from here
+from riformer_kernels.testing import randomize_, rel_err  # noqa: E402,F401
 from torch.func import functional_call  # noqa: E402
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|: relative to the tensor's scale, not per element
-    (per-element ratios explode where the truth crosses zero)."""
-    # both to the CPU in fp64: the operands may live on different devices (a CUDA result
-    # against a CPU truth); fp64 holds every fp32/fp16/bf16 value exactly.
-    actual = actual.detach().to('cpu', torch.float64)
-    expected = expected.detach().to('cpu', torch.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), "non-finite values in the result"
-    scale = expected.abs().max().item()
-    return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
 
 
 def make_block(dim, deploy=False, dtype=torch.float64, device='cpu', **kwargs):
@@ -133,3 +123,24 @@ def large_offset_errors(backend):
     x32 = x64.float()
     return (rel_err(run_block(block32, x32, backend)[0], truth),
             rel_err(run_block(block32, x32, 'reference')[0], truth), block32, x64)
+
+
+class OpLog(TorchDispatchMode):
+    """Every op dispatched while active: `ops` (names in order), `counts` (name -> calls) and
+    `host_to_device` (ops that turned host data into a device tensor: a CPU tensor in and a
+    CUDA tensor out, or `aten.lift_fresh`, which makes a tensor from Python data)."""
+    def __init__(self):
+        super().__init__()
+        self.ops, self.counts, self.host_to_device = [], {}, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        self.ops.append(name)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if 'lift_fresh' in name or (any(t.device.type == 'cpu' for t in ins)
+                                    and any(t.device.type == 'cuda' for t in outs)):
+            self.host_to_device.append(name)
+        return out

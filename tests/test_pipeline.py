@@ -8,12 +8,11 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import riformer_kernels as rk
 from riformer_kernels import pipeline
 import helpers
-from helpers import randomize_, random_input, make_block, rel_err
+from helpers import OpLog, randomize_, random_input, make_block, rel_err
 
 # The kernel set's statistics op, as the dispatcher sees it.
 MOMENTS_OP = {'cpu': 'riformer.moments.default',
@@ -27,17 +26,6 @@ ARCH = dict(layers=[3, 2, 1, 2], embed_dims=[8, 16, 24, 32], mlp_ratios=[4, 4, 4
             layer_scale_init_value=1e-5)
 
 
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize('kernels', KERNEL_SETS)
 def test_one_moments_pass_per_stage_forward_and_training(kernels):
     """Inside a stage every block after the first takes its statistics from the previous
@@ -48,15 +36,18 @@ def test_one_moments_pass_per_stage_forward_and_training(kernels):
     x = torch.randn(2, 3, 32, 32).to(dev)
     with torch.no_grad(), rk.use_backend('reference'):
         truth = copy.deepcopy(model).double()(x.double())[-1]
+        # The fp32 reference's own error on this model (~3e-7 here): chaining must not make the
+        # kernels less precise than it; 2x plus one fp32 ulp of slack, as the other fp32 rules.
+        ref_err = rel_err(model(x)[-1], truth)
     for train in (False, True):
         model.train(train)
-        counter = OpCounter()
+        counter = OpLog()
         with rk.use_backend(kernels), counter, torch.set_grad_enabled(train):
             out = model(x)[-1]       # the backbone returns a tuple of features
             if train:
                 out.sum().backward()
         assert counter.counts.get(MOMENTS_OP[kernels]) == 4, counter.counts
-        assert rel_err(out, truth) <= 1e-4
+        assert rel_err(out, truth) <= 2 * ref_err + 1.2e-7
 
 
 @pytest.mark.parametrize('kernels', KERNEL_SETS)
@@ -82,14 +73,14 @@ def test_stale_statistics_are_never_used(kernels):
         assert pipeline.chained_moments(y, kernels) is not None
         y.mul_(3.0).add_(1.0)
         assert pipeline.chained_moments(y, kernels) is None
-        counter = OpCounter()
+        counter = OpLog()
         with counter:
             out = b2(y)
             b2(b1(x)[:, :, :, :])
         assert counter.counts.get(MOMENTS_OP[kernels]) == 3, counter.counts
     with torch.no_grad(), rk.use_backend('reference'):
         truth = copy.deepcopy(b2).double()(y.double())
-    assert rel_err(out, truth) <= 1e-5
+    assert rel_err(out, truth) <= 1e-5     # the fp32 block contract (tests/test_triton_forward.py)
 
 
 @pytest.mark.skipif(not all(rk.available_backends()[k].usable for k in MOMENTS_OP),
@@ -108,13 +99,13 @@ def test_one_kernel_sets_statistics_are_not_read_by_another():
         with rk.use_backend('cpu'):
             y = b1(x)
         assert pipeline.chained_moments(y, 'cpu') is not None
-        counter = OpCounter()
+        counter = OpLog()
         with rk.use_backend('triton'), counter:
             out = b2(y)
     assert counter.counts.get(MOMENTS_OP['triton']) == 1, counter.counts
     with torch.no_grad(), rk.use_backend('reference'):
         truth = copy.deepcopy(b2).double()(y.double())
-    assert rel_err(out, truth) <= 1e-5
+    assert rel_err(out, truth) <= 1e-5     # the fp32 block contract (tests/test_triton_forward.py)
 
 
 def test_kernel_tests_run_on_cuda_when_cuda_is_present():

@@ -20,15 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 
 import torch
 
+from .gpu_build_report import ptx_global_loads   # the same PTX count as the report
+
 S12_STAGES = ((64, 56), (128, 28), (320, 14), (512, 7))
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-_LOADS = re.compile(r"^\s*(?:@%p\d+\s+)?ld\.global(\.[\w.]+)", re.MULTILINE)
 
 
 def run_workload(device, dtypes, batch: int, stages=S12_STAGES) -> int:
@@ -67,14 +67,6 @@ def _jit_functions():
                 yield name, obj
 
 
-def _loads(ptx: str) -> dict:
-    counts = {'vector': 0, 'scalar': 0}
-    for suffix in _LOADS.findall(ptx or ''):
-        counts['vector' if re.search(r"\.v[248]\b", suffix) else 'scalar'] += 1
-    counts['cp_async'] = len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx or ''))
-    return counts
-
-
 def _by_name(fn, mapping) -> dict:
     """Triton keys constexprs and attributes by argument index paths, e.g. (3,): names."""
     out = {}
@@ -105,7 +97,7 @@ def collect() -> list[dict]:
                     arch=str(getattr(md.target, 'arch', '')),
                     registers=getattr(kernel, 'n_regs', None),
                     spills=getattr(kernel, 'n_spills', None), smem=md.shared,
-                    loads=_loads(kernel.asm.get('ptx') if hasattr(kernel.asm, 'get') else None)))
+                    **ptx_global_loads(kernel.asm['ptx'])))
     return rows
 
 
@@ -138,8 +130,8 @@ def main(argv=None) -> int:
         for r in sorted(rows, key=lambda r: (r['kernel'], r['registers'] or 0)):
             consts = ' '.join(f"{k}={v}" for k, v in r['constexprs'].items()) or '-'
             print(f"{r['kernel']:26s} sm_{r['arch']:3s} w{r['num_warps']} regs {r['registers']} "
-                  f"spills {r['spills']} smem {r['smem']} loads v{r['loads']['vector']}/"
-                  f"s{r['loads']['scalar']}/cp{r['loads']['cp_async']}  {consts}")
+                  f"spills {r['spills']} smem {r['smem']} ld vector/scalar {r['ld_vector']}/"
+                  f"{r['ld_scalar']} cp.async {r['cp_async']}  {consts}")
         print(f"{len(rows)} launched variants from {runs} forward+backward runs")
     if args.json:
         _write_json(args.json, rows)
