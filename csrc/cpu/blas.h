@@ -3,8 +3,8 @@
 // tensor constructions per tile GEMM).
 //
 // fp32: oneDNN's brgemm micro-kernel through at::native::cpublas::brgemm
-// (what torch's CPU flash attention uses) where it runs, i.e. on AVX-512
-// CPUs; MKL's sgemm otherwise. On this project's AMD EPYC (AVX-512) MKL takes
+// (what torch's CPU flash attention uses) on AVX-512 CPUs; MKL's sgemm
+// otherwise (on AVX2 brgemm runs but is slower: see brgemm_f32_usable). On this project's AMD EPYC (AVX-512) MKL takes
 // a non-AVX-512 path: measured single-core on the block's tile shapes,
 // sgemm ~105 GFLOP/s, brgemm ~240-260. RIFORMER_CPU_GEMM=mkl forces sgemm.
 // fp64: MKL dgemm. bf16: MKL's bf16 x bf16 -> fp32 GEMM.
@@ -119,12 +119,18 @@ inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
                          beta, C, as_blas_int(ldc));
 }
 
-// Whether oneDNN's fp32 brgemm runs here (it throws without AVX-512), probed
-// once with a 1x1x1 product.
+// Whether to use oneDNN's fp32 brgemm: on AVX-512 CPUs where it runs, probed
+// once with a 1x1x1 product. Not on AVX2-only CPUs, although this torch's
+// oneDNN runs it there too: measured on an AVX2 AMD EPYC (2 threads, fp32,
+// batch 8, one block's forward), brgemm 22.7-24.7 ms vs MKL sgemm 16.4-17.0 at
+// C=320 14x14, 16.9-17.4 vs 11.3-11.6 at C=512 7x7, even at C=64 56x56.
 inline bool brgemm_f32_usable() {
   static const bool usable = [] {
     const char* force = std::getenv("RIFORMER_CPU_GEMM");
     if (force != nullptr && std::strcmp(force, "mkl") == 0) return false;
+#if defined(__x86_64__) || defined(__i386__)
+    if (!__builtin_cpu_supports("avx512f")) return false;
+#endif
     try {
       float a = 2.f, b = 3.f, c = 0.f;
       at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, &a, &b, &c, false);
