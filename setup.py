@@ -12,6 +12,10 @@ is a CUDA build and a CUDA toolkit (nvcc) is found; no GPU is needed to build.
 
 Environment:
     RIFORMER_SKIP_CUDA=1    never build the CUDA sources
+    RIFORMER_CPU_ISA_DISPATCH=0
+                            compile the CPU tile code for baseline x86-64 only (no
+                            AVX2/AVX-512 copies): what every non-x86 build does; the
+                            test suite builds this way to check that path
     RIFORMER_FORCE_CUDA=1   build them even if detection says no; fail loudly
                             if that is impossible
     CUDA_HOME               toolkit root; else derived from `nvcc -dryrun`
@@ -109,18 +113,23 @@ def build_extensions():
 
     # Few translation units on purpose: each one costs seconds of header
     # parsing, so kernels of one op share a file.
-    sources = [f"{CSRC}/ops.cpp", f"{CSRC}/cpu/moments.cpp", f"{CSRC}/cpu/block_mlp.cpp"]
+    sources = [f"{CSRC}/ops.cpp", f"{CSRC}/cpu/isa.cpp", f"{CSRC}/cpu/moments.cpp",
+               f"{CSRC}/cpu/block_mlp.cpp"]
     # Every file of csrc/ (headers, and the CUDA sources in a CPU-only build): listed so that
     # an sdist made anywhere carries them all (setuptools puts `depends` into the sdist).
     csrc_files = sorted(str(f.relative_to(ROOT)) for f in (ROOT / CSRC).rglob("*") if f.is_file())
     # -fopenmp in compile AND link flags, or at::parallel_for runs on one
     # thread. No -march=native: the wheel must run on other CPUs (the CPU
-    # kernels clone their hot loops per ISA level instead). -fno-trapping-math
+    # kernels compile their tile code once per ISA level instead: csrc/cpu/isa.h).
+    # -fno-trapping-math
     # (as torch's own build) lets the compiler if-convert the branch-free GELU
     # and vectorise it; it changes no result.
     cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
     link_flags = ["-fopenmp"]
     macros = []
+    if os.environ.get("RIFORMER_CPU_ISA_DISPATCH", "").strip() == "0":
+        macros.append(("RIFORMER_NO_ISA_DISPATCH", "1"))
+        print("riformer_kernels: CPU tile code for baseline x86-64 only (RIFORMER_CPU_ISA_DISPATCH=0)")
     if build_cuda:
         sources += [f"{CSRC}/cuda/moments.cu"]
         macros.append(("RIFORMER_WITH_CUDA", "1"))

@@ -13,6 +13,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/isa.h"
+
 TORCH_LIBRARY(riformer, m) {
   // Per-(n, c) mean and population variance over H*W of a 4-D tensor
   // (fp32/fp16/bf16 -> fp32 outputs, fp64 -> fp64), shape (N, C).
@@ -43,14 +45,61 @@ TORCH_LIBRARY(riformer, m) {
       "Tensor P, Tensor Q, Tensor R, Tensor S) -> Tensor");
 }
 
-// An empty Python module: the library's value is in its static operator
-// registrations, reached through torch.ops.riformer.*.
-static PyModuleDef riformer_c_module = {
-    PyModuleDef_HEAD_INIT,
-    "_C",
-    "riformer_kernels native ops; use torch.ops.riformer.*",
-    -1,
-    nullptr,
+// The Python module: the library's value is in its static operator
+// registrations, reached through torch.ops.riformer.*; its two functions are
+// controls of the CPU kernels' ISA level (csrc/cpu/isa.h), which are process
+// settings rather than tensor operations.
+
+namespace {
+
+PyObject* level_name(int level) { return PyUnicode_FromString(riformer::isa::name(level)); }
+
+// cpu_isa() -> (supported, cap, active, last_run, highest_built, fp32 GEMM
+// route): level names, then the route's name.
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    namespace isa = riformer::isa;
+    return Py_BuildValue("(NNNNNs)", level_name(isa::supported()), level_name(isa::cap()),
+                         level_name(isa::active()), level_name(isa::last_run()),
+                         level_name(isa::kHighestBuilt), isa::fp32_gemm_route());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+// set_cpu_isa_cap(name) -> the previous cap's name.
+PyObject* set_cpu_isa_cap(PyObject*, PyObject* arg) {
+  const char* text = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  const int level = text ? riformer::isa::parse(text) : -1;
+  if (level < 0) {
+    PyErr_Format(PyExc_ValueError, "not an ISA level: %R (use 'baseline', 'avx2' or 'avx512')",
+                 arg);
+    return nullptr;
+  }
+  int previous = riformer::isa::kHighestBuilt;
+  try {
+    previous = riformer::isa::cap();
+  } catch (const std::exception&) {
+    // An invalid RIFORMER_CPU_ISA: the explicit choice replaces it.
+  }
+  riformer::isa::set_cap(static_cast<riformer::isa::Level>(level));
+  return level_name(previous);
+}
+
+PyMethodDef riformer_c_methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS,
+     "cpu_isa() -> (supported, cap, active, last_run, highest_built, fp32_gemm_route)"},
+    {"set_cpu_isa_cap", set_cpu_isa_cap, METH_O,
+     "set_cpu_isa_cap(name) -> previous cap; name: 'baseline', 'avx2' or 'avx512'"},
+    {nullptr, nullptr, 0, nullptr},
 };
+
+PyModuleDef riformer_c_module = {
+    PyModuleDef_HEAD_INIT, "_C", "riformer_kernels native ops; use torch.ops.riformer.*", -1,
+    riformer_c_methods,
+};
+
+}  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&riformer_c_module); }

@@ -5,10 +5,11 @@ from .dispatch import (BackendUnavailableError, available_backends, explain_disp
                        register_backend, requested_backend, set_recompute, use_backend)
 from .models import (MODEL_NAMES, RIFormer, RIFormerClassifier, create_model, load_checkpoint)
 from . import backends  # noqa: F401  (registers torch, cpu, triton, cuda; each says if unusable)
+from .backends.cpu import cpu_isa_info, use_cpu_isa
 
 __all__ = [
     'RIFormerBlock', 'RIFormer', 'RIFormerClassifier', 'create_model', 'load_checkpoint',
     'MODEL_NAMES', 'available_backends', 'use_backend', 'explain_dispatch', 'requested_backend',
-    'register_backend', 'BackendUnavailableError', 'set_recompute',
+    'register_backend', 'BackendUnavailableError', 'set_recompute', 'cpu_isa_info', 'use_cpu_isa',
 ]
 __version__ = '0.1.0'

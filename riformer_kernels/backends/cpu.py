@@ -13,8 +13,15 @@ Run by `riformer_kernels.pipeline` (statistics, fold, autograd, chaining live th
 
 Layouts: NCHW-contiguous and channels_last are read natively; any other strides are copied to
 NCHW first. dtypes: float32, bfloat16, float64.
+
+ISA levels (csrc/cpu/isa.h): the tile code is compiled for baseline x86-64, AVX2 (x86-64-v3) and
+AVX-512 (x86-64-v4); each kernel call runs the copy of min(what the CPU supports, the cap).
+`cpu_isa_info()` reports the levels, `use_cpu_isa(level)` sets the cap (RIFORMER_CPU_ISA sets it
+for a whole process).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -34,6 +41,60 @@ def _availability() -> str | None:
     if not torch.backends.mkl.is_available():
         return "torch was built without MKL, whose GEMMs the cpu kernels call"
     return None
+
+
+ISA_LEVELS = ('baseline', 'avx2', 'avx512')
+
+
+class CpuIsa(NamedTuple):
+    """The cpu kernels' instruction-set levels in this process.
+
+    supported: the highest level this CPU (and this build) can run; cap: the limit set by
+    `use_cpu_isa` or RIFORMER_CPU_ISA (default: the highest level built); active: min(supported,
+    cap), what the next kernel call runs; last_run: the level the latest kernel call ran at
+    ('none' before the first); built: the highest level compiled into the extension ('baseline'
+    in builds with RIFORMER_CPU_ISA_DISPATCH=0 and on non-x86 CPUs); gemm: the fp32 GEMM route
+    at the active level ('onednn-brgemm' at avx512 where it runs, else 'mkl-sgemm')."""
+    supported: str
+    cap: str
+    active: str
+    last_run: str
+    built: str
+    gemm: str
+
+
+def _native():
+    if _ext._C is None:
+        raise RuntimeError(f"the cpu kernels are not available: {_ext.LOAD_ERROR}")
+    return _ext._C
+
+
+def cpu_isa_info() -> CpuIsa:
+    """The levels the cpu kernels run at (see `CpuIsa`). Raises ValueError when RIFORMER_CPU_ISA
+    names no level, RuntimeError when the extension is not built."""
+    return CpuIsa(*_native().cpu_isa())
+
+
+class use_cpu_isa:
+    """Cap the ISA level of the cpu kernels: `rk.use_cpu_isa('avx2')` sets the cap for the process;
+    `with rk.use_cpu_isa('baseline'):` sets it for the block and restores the previous cap on exit.
+    A cap above what the CPU supports is allowed and means "no cap" (active = supported). MKL's
+    GEMMs pick their own code path (MKL_ENABLE_INSTRUCTIONS is MKL's knob); the cap decides
+    everything else, the GEMM route included."""
+
+    def __init__(self, level: str):
+        if not isinstance(level, str):
+            raise TypeError(f"use_cpu_isa expects a level name, got {type(level).__name__}")
+        if level not in ISA_LEVELS:
+            raise ValueError(f"unknown ISA level {level!r}; choose one of {ISA_LEVELS}")
+        self._previous = _native().set_cpu_isa_cap(level)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _native().set_cpu_isa_cap(self._previous)
+        return False
 
 
 def _supports(block, x: torch.Tensor) -> str | None:
