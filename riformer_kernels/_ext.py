@@ -3,16 +3,37 @@
 The C++/CUDA ops live in the `riformer` op namespace (csrc/ops.cpp). When the extension is
 missing (a source checkout that was not built, a failed build) the package still imports; the
 backends that need it report why they are unusable.
+
+RIFORMER_EXTENSION_PATH=/path/to/_C.so loads that build of the extension instead of the
+installed one (for testing other builds, e.g. the baseline-only one of RIFORMER_CPU_ISA_DISPATCH=0;
+one process can hold only one, since both register the same ops).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 
 import torch
 
+
+def _import_extension():
+    path = os.environ.get('RIFORMER_EXTENSION_PATH', '').strip()
+    if not path:
+        # import_module, not `from . import _C`: when the .so is absent the error then names it.
+        return importlib.import_module('riformer_kernels._C')
+    if not os.path.isfile(path):
+        raise ImportError(f"RIFORMER_EXTENSION_PATH={path!r} is not a file")
+    spec = importlib.util.spec_from_file_location('riformer_kernels._C', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules['riformer_kernels._C'] = module
+    return module
+
+
 try:
-    # import_module, not `from . import _C`: when the .so is absent the error then names it.
-    _C = importlib.import_module('riformer_kernels._C')  # registers torch.ops.riformer.*
+    _C = _import_extension()  # registers torch.ops.riformer.*
     LOAD_ERROR: str | None = None
 except ImportError as err:  # depends on the build
     _C = None

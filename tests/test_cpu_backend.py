@@ -5,6 +5,10 @@ fp64 reference: the issue's target. fp64 runs of the same kernels within 1e-10 o
 reference: they prove the algebra and the tiling exact up to rounding (the erf/exp
 approximations of the fp32 GELU are not used in fp64). bf16: the twice-the-reference's-own-error
 rule against the fp64 truth.
+
+Every test here runs once per ISA level this CPU supports (the `isa_cap` fixture caps the
+kernels at it: csrc/cpu/isa.h), so the AVX-512, AVX2 and baseline copies of the tile code are
+each held to the same tolerances where the machine can run them.
 """
 import copy
 
@@ -24,6 +28,18 @@ pytestmark = pytest.mark.skipif(not rk.available_backends()['cpu'].usable,
 SHAPES = [(2, 16, 5, 7), (1, 13, 1, 1), (3, 20, 1, 1), (2, 13, 4, 9), (1, 64, 8, 8),
           (2, 8, 11, 1)]
 MODES = {'recompute': True, 'save_u': False}
+
+
+_LEVELS = rk.backends.cpu.ISA_LEVELS
+_SUPPORTED = (_LEVELS[:_LEVELS.index(rk.cpu_isa_info().supported) + 1]
+              if rk.available_backends()['cpu'].usable else ())
+
+
+@pytest.fixture(autouse=True, params=_SUPPORTED)
+def isa_cap(request):
+    """Run the test with the cpu kernels capped at each level the CPU supports."""
+    with rk.use_cpu_isa(request.param):
+        yield request.param
 
 
 @pytest.fixture
@@ -50,6 +66,9 @@ def _compare(block, x, tol, backend='cpu'):
     g = torch.randn(x.shape, dtype=torch.float64)
     out_ref, grads_ref = run_block(ref_block, x.double(), 'reference', g)
     out, grads = run_block(block, x, backend, g.to(x.dtype))
+    if backend == 'cpu':
+        info = rk.cpu_isa_info()
+        assert info.last_run == info.cap, f"the kernels ran at {info.last_run}, capped at {info.cap}"
     assert set(grads) == set(grads_ref)
     errors = {'out': rel_err(out, out_ref)}
     errors.update({k: rel_err(grads[k], grads_ref[k]) for k in grads_ref})
