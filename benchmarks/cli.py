@@ -219,6 +219,13 @@ def method_notes(gpu, bytes_note, ceilings, left_out, args) -> list[str]:
                  "batch); a model passes its check at max(1e-4, 2x the eager model's own "
                  "error in the same dtype), checked once per implementation at the smallest "
                  "batch")
+    if not gpu:
+        notes.append("GEMM floor: `GEMM GFLOP/s` is the rate of the block's two GEMMs run as plain "
+                     "torch.mm ([N*T, C] x [C, 4C] and [N*T, 4C] x [4C, C]; MKL/oneDNN, the "
+                     "same threads), timed in the same interleaved rounds as the rows; `floor "
+                     "ms` = block FLOPs / that rate, block FLOPs = 16 N T C^2 forward and 3x "
+                     "that for a training step (the six GEMMs any implementation needs; a "
+                     "recomputing backward runs a seventh); `x floor` = median / floor ms")
     if ceilings is not None:
         notes.append(f"roofline: ceilings measured on this GPU: {ceilings.describe()}; "
                      "roofline = max(floor bytes / bandwidth, FLOPs / matmul peak) / measured "

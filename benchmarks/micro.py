@@ -21,6 +21,23 @@ def block_flops(shape: BlockShape, batch: int, mode: str) -> float:
     return forward if mode == 'forward' else 3 * forward
 
 
+def gemm_step(shape: BlockShape, batch: int, dtype: torch.dtype, generator):
+    """The block's two GEMMs as plain torch.mm calls ([N*T, C] x [C, 4C], then [N*T, 4C] x
+    [4C, C]): what a GEMM of the block's shape runs at on this machine, the same run, the same
+    threads. Their FLOPs are the block forward's (block_flops)."""
+    tokens, c = batch * shape.size * shape.size, shape.channels
+    a = torch.randn(tokens, c, generator=generator).to(dtype)
+    w1t = torch.randn(c, 4 * c, generator=generator).to(dtype)
+    w2t = torch.randn(4 * c, c, generator=generator).to(dtype)
+    h = torch.empty(tokens, 4 * c, dtype=dtype)
+    o = torch.empty(tokens, c, dtype=dtype)
+
+    def step():
+        torch.mm(a, w1t, out=h)
+        torch.mm(h, w2t, out=o)
+    return step
+
+
 def floor_bytes(x_bytes: int, param_bytes: int, mode: str) -> int:
     """The least traffic any implementation needs: forward reads x and writes out (2|x|);
     forward+backward also reads x and dout and writes dx (5|x|); weights read once per pass and
@@ -66,12 +83,23 @@ def run_shape(shape: BlockShape, impls: list[Impl], modes, batch: int, dtype: to
             else:
                 bar.update(1)
         bar.set_postfix_str(f"{shape.label} {mode}: timing {len(runners)} implementations")
-        timings = time_together(runners, device, args)
+        # CPU: the GEMM floor's rate is timed in the same interleaved rounds as the rows.
+        extra = [gemm_step(shape, batch, dtype, generator)] if device.type == 'cpu' and runners \
+            else []
+        timings = time_together(runners, device, args, extra)
+        if extra and timings:
+            gemm_timing = timings.pop()
+            rate = block_flops(shape, batch, 'forward') / (gemm_timing.median_ms * 1e-3)
+            floor_ms = block_flops(shape, batch, mode) / rate * 1e3
+            for row in mode_rows:
+                row.update(gemm_gflops=rate / 1e9, floor_ms=floor_ms)
         for (row, runner), timing in zip(runners, timings):
             bar.set_postfix_str(f"{shape.label} {mode} {row['impl']}: memory, bytes")
             row.update(status='ok', median_ms=timing.median_ms, p20_ms=timing.p20_ms,
                        p80_ms=timing.p80_ms, timing=timing.method,
                        spread_pct=100 * (timing.p80_ms - timing.p20_ms) / timing.median_ms)
+            if 'floor_ms' in row:
+                row['x_floor'] = timing.median_ms / row['floor_ms']
             guarded(row, args, measure_row, row, runner, mode, device, args, ceilings, x_bytes,
                     param_bytes, shape, batch)
             bar.update(1)
@@ -97,11 +125,12 @@ def guarded(row, args, fn, *a, **k):
         return None
 
 
-def time_together(runners, device, args) -> list:
-    """Timings of the checked runners, or [] with every row marked when timing itself fails."""
+def time_together(runners, device, args, extra=()) -> list:
+    """Timings of the checked runners, then of the `extra` steps, interleaved; or [] with every
+    row marked when timing itself fails."""
     try:
-        return measure.time_steps([r.step for _, r in runners], device, quick=args.quick,
-                                  rounds=args.rounds)
+        return measure.time_steps([r.step for _, r in runners] + list(extra), device,
+                                  quick=args.quick, rounds=args.rounds)
     except Exception as err:
         for row, _ in runners:
             row['status'] = 'error'

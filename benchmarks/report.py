@@ -15,7 +15,8 @@ BLOCK_COLUMNS = [
     'archs', 'stage', 'res', 'batch', 'channels', 'height', 'width', 'dtype', 'mode', 'impl',
     'status', 'median_ms', 'p20_ms', 'p80_ms', 'spread_pct', 'speedup_vs_eager',
     'speedup_vs_compile', 'compile_s', 'peak_mib', 'saved_mib', 'saved_x', 'moved_mib', 'moved_x',
-    'x_mib', 'roofline_frac', 'bound', 'max_rel_err', 'tolerance', 'timing', 'detail']
+    'x_mib', 'roofline_frac', 'bound', 'gemm_gflops', 'floor_ms', 'x_floor', 'max_rel_err',
+    'tolerance', 'timing', 'detail']
 MODEL_COLUMNS = [
     'arch', 'res', 'batch', 'dtype', 'mode', 'impl', 'status', 'median_ms', 'p20_ms', 'p80_ms',
     'spread_pct', 'images_per_s', 'speedup_vs_eager', 'speedup_vs_compile', 'compile_s',
@@ -105,7 +106,20 @@ def machine_info(device: torch.device) -> dict:
     if device.type == 'cuda':
         info['gpu'] = torch.cuda.get_device_name(device)
         info['cuda'] = torch.version.cuda
+    else:
+        info['cpu kernels'] = cpu_kernels_path()
     return info
+
+
+def cpu_kernels_path() -> str:
+    """The ISA path the `cpu` backend's kernels take in this process (riformer_kernels.cpu_isa_info)."""
+    import riformer_kernels as rk
+    try:
+        i = rk.cpu_isa_info()
+    except (RuntimeError, ValueError) as err:
+        return f"unavailable ({err})"
+    return (f"ISA path {i.active} (CPU supports {i.supported}, cap {i.cap}, built up to "
+            f"{i.built}), fp32 GEMMs {i.gemm}")
 
 
 def _version(module: str) -> str:
@@ -154,6 +168,8 @@ def block_table(rows: list[dict], mode: str, gpu: bool) -> list[str]:
     cols += ['moved (x)', 'rel err']
     if gpu:
         cols.append('roofline')
+    else:
+        cols += ['GEMM GFLOP/s', 'floor ms', 'x floor']
     lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
     for r in rows:
         ok = r.get('status') == 'ok'
@@ -171,6 +187,9 @@ def block_table(rows: list[dict], mode: str, gpu: bool) -> list[str]:
         cells += [_fmt(r.get('moved_x'), '.1f'), _fmt(r.get('max_rel_err'), '.1e')]
         if gpu:
             cells.append(_fmt(r.get('roofline_frac'), '.0%'))
+        else:
+            cells += [_fmt(r.get('gemm_gflops'), '.0f'), _fmt(r.get('floor_ms')),
+                      _fmt(r.get('x_floor'), '.2f', '×')]
         lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
     return lines
 

@@ -7,7 +7,7 @@
 // MKL's sgemm below it (on AVX2 brgemm runs but is slower: see
 // brgemm_f32_usable). On an AVX-512 AMD EPYC MKL takes
 // a non-AVX-512 path: measured single-core on the block's tile shapes,
-// sgemm ~105 GFLOP/s, brgemm ~240-260. RIFORMER_CPU_GEMM=mkl forces sgemm.
+// sgemm ~105 GFLOP/s, brgemm ~240-260. RIFORMER_CPU_GEMM=mkl|brgemm forces a route.
 // fp64: MKL dgemm. bf16: MKL's bf16 x bf16 -> fp32 GEMM.
 //
 // The MKL symbols, which torch's x86 wheels export, are declared weak so the
@@ -123,18 +123,17 @@ inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
 }
 
 // Whether to use oneDNN's fp32 brgemm: at the avx512 ISA level (isa.h) and
-// where it runs, probed once with a 1x1x1 product. Not below avx512,
+// where it runs (probed once with a 1x1x1 product). Not below avx512,
 // although this torch's oneDNN runs it on AVX2 CPUs too: measured on an AVX2
 // AMD EPYC (2 threads, fp32, batch 8, one block's forward), brgemm 22.7-24.7 ms
 // vs MKL sgemm 16.4-17.0 at C=320 14x14, 16.9-17.4 vs 11.3-11.6 at C=512 7x7,
 // and slower at C=64 56x56 too. MKL sgemm there runs at ~90 GFLOP/s per core
 // on the kernels' tile shapes, about the FMA peak of that core, so neither a
 // larger tile nor a hand-written AVX2 micro-kernel has anything to gain.
-inline bool brgemm_f32_usable() {
+// RIFORMER_CPU_GEMM=mkl forces MKL, =brgemm forces brgemm wherever the probe
+// runs (tests use it to cover the brgemm route on AVX2 CPUs); read per call.
+inline bool brgemm_f32_runs() {
   static const bool runs = [] {
-    const char* force = std::getenv("RIFORMER_CPU_GEMM");
-    if (force != nullptr && std::strcmp(force, "mkl") == 0) return false;
-    if (isa::supported() < isa::kAvx512) return false;
     try {
       float a = 2.f, b = 3.f, c = 0.f;
       at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, &a, &b, &c, false);
@@ -143,7 +142,15 @@ inline bool brgemm_f32_usable() {
       return false;
     }
   }();
-  return runs && isa::active() >= isa::kAvx512;
+  return runs;
+}
+
+inline bool brgemm_f32_usable() {
+  const char* force = std::getenv("RIFORMER_CPU_GEMM");
+  if (force != nullptr && std::strcmp(force, "mkl") == 0) return false;
+  if (!brgemm_f32_runs()) return false;
+  if (force != nullptr && std::strcmp(force, "brgemm") == 0) return true;
+  return isa::active() >= isa::kAvx512;
 }
 
 // Row-major C[M, N] = A[M, K] B[K, N] (accumulate: C += A B), no transposes:

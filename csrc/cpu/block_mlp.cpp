@@ -162,11 +162,21 @@ constexpr int64_t kMinTokens = 64;
 constexpr int64_t kShortTileTokens = 384;
 constexpr int64_t kWeight2GemmBelowTokens = 128;
 
+// Whole batches of short samples up to this many tokens go into ONE tile whose
+// GEMMs run multi-threaded inside MKL (for_each_task), where the GEMM library
+// threads (MKL: fp32 sgemm, fp64, bf16; not oneDNN's single-threaded brgemm).
+// There the hidden (4C x N*T) is beyond L2 anyway, and the alternative, two
+// half-batch tiles on two threads, runs every weight-sized GEMM at half the
+// token count (MKL ~78 vs ~91 GFLOP/s per core at 196 vs 392 tokens, C=512)
+// and keeps two copies of the weight-gradient accumulators to merge.
+constexpr int64_t kWholeBatchTokens = 512;
+
 Tiling make_tiling(int64_t N, int64_t T, int64_t hidden, int64_t budget, int64_t min_tokens,
-                   int64_t short_tokens) {
+                   int64_t short_tokens, int64_t whole_batch_tokens) {
   const int64_t target = std::max<int64_t>(
       min_tokens, (budget / std::max<int64_t>(hidden, 1)) / 16 * 16);
   if (T < short_tokens) {
+    if (N * T <= whole_batch_tokens) return Tiling{T, 1, N, N, T};
     const int64_t cap = std::max<int64_t>(1, (N + 1) / 2);
     const int64_t samples = std::min(cap, std::max<int64_t>(1, (short_tokens + T / 2) / T));
     return Tiling{T, 1, samples, N, T};
@@ -176,6 +186,32 @@ Tiling make_tiling(int64_t N, int64_t T, int64_t hidden, int64_t budget, int64_t
   int64_t tokens = (T + k - 1) / k;
   tokens = (tokens + 15) / 16 * 16;
   return Tiling{tokens, (T + tokens - 1) / tokens, 1, N, T};
+}
+
+// The whole-batch token limit for dtype S: 0 (never one tile) where the GEMM
+// route cannot thread. RIFORMER_CPU_WHOLE_BATCH_TOKENS overrides (0 disables).
+template <typename S>
+int64_t whole_batch_tokens() {
+  if (std::is_same_v<S, float> && blas::brgemm_f32_usable()) return 0;
+  const char* v = std::getenv("RIFORMER_CPU_WHOLE_BATCH_TOKENS");
+  if (v != nullptr && *v != '\0') return std::max<long long>(0, std::atoll(v));
+  return kWholeBatchTokens;
+}
+
+// Runs body(begin, end) over the tasks [0, count): in parallel, one task at a
+// time per thread with single-threaded GEMMs; or, for a single task, on the
+// calling thread with the GEMMs multi-threaded by MKL (called outside any
+// parallel region, which would make MKL run on one thread).
+template <typename F>
+void for_each_task(int64_t count, const F& body) {
+  if (count == 1) {
+    body(int64_t(0), int64_t(1));
+    return;
+  }
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    blas::SingleThreadedBlas single_thread;
+    body(begin, end);
+  });
 }
 
 // Per-thread scratch that persists across calls. Fresh std::vectors of a few
@@ -287,7 +323,7 @@ void check_block_dtype(at::ScalarType st, const char* op) {
 // ---------------------------------------------------------------------------
 struct ForwardArgs {
   at::Tensor x, A, B, a, b, w1, b1, w2, b2, l2;
-  at::Tensor w1t, w2t;  // [C, Hd] and [Hd, C] copies, made where a layout needs them
+  at::Tensor w1t, w2t;  // [C, Hd] and [Hd, C] copies, made where a route needs them
   bool channels_last;
   int64_t N, C, T, Hd;
 };
@@ -379,14 +415,19 @@ ForwardArgs forward_args(const at::Tensor& x, const at::Tensor& A, const at::Ten
   return f;
 }
 
-void add_transposed_weights(ForwardArgs& f) {
-  f.w1t = f.w1.t().contiguous();
-  f.w2t = f.w2.t().contiguous();
+// Transposed copies of the weights, for a GEMM route that takes no transposed
+// operands (oneDNN brgemm). MKL reads the weights transposed in place instead
+// (tile_gemm): at C=512 the two copies cost ~4% of a training step. `w2t_always`:
+// the NCHW backward's weight2_grad_t reads W2^T elementwise, on any route.
+void add_transposed_weights(ForwardArgs& f, bool w2t_always) {
+  const bool copies = f.x.scalar_type() == at::kFloat && blas::brgemm_f32_usable();
+  if (copies) f.w1t = f.w1.t().contiguous();
+  if (copies || w2t_always) f.w2t = f.w2.t().contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_forward_common(
     ForwardArgs& f, bool emit_moments, bool save_u) {
-  if (f.channels_last) add_transposed_weights(f);
+  if (f.channels_last) add_transposed_weights(f, false);
   const auto st = f.x.scalar_type();
   const auto acc = st == at::kDouble ? at::kDouble : at::kFloat;
   const auto fmt = format_of(f.channels_last);
@@ -432,7 +473,7 @@ mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
   const char* op = "mlp_backward";
   // a and b do not enter phase 1; A stands in for them in the shared checks.
   ForwardArgs f = forward_args(x, A, B, A, A, w1, b1, w2, b2, l2, op);
-  add_transposed_weights(f);
+  add_transposed_weights(f, !f.channels_last && f.T >= kWeight2GemmBelowTokens);
   check_like(grad_out, x, f.channels_last, "grad_out", op);
   const auto st = x.scalar_type();
   const auto acc = st == at::kDouble ? at::kDouble : at::kFloat;

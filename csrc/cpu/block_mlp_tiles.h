@@ -494,13 +494,22 @@ void input_grad_cols(const S* __restrict g, const S* __restrict dz,
 // Y[L, M] = X[L, K] Wm^T[K, M]. So each product of the kernels is written once,
 // given Wm and its transposed copy WmT (the one token-major GEMMs read).
 // ---------------------------------------------------------------------------
+// Wm [M, K] or its transposed copy WmT [K, M] may be null (add_transposed_weights
+// makes copies only for brgemm); the GEMM then reads the other one transposed.
 template <typename S, typename Acc>
 void tile_gemm(bool cl, int64_t L, int64_t M, int64_t K, const S* Wm, const S* WmT,
                const S* X, Acc* Y) {
-  if (!cl)
-    blas::gemm_nn(M, L, K, Wm, K, X, L, Y, L, false);
-  else
-    blas::gemm_nn(L, M, K, X, K, WmT, M, Y, M, false);
+  if (!cl) {
+    if (Wm != nullptr)
+      blas::gemm_nn(M, L, K, Wm, K, X, L, Y, L, false);
+    else
+      blas::gemm(true, false, M, L, K, Acc(1), WmT, M, X, L, Acc(0), Y, L);
+  } else {
+    if (WmT != nullptr)
+      blas::gemm_nn(L, M, K, X, K, WmT, M, Y, M, false);
+    else
+      blas::gemm(false, true, L, M, K, Acc(1), X, K, Wm, K, Acc(0), Y, M);
+  }
 }
 
 // Weight-gradient accumulation over a tile's tokens, G += P Q^T, for a tile
@@ -536,7 +545,8 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
   const Tiling tiling =
       make_tiling(N, T, Hd, env_int("RIFORMER_CPU_FWD_HIDDEN", kFwdHiddenElems),
                   env_int("RIFORMER_CPU_MIN_TOKENS", kMinTokens),
-                  env_int("RIFORMER_CPU_SHORT_TOKENS", kShortTileTokens));
+                  env_int("RIFORMER_CPU_SHORT_TOKENS", kShortTileTokens),
+                  whole_batch_tokens<S>());
   const int64_t K = tiling.per_sample, W = tiling.width();
 
   const S* X = f.x.const_data_ptr<S>();
@@ -547,8 +557,8 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
   const Acc* cl2 = f.l2.const_data_ptr<Acc>();
   const S* W1 = f.w1.const_data_ptr<S>();
   const S* W2 = f.w2.const_data_ptr<S>();
-  const S* W1T = cl ? f.w1t.const_data_ptr<S>() : nullptr;
-  const S* W2T = cl ? f.w2t.const_data_ptr<S>() : nullptr;
+  const S* W1T = f.w1t.defined() ? f.w1t.const_data_ptr<S>() : nullptr;
+  const S* W2T = f.w2t.defined() ? f.w2t.const_data_ptr<S>() : nullptr;
   const Acc* B1 = f.b1.const_data_ptr<Acc>();
   const Acc* B2 = f.b2.const_data_ptr<Acc>();
 
@@ -556,8 +566,7 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
   // below in tile order.
   std::vector<Acc> pmean(emit_moments ? N * K * C : 0), pm2(emit_moments ? N * K * C : 0);
 
-  at::parallel_for(0, tiling.tasks(), 1, [&](int64_t begin, int64_t end) {
-    blas::SingleThreadedBlas single_thread;
+  for_each_task(tiling.tasks(), [&](int64_t begin, int64_t end) {
     S* Z = thread_scratch<S>(0, C * W);
     Acc* U = thread_scratch<Acc>(1, Hd * W);
     S* Hh = kSameType<S> ? reinterpret_cast<S*>(U) : thread_scratch<S>(2, Hd * W);
@@ -641,7 +650,8 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
   const Tiling tiling =
       make_tiling(N, T, Hd, env_int("RIFORMER_CPU_BWD_HIDDEN", kBwdHiddenElems),
                   env_int("RIFORMER_CPU_MIN_TOKENS", kMinTokens),
-                  env_int("RIFORMER_CPU_SHORT_TOKENS", kShortTileTokens));
+                  env_int("RIFORMER_CPU_SHORT_TOKENS", kShortTileTokens),
+                  whole_batch_tokens<S>());
   const int64_t K = tiling.per_sample, W = tiling.width();
   const int64_t tasks = tiling.tasks();
   // dW2 and sum g o, two routes. Per segment GH = G H^T, from which both
@@ -665,8 +675,8 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
   const Acc* MEAN = mean_t.const_data_ptr<Acc>();
   const S* W1 = f.w1.const_data_ptr<S>();
   const S* W2 = f.w2.const_data_ptr<S>();
-  const S* W1T = f.w1t.const_data_ptr<S>();
-  const S* W2T = f.w2t.const_data_ptr<S>();
+  const S* W1T = f.w1t.defined() ? f.w1t.const_data_ptr<S>() : nullptr;
+  const S* W2T = f.w2t.defined() ? f.w2t.const_data_ptr<S>() : nullptr;
   const Acc* B1 = f.b1.const_data_ptr<Acc>();
   const Acc* B2 = f.b2.const_data_ptr<Acc>();
 
@@ -680,8 +690,7 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
   // Per (sample, tile of the sample): [SG, SGx, Sdz, Sdzx, SGo] x C.
   Acc* tsum = thread_scratch<Acc>(11, N * K * 5 * C);
 
-  at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
-    blas::SingleThreadedBlas single_thread;
+  for_each_task(groups, [&](int64_t gbegin, int64_t gend) {
     // Slots 0..7 serve the worker buffers; several roles share a slot where
     // one buffer holds [C, W] values and the other is carved after it.
     S* Z = thread_scratch<S>(0, 4 * C * W);
