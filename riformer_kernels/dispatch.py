@@ -36,12 +36,17 @@ class Backend:
 
     availability() -> None when usable in this process, else the reason it is not.
     supports(block, x) -> None when it can run this call, else the reason it cannot.
+    auto_declines(block, x) -> None, or why `auto` passes this call on to the next backend
+        although this one can run it (measured slower than that one for the call's class; see
+        docs/design.md section 5). Only `auto` asks; a backend requested by name runs anyway.
     forward(block, x, dp1, dp2) -> output; dp1/dp2 are per-sample drop-path factors or None.
     """
     name: str
     availability: Callable[[], str | None]
     supports: Callable[[object, torch.Tensor], str | None] = field(default=lambda block, x: None)
     forward: Callable | None = None
+    auto_declines: Callable[[object, torch.Tensor], str | None] = field(
+        default=lambda block, x: None)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -128,7 +133,7 @@ def choose_backend(block, x: torch.Tensor) -> Choice:
     skipped = []
     for candidate in AUTO_ORDER.get(x.device.type, DEFAULT_AUTO_ORDER):
         backend = get_backend(candidate)
-        reason = _why_not(backend, block, x)
+        reason = _why_not(backend, block, x) or backend.auto_declines(block, x)
         if reason is None:
             return Choice(backend, tuple(skipped))
         skipped.append((candidate, reason))

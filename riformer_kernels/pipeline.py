@@ -98,6 +98,9 @@ class KernelSet:
     output_span(out) -> the `span` of the partials mlp_forward returned for out.
     backward_weights_and_sums(g, saved) -> Phase1.
     backward_dx(g, saved, phase1, coeffs: fold.BackwardCoefficients) -> (dx, (dw1, db1, dw2)).
+    auto_declines(block, x) -> None, or why `auto` should run the next backend instead although
+        these kernels can run the call (they were measured slower than it for this call's class);
+        a backend asked for by name runs regardless.
     """
     name: str
     availability: Callable[[], str | None]
@@ -109,6 +112,7 @@ class KernelSet:
     output_span: Callable
     backward_weights_and_sums: Callable
     backward_dx: Callable
+    auto_declines: Callable[[object, torch.Tensor], str | None] = lambda block, x: None
 
 
 _KERNEL_SETS: dict[str, KernelSet] = {}
@@ -120,6 +124,7 @@ def register_kernel_set(kernels: KernelSet) -> None:
     register_backend(Backend(
         kernels.name, availability=kernels.availability,
         supports=lambda block, x: _shared_supports(block, x) or kernels.supports(block, x),
+        auto_declines=kernels.auto_declines,
         forward=lambda block, x, dp1, dp2: block_forward(
             kernels, x, BlockParams.of(block), dp1, dp2, recompute_for(block),
             getattr(block, 'chain_statistics', False))))

@@ -54,6 +54,16 @@ def small_tiles(monkeypatch):
     monkeypatch.setenv('RIFORMER_CPU_SHORT_TOKENS', '1')
 
 
+@pytest.fixture(params=['whole_batch', 'half_batch'])
+def short_sample_tiling(request, monkeypatch):
+    """Short samples (H*W < 384) run as one whole-batch tile with MKL-threaded GEMMs when the
+    batch has at most 512 tokens (every test shape here), else in tiles of at most half the
+    batch; 'half_batch' forces the second route (RIFORMER_CPU_WHOLE_BATCH_TOKENS=0)."""
+    if request.param == 'half_batch':
+        monkeypatch.setenv('RIFORMER_CPU_WHOLE_BATCH_TOKENS', '0')
+    return request.param
+
+
 def _with_mode(block, recompute):
     block = copy.deepcopy(block)
     block.recompute = recompute
@@ -82,7 +92,7 @@ def _compare(block, x, tol, backend='cpu'):
 @pytest.mark.parametrize('deploy', [False, True], ids=['train_form', 'deploy_form'])
 @pytest.mark.parametrize('mode', MODES)
 def test_fp32_output_and_all_gradients_within_1e5_of_fp64_reference(shape, channels_last, deploy,
-                                                                    mode):
+                                                                    mode, short_sample_tiling):
     block = _with_mode(make_block(shape[1], deploy=deploy, dtype=torch.float32), MODES[mode])
     x = random_input(shape, dtype=torch.float32, channels_last=channels_last)
     _compare(block, x, tol=1e-5)
@@ -147,9 +157,11 @@ def test_drop_path_same_seed_gives_reference_masks(deploy, mode):
 
 
 @pytest.mark.parametrize('mode', MODES)
-def test_deterministic_bitwise_twice_and_across_thread_counts(mode):
-    block = _with_mode(make_block(24, dtype=torch.float32), MODES[mode])
-    x = random_input((3, 24, 13, 11), dtype=torch.float32)
+# (8, 256, 7, 7): a whole-batch tile large enough that MKL threads its GEMMs.
+@pytest.mark.parametrize('shape', [(3, 24, 13, 11), (8, 256, 7, 7)])
+def test_deterministic_bitwise_twice_and_across_thread_counts(mode, short_sample_tiling, shape):
+    block = _with_mode(make_block(shape[1], dtype=torch.float32), MODES[mode])
+    x = random_input(shape, dtype=torch.float32)
     g = torch.randn(x.shape, dtype=torch.float32)
     threads = torch.get_num_threads()
     runs = []
@@ -259,6 +271,43 @@ def test_unsupported_calls_fall_back_with_reasons(monkeypatch):
     assert 'chosen: reference' in text and 'dropout' in text
     # in eval mode dropout is the identity and the cpu backend runs it
     assert 'chosen: cpu' in rk.explain_dispatch(dropout.eval(), random_input((1, 8, 2, 2)))
+
+
+def test_auto_declines_a_class_measured_slower_and_says_why(monkeypatch, isa_cap):
+    """A call in a SLOWER_THAN_REFERENCE class goes to the reference under auto, with the
+    measurement in explain_dispatch; by name the cpu kernels still run it; other modes, memory
+    modes, shapes and ISA paths are unaffected."""
+    monkeypatch.delenv('RIFORMER_BACKEND', raising=False)
+    cpu_room = rk.backends.cpu
+    monkeypatch.setattr(cpu_room, 'SLOWER_THAN_REFERENCE', (cpu_room.SlowerClass(
+        levels=(isa_cap,), mode='train', recompute=True, min_channels=16, max_tokens=50,
+        measured='0.5x eager in a test'),))
+    block = _with_mode(make_block(16, dtype=torch.float32), True)
+    x = random_input((2, 16, 7, 7), dtype=torch.float32)
+    text = rk.explain_dispatch(block, x)
+    assert 'chosen: reference' in text and '0.5x eager in a test' in text, text
+    assert f'ISA path {isa_cap}' in text and 'recompute=True' in text
+    with torch.no_grad():
+        assert 'chosen: cpu' in rk.explain_dispatch(block, x)          # forward: not the class
+    assert 'chosen: cpu' in rk.explain_dispatch(_with_mode(block, False), x)   # save-u mode
+    assert 'chosen: cpu' in rk.explain_dispatch(block, random_input((2, 16, 8, 8)))  # 64 tokens
+    assert 'chosen: cpu' in rk.explain_dispatch(make_block(8, dtype=torch.float32),
+                                                random_input((2, 8, 7, 7)))        # C < 16
+    other = next(lvl for lvl in cpu_room.ISA_LEVELS if lvl != isa_cap)
+    monkeypatch.setattr(cpu_room, 'SLOWER_THAN_REFERENCE', (
+        cpu_room.SLOWER_THAN_REFERENCE[0]._replace(levels=(other,)),))
+    assert 'chosen: cpu' in rk.explain_dispatch(block, x)
+    # Named, the class does not matter: the kernels run (and the cap's level is what ran).
+    monkeypatch.setattr(cpu_room, 'SLOWER_THAN_REFERENCE', (
+        cpu_room.SLOWER_THAN_REFERENCE[0]._replace(levels=(isa_cap,)),))
+    _compare(block, x, tol=1e-5)
+
+
+def test_slower_classes_are_well_formed():
+    for cls in rk.backends.cpu.SLOWER_THAN_REFERENCE:
+        assert set(cls.levels) <= set(rk.backends.cpu.ISA_LEVELS), cls
+        assert cls.mode in ('train', 'forward') and cls.recompute in (None, True, False), cls
+        assert cls.min_channels > 0 and cls.max_tokens > 0 and cls.measured, cls
 
 
 def test_channels_last_in_channels_last_out_and_mixed_layout_grad():

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _ext
+from ..dispatch import recompute_for
 from ..pipeline import KernelSet, Partials, Phase1, register_kernel_set
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
@@ -105,6 +106,45 @@ def _supports(block, x: torch.Tensor) -> str | None:
     return None
 
 
+class SlowerClass(NamedTuple):
+    """A class of calls for which the benchmarks measured these kernels slower than the eager
+    reference (`auto` then runs the reference; a backend asked for by name runs anyway).
+    The shape class is samples of fewer than `max_tokens` tokens (H*W) with at least
+    `min_channels` channels: the short-sample tiles of S12's stages 3-4, where the step is
+    GEMM-bound and a recomputing backward runs one or two GEMMs more than eager's six."""
+    levels: tuple        # ISA paths (cpu_isa_info().active) it was measured on
+    mode: str            # 'train' or 'forward'
+    recompute: bool | None   # the memory mode, or None for both
+    min_channels: int
+    max_tokens: int
+    measured: str        # what was measured, where
+
+
+SLOWER_THAN_REFERENCE: tuple = ()
+
+
+def _is_training_call(block, x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or
+                                        any(p.requires_grad for p in block.parameters()))
+
+
+def _auto_declines(block, x: torch.Tensor) -> str | None:
+    if not SLOWER_THAN_REFERENCE:
+        return None
+    mode = 'train' if _is_training_call(block, x) else 'forward'
+    recompute = recompute_for(block)
+    level = cpu_isa_info().active
+    channels, tokens = x.shape[1], x.shape[2] * x.shape[3]
+    for cls in SLOWER_THAN_REFERENCE:
+        if (level in cls.levels and cls.mode == mode and cls.min_channels <= channels
+                and tokens < cls.max_tokens and cls.recompute in (None, recompute)):
+            memory = '' if cls.recompute is None else f", recompute={recompute}"
+            return (f"measured slower than the reference here ({mode}{memory}, C >= "
+                    f"{cls.min_channels} with H*W < {cls.max_tokens}, ISA path {level}: "
+                    f"{cls.measured}); rk.use_backend('cpu') runs it anyway")
+    return None
+
+
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     # NCHW wins where both hold (C == 1 or H*W == 1): the kernels make the same choice.
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -153,5 +193,6 @@ def _backward_dx(g, sv, p1: Phase1, bc):
 KERNELS = KernelSet(
     'cpu', availability=_availability, supports=_supports, prepare_input=_prepare_input,
     moments=_moments, merge=_merge, mlp_forward=_mlp_forward, output_span=lambda out: 0,
-    backward_weights_and_sums=_backward_weights_and_sums, backward_dx=_backward_dx)
+    backward_weights_and_sums=_backward_weights_and_sums, backward_dx=_backward_dx,
+    auto_declines=_auto_declines)
 register_kernel_set(KERNELS)
