@@ -3,9 +3,10 @@
 // its output (block_mlp.cpp, emit_moments) use the same scheme; it is written
 // once here so that the two cannot drift apart.
 //
-// Everything is forced inline: block_mlp.cpp calls these from functions it
-// clones per ISA level (target_clones), and each clone must get its own inlined
-// copy, compiled for its ISA, as when the loops were written out in place.
+// Everything is forced inline: block_mlp.cpp calls these from its tile code,
+// which it compiles once per ISA level (isa.h), and each copy must get its own
+// inlined copy, compiled for its level, as when the loops were written out in
+// place.
 #pragma once
 
 #include <cstdint>
