@@ -81,7 +81,7 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __noinline__ __attribute__((noinline))
 #define __restrict__ __restrict
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 #define __constant__
 // Static __shared__ variables become thread_local: block-scope thread_local has static storage,
@@ -1007,16 +1007,18 @@ RIFORMER_EMU_FN uint16_t f32_to_bf16_bits(float f) {
 RIFORMER_EMU_FN float bf16_bits_to_f32(uint16_t b) { return std::bit_cast<float>(uint32_t(b) << 16); }
 }  // namespace riformer::emu::detail
 
-// Trivial default constructor on purpose: __shared__ arrays of these must need no initialisation.
+// constexpr default constructor on purpose: a block-scope thread_local (__shared__) array of them
+// is then constant-initialised, with no TLS guard variable (a guard would live in, and be read
+// from, the poisoned static shared region).
 struct __half {
   uint16_t __x;
-  __half() = default;
+  constexpr __half() : __x(0) {}
   RIFORMER_EMU_NOSAN __half(float f) : __x(::riformer::emu::detail::f32_to_f16_bits(f)) {}
   RIFORMER_EMU_NOSAN operator float() const { return ::riformer::emu::detail::f16_bits_to_f32(__x); }
 };
 struct __nv_bfloat16 {
   uint16_t __x;
-  __nv_bfloat16() = default;
+  constexpr __nv_bfloat16() : __x(0) {}
   RIFORMER_EMU_NOSAN __nv_bfloat16(float f) : __x(::riformer::emu::detail::f32_to_bf16_bits(f)) {}
   RIFORMER_EMU_NOSAN operator float() const { return ::riformer::emu::detail::bf16_bits_to_f32(__x); }
 };

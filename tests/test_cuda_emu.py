@@ -1,0 +1,149 @@
+"""The CUDA SIMT emulator (csrc/emu/cuda_emu.h) and the PTX wrappers' emulation (csrc/cuda/ptx.cuh).
+
+Two C++ programs (tests/emu/checks.cu, tests/emu/mma.cu) are built once with g++ and the flags
+in csrc/emu/FLAGS, exactly as any kernel file is built against the emulator, then run per case.
+Every error check runs the buggy kernel (the message must start with the specific prefix and
+name kernel, block, thread and, for memory errors, the address) and its correct twin (which must
+pass and give the right answer), so each test can fail both ways.
+"""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GXX = shutil.which('g++')
+pytestmark = pytest.mark.skipif(GXX is None, reason='g++ not found: the CUDA emulator tests compile C++ programs')
+
+
+def _flags():
+    with open(os.path.join(ROOT, 'csrc', 'emu', 'FLAGS')) as f:
+        return f.read().split()
+
+
+@pytest.fixture(scope='module')
+def programs(tmp_path_factory):
+    out = tmp_path_factory.mktemp('cuda_emu')
+    built = {}
+    for name in ('checks', 'mma'):
+        exe = str(out / name)
+        cmd = [GXX] + _flags() + [os.path.join('tests', 'emu', name + '.cu'), '-o', exe]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f'build of {name} failed:\n{" ".join(cmd)}\n{r.stderr[-4000:]}'
+        built[name] = exe
+    return built
+
+
+def run_case(programs, case, seed=1):
+    r = subprocess.run([programs['checks'], case, str(seed)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip()
+    assert line.startswith(('OK ', 'ERR ')), line
+    return line
+
+
+def test_flags_file_is_one_line():
+    with open(os.path.join(ROOT, 'csrc', 'emu', 'FLAGS')) as f:
+        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    assert len(lines) == 1
+    assert '-fsanitize=thread' in lines[0] and '-nodefaultlibs' in lines[0]  # hooks, but no libtsan
+
+
+@pytest.mark.parametrize('seed', [1, 2, 3, 4])
+def test_block_sum_correct_over_seeds(programs, seed):
+    line = run_case(programs, 'sum', seed)
+    assert line.startswith('OK '), line
+    got, ref = map(float, line.split()[1:])
+    assert abs(got - ref) <= 1e-4 * max(1.0, abs(ref)), line
+
+
+def _assert_error(line, prefix, kernel, memory=True):
+    assert line.startswith('ERR ' + prefix), line
+    assert f'kernel {kernel}(' in line, line
+    assert re.search(r'block \(\d+,\d+,\d+\)', line), line
+    assert re.search(r'thread \(\d+,\d+,\d+\) \[tid \d+', line), line
+    if memory:
+        assert re.search(r'shared address 0x[0-9a-f]+ \((static|dynamic) shared \+ \d+\)', line), line
+
+
+@pytest.mark.parametrize('seed', [1, 5])
+def test_race_between_barriers(programs, seed):
+    _assert_error(run_case(programs, 'race_bad', seed), 'race:', 'race')
+    assert run_case(programs, 'race_good', seed) == 'OK 9'
+
+
+@pytest.mark.parametrize('seed', [1, 5])
+def test_warp_synchronous_code_needs_syncwarp(programs, seed):
+    _assert_error(run_case(programs, 'warp_bad', seed), 'race:', 'warp_handoff')
+    assert run_case(programs, 'warp_good', seed) == 'OK 62.000000'
+
+
+def test_uninitialized_shared_read(programs):
+    line = run_case(programs, 'uninit_bad')
+    _assert_error(line, 'uninitialized:', 'uninit')
+    assert 'static shared' in line
+    assert run_case(programs, 'uninit_good') == 'OK match'
+
+
+@pytest.mark.parametrize('seed', [1, 5])
+def test_divergent_barrier(programs, seed):
+    line = run_case(programs, 'barrier_bad', seed)
+    _assert_error(line, 'barrier:', 'divergent_barrier', memory=False)
+    assert '__syncthreads' in line and 'exited' in line
+    assert run_case(programs, 'barrier_good', seed) == 'OK 0.000000'
+
+
+def test_dynamic_shared_bounds(programs):
+    line = run_case(programs, 'bounds_bad')
+    _assert_error(line, 'bounds:', 'dyn_reverse')
+    assert 'dynamic shared + 380' in line and '380 bytes of dynamic shared memory' in line
+    assert run_case(programs, 'bounds_good') == 'OK match'
+
+
+def test_missing_cp_async_wait(programs):
+    line = run_case(programs, 'cp_async_bad')
+    _assert_error(line, 'uninitialized:', 'cp_async_stage')
+    assert 'cp.async' in line
+    assert run_case(programs, 'cp_async_good') == 'OK match'
+
+
+def test_warp_collective_mask_mismatch(programs):
+    line = run_case(programs, 'mask_bad')
+    _assert_error(line, 'barrier:', 'mask_mismatch', memory=False)
+    assert 'different masks' in line
+    assert run_case(programs, 'mask_good') == 'OK 1.000000'
+
+
+def test_schedule_order_depends_on_seed_but_results_do_not(programs):
+    orders = {run_case(programs, 'tickets', s) for s in (1, 2, 3)}
+    assert len(orders) == 3, orders  # the ticket order is the run order of the fibers
+    assert run_case(programs, 'tickets', 2) == run_case(programs, 'tickets', 2)  # seeded: reproducible
+    for s in (1, 2, 3):  # correct kernels: same answer whatever the order
+        assert run_case(programs, 'warp_good', s) == 'OK 62.000000'
+        assert run_case(programs, 'bounds_good', s) == 'OK match'
+    for s in (1, 2, 3):
+        assert sorted(map(int, run_case(programs, 'tickets', s)[3:].strip(',').split(','))) == list(range(96))
+
+
+MMA_CASES = ['mma_f16_map', 'mma_bf16_map', 'mma_tf32_map', 'mma_tf32_random', 'ldmatrix_x1', 'ldmatrix_x2',
+             'ldmatrix_x4', 'ldmatrix_x1_trans', 'ldmatrix_x2_trans', 'ldmatrix_x4_trans', 'matmul_f16_pipeline',
+             'half_bf16_rounding', 'tf32_rounding']
+
+
+@pytest.fixture(scope='module')
+def mma_results(programs):
+    r = subprocess.run([programs['mma']], capture_output=True, text=True, timeout=120)
+    results = {}
+    for line in r.stdout.splitlines():
+        name, status, *rest = line.split(' ', 2) + ['']
+        results[name] = (status, rest[0])
+    return results
+
+
+@pytest.mark.parametrize('case', MMA_CASES)
+def test_ptx_emulation(mma_results, case):
+    assert case in mma_results, f'{case} did not report (program output: {mma_results})'
+    status, detail = mma_results[case]
+    assert status == 'OK', f'{case}: {detail}'
