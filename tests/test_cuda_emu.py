@@ -116,6 +116,54 @@ def test_warp_collective_mask_mismatch(programs):
     assert run_case(programs, 'mask_good') == 'OK 1.000000'
 
 
+@pytest.mark.parametrize('seed', [1, 5])
+def test_threads_at_different_barriers(programs, seed):
+    line = run_case(programs, 'split_bad', seed)
+    _assert_error(line, 'barrier:', 'split_barrier', memory=False)
+    assert 'different barriers' in line and 'checks.cu:' in line
+    assert run_case(programs, 'split_good', seed) == 'OK 63.000000'
+
+
+@pytest.mark.parametrize('seed', [1, 5])
+def test_lane_exit_during_collective(programs, seed):
+    line = run_case(programs, 'exit_bad', seed)
+    _assert_error(line, 'barrier:', 'lane_exit', memory=False)
+    assert '__shfl_down_sync' in line or 'exited' in line
+    assert run_case(programs, 'exit_good', seed) == 'OK 5.000000'
+
+
+@pytest.mark.parametrize('seed', [1, 5])
+def test_atomics_race_with_plain_reads_only(programs, seed):
+    _assert_error(run_case(programs, 'atomic_bad', seed), 'race:', 'atomic_then_read')
+    assert run_case(programs, 'atomic_good', seed) == f'OK {sum(range(64))}'
+
+
+def test_dynamic_shared_raw_bytes_bounds(programs):
+    _assert_error(run_case(programs, 'dyn2_bad'), 'bounds:', 'dyn_two_arrays')
+    assert run_case(programs, 'dyn2_good') == 'OK match'
+
+
+def _load_wrapper():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('gcc_wrap', os.path.join(ROOT, 'csrc', 'emu', 'gcc_wrap.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_wrapper_rewrites_extern_shared_keeping_lines():
+    wrap = _load_wrapper()
+    src = ('__global__ void k() {\n'
+           '  extern __shared__ __align__(16) unsigned char\n      raw[];\n'
+           '  extern __shared__ float f[ ];\n'
+           '  __shared__ float s[8];\n}\n')
+    out = wrap.rewrite(src)
+    assert 'RIFORMER_EMU_EXTERN_SHARED(unsigned char, raw);' in out
+    assert 'RIFORMER_EMU_EXTERN_SHARED(float, f);' in out
+    assert '__shared__ float s[8];' in out  # static shared is left to the macro
+    assert out.count('\n') == src.count('\n')  # line numbers unchanged
+
+
 def test_schedule_order_depends_on_seed_but_results_do_not(programs):
     orders = {run_case(programs, 'tickets', s) for s in (1, 2, 3)}
     assert len(orders) == 3, orders  # the ticket order is the run order of the fibers

@@ -101,6 +101,49 @@ __global__ void tickets(int* order) {
   order[atomicAdd(&next, 1)] = threadIdx.x;
 }
 
+// Two halves of the block wait at two different __syncthreads calls.
+__global__ void split_barrier(float* out, int same) {
+  int t = threadIdx.x;
+  if (same || t < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[t] = float(t);
+}
+
+// A lane leaves while the rest of its warp waits for it at a shuffle.
+__global__ void lane_exit(float* out, int stay) {
+  int lane = threadIdx.x;
+  if (!stay && lane == 5) return;
+  out[lane] = __shfl_down_sync(0xffffffffu, float(lane), 1);
+}
+
+// A counter bumped with atomics and read plainly by another thread: the read must wait for a
+// barrier (atomics do not race with each other, but do with plain accesses).
+__global__ void atomic_then_read(int* out, int with_barrier) {
+  __shared__ int counter;
+  int t = threadIdx.x;
+  if (t == 0) counter = 0;
+  __syncthreads();
+  atomicAdd(&counter, t);
+  if (with_barrier) __syncthreads();
+  if (t == 40) out[0] = counter;
+}
+
+// Dynamic shared memory declared the way tiled kernels do (raw aligned bytes, reinterpreted),
+// holding __half values; the buggy launch gives too few bytes for the second array.
+__global__ void dyn_two_arrays(const float* in, float* out, int n) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __half* h = reinterpret_cast<__half*>(smem_raw);
+  float* f = reinterpret_cast<float*>(smem_raw + n * sizeof(__half));
+  int t = threadIdx.x;
+  h[t] = __float2half(in[t]);
+  f[t] = in[t] * 2.f;
+  __syncthreads();
+  out[t] = __half2float(h[n - 1 - t]) + f[n - 1 - t];
+}
+
 static void fail_usage() {
   std::fprintf(stderr, "usage: checks <case> <seed>\n");
   std::exit(2);
@@ -170,6 +213,30 @@ int main(int argc, char** argv) {
       std::vector<float> out(32);
       riformer::emu::launch(mask_mismatch, dim3(1), dim3(32), 0, out.data(), int(c == "mask_good"));
       result = std::to_string(out[0]);
+    } else if (c == "split_bad" || c == "split_good") {
+      std::vector<float> out(64);
+      riformer::emu::launch(split_barrier, dim3(1), dim3(64), 0, out.data(), int(c == "split_good"));
+      result = std::to_string(out[63]);
+    } else if (c == "exit_bad" || c == "exit_good") {
+      std::vector<float> out(32);
+      riformer::emu::launch(lane_exit, dim3(1), dim3(32), 0, out.data(), int(c == "exit_good"));
+      result = std::to_string(out[4]);
+    } else if (c == "atomic_bad" || c == "atomic_good") {
+      std::vector<int> out(1);
+      riformer::emu::launch(atomic_then_read, dim3(1), dim3(64), 0, out.data(), int(c == "atomic_good"));
+      result = std::to_string(out[0]);
+    } else if (c == "dyn2_bad" || c == "dyn2_good") {
+      int n = 64;
+      auto in = randv(n);
+      std::vector<float> out(n);
+      size_t bytes = n * (sizeof(__half) + sizeof(float)) - (c == "dyn2_bad" ? 2 : 0);
+      riformer::emu::launch(dyn_two_arrays, dim3(2), dim3(n), bytes, in.data(), out.data(), n);
+      bool ok = true;
+      for (int t = 0; t < n; ++t) {
+        float x = in[n - 1 - t];
+        ok = ok && out[t] == __half2float(__float2half(x)) + 2.f * x;
+      }
+      result = ok ? "match" : "mismatch";
     } else if (c == "tickets") {
       std::vector<int> order(96);
       riformer::emu::launch(tickets, dim3(1), dim3(96), 0, order.data());
