@@ -8,7 +8,7 @@
 // (never written) reads, races between barriers, and out-of-bounds dynamic shared accesses.
 //
 // Execution model: a grid runs block by block. Inside a block every CUDA thread is a fiber
-// (ucontext) with its own stack; a fiber runs until it reaches a synchronisation point
+// with its own stack; a fiber runs until it reaches a synchronisation point
 // (__syncthreads, a warp collective, exit) and then hands control back to the scheduler, which
 // picks the next runnable fiber at random (seeded per launch). Warp collectives complete when
 // the last lane of the mask arrives; __syncthreads completes when every fiber of the block is
@@ -150,6 +150,84 @@ alignas(128) inline unsigned char dynamic_smem[kMaxDynamicSmem];
 // 3. Runtime state
 // ============================================================================================
 
+// A fiber's saved context. On x86-64 a switch is a few instructions (callee-saved registers,
+// MXCSR and the x87 control word pushed on the fiber's own stack, then a stack swap): the
+// emulator switches fibers at every barrier and collective, and swapcontext's two signal-mask
+// system calls per switch were most of its time. Elsewhere ucontext does the job.
+#if defined(__x86_64__) && !defined(RIFORMER_EMU_UCONTEXT)
+struct FiberCtx {
+  void* sp = nullptr;
+};
+}  // namespace detail
+}  // namespace riformer::emu
+// riformer_emu_switch(void** save_sp, void* new_sp): save this context on the current stack,
+// store the stack pointer in *save_sp, resume the context saved at new_sp. Weak, so every
+// translation unit that includes the header can carry a copy.
+asm(R"(
+  .text
+  .weak riformer_emu_switch
+  .hidden riformer_emu_switch
+  .type riformer_emu_switch, @function
+riformer_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size riformer_emu_switch, .-riformer_emu_switch
+)");
+extern "C" void riformer_emu_switch(void** save_sp, void* new_sp);
+namespace riformer::emu {
+namespace detail {
+RIFORMER_EMU_FN void switch_ctx(FiberCtx& save, FiberCtx& to) { riformer_emu_switch(&save.sp, to.sp); }
+// Lay out a fresh stack as if `entry` had been switched away from just before its first
+// instruction: the first switch to it pops zeroed registers and "returns" into entry with the
+// stack aligned as after a call.
+RIFORMER_EMU_FN void init_ctx(FiberCtx& c, void* stack, size_t bytes, void (*entry)()) {
+  auto top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t(15);
+  auto** sp = reinterpret_cast<void**>(top);
+  *--sp = nullptr;                          // entry's own (never used) return address
+  *--sp = reinterpret_cast<void*>(entry);   // popped by `ret`
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp rbx r12 r13 r14 r15
+  --sp;
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  std::memcpy(sp, &mxcsr, 4);
+  std::memcpy(reinterpret_cast<char*>(sp) + 4, &fpucw, 2);
+  c.sp = sp;
+}
+#else
+struct FiberCtx {
+  ucontext_t uc{};
+};
+RIFORMER_EMU_FN void switch_ctx(FiberCtx& save, FiberCtx& to) { swapcontext(&save.uc, &to.uc); }
+RIFORMER_EMU_FN void init_ctx(FiberCtx& c, void* stack, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
 enum class ThreadState : uint8_t { Runnable, Running, AtBarrier, AtWarp, Exited };
 
 struct LaneIO {
@@ -176,7 +254,7 @@ struct PendingCopy {
 };
 
 struct Thread {
-  ucontext_t ctx{};
+  FiberCtx ctx{};
   void* stack = nullptr;
   uint3 idx{0, 0, 0};
   int tid = 0, warp = 0, lane = 0;
@@ -224,8 +302,10 @@ struct State {
   int nthreads = 0, nwarps = 0;
   std::vector<int> runnable;
   int exited = 0;
+  std::vector<unsigned> warp_arrived;  // per warp: lanes waiting at a warp collective
+  std::vector<unsigned> warp_exited;   // per warp: lanes that have left the kernel
   Thread* cur = nullptr;
-  ucontext_t sched{};
+  FiberCtx sched{};
   bool in_fiber = false;
   bool failed = false;
   std::string failure;
@@ -364,7 +444,7 @@ RIFORMER_EMU_NOSAN inline std::string site_name(const std::source_location& s) {
     g.failed = true;
     g.failure = msg;
     g.in_fiber = false;
-    swapcontext(&g.cur->ctx, &g.sched);
+    switch_ctx(g.cur->ctx, g.sched);
     std::abort();  // never resumed
   }
   throw Error(msg);
@@ -504,7 +584,7 @@ RIFORMER_EMU_NOSAN inline void* alloc_stack() {
 RIFORMER_EMU_NOSAN inline void yield_to_scheduler() {
   Thread* t = g.cur;
   g.in_fiber = false;
-  swapcontext(&t->ctx, &g.sched);
+  switch_ctx(t->ctx, g.sched);
   // resumed: the scheduler set g.cur = t and g.in_fiber = true
 }
 
@@ -523,7 +603,7 @@ RIFORMER_EMU_NOSAN inline void fiber_entry() {
   t.state = ThreadState::Exited;
   ++g.exited;
   g.in_fiber = false;
-  swapcontext(&t.ctx, &g.sched);
+  switch_ctx(t.ctx, g.sched);
   std::abort();  // an exited fiber is never resumed
 }
 
@@ -560,13 +640,14 @@ RIFORMER_EMU_NOSAN inline std::string describe_wait(const Thread& t) {
 // A thread leaving the kernel while lanes of its warp wait for it at a collective can never
 // complete that collective (CUDA: undefined behaviour; the emulator: an error).
 RIFORMER_EMU_NOSAN inline void check_exit_against_waiters(Thread& t) {
-  int base = t.warp * kWarp;
-  for (int l = 0; l < kWarp && base + l < g.nthreads; ++l) {
-    Thread& o = g.threads[base + l];
-    if (o.state == ThreadState::AtWarp && (o.post.mask >> t.lane & 1u))
+  const int base = t.warp * kWarp;
+  for (unsigned m = g.warp_arrived[t.warp]; m; m &= m - 1) {
+    const Thread& o = g.threads[base + __builtin_ctz(m)];
+    if (o.post.mask >> t.lane & 1u)
       fail("barrier: " + where(t.tid) + " exits while " + thread_name(o.tid) + " " + describe_wait(o) +
            " and needs it");
   }
+  g.warp_exited[t.warp] |= 1u << t.lane;
 }
 
 RIFORMER_EMU_NOSAN inline void join_clocks(int warp, unsigned mask) {
@@ -595,35 +676,38 @@ RIFORMER_EMU_NOSAN __attribute__((noinline)) inline void warp_collective(unsigne
   mask &= existing_lanes(t.warp);
   t.post = {mask, fn, what, in, out, site};
   t.state = ThreadState::AtWarp;
-  int base = t.warp * kWarp;
-  int arrived = 0;
-  for (int l = 0; l < kWarp && base + l < g.nthreads; ++l) {
-    Thread& o = g.threads[base + l];
-    if (&o == &t) {
-      ++arrived;
-      continue;
-    }
-    bool needed = mask >> l & 1u;
-    bool needs_me = o.state == ThreadState::AtWarp && (o.post.mask >> t.lane & 1u);
-    if (needed && o.state == ThreadState::Exited)
-      fail("barrier: " + where(t.tid) + " waits at " + what + " (mask " + mask_hex(mask) + ") at " + site_name(site) +
-           " but " + thread_name(o.tid) + " has exited");
-    if ((needed && o.state == ThreadState::AtWarp) || needs_me) {
-      if (o.post.mask != mask || o.post.fn != fn || std::strcmp(o.post.what, what) != 0)
-        fail("barrier: " + where(t.tid) + " at " + what + " (mask " + mask_hex(mask) + ") at " + site_name(site) +
-             " meets " + thread_name(o.tid) + " which " + describe_wait(o) +
-             ": lanes of a warp passed different masks or reached different collectives");
-      ++arrived;
-    }
+  const int base = t.warp * kWarp;
+  const unsigned me = 1u << t.lane;
+  unsigned& arrived = g.warp_arrived[t.warp];
+  if (unsigned gone = mask & g.warp_exited[t.warp])
+    fail("barrier: " + where(t.tid) + " waits at " + what + " (mask " + mask_hex(mask) + ") at " + site_name(site) +
+         " but " + thread_name(base + __builtin_ctz(gone)) + " has exited");
+  // O(1) per arrival: agree with one lane of the mask already waiting (all of them are checked
+  // against each other when the collective completes).
+  auto mismatch = [&](const Thread& o) RIFORMER_EMU_NOSAN {
+    return o.post.mask != mask || o.post.fn != fn || std::strcmp(o.post.what, what) != 0;
+  };
+  auto report = [&](const Thread& o) RIFORMER_EMU_NOSAN {
+    fail("barrier: " + where(t.tid) + " at " + what + " (mask " + mask_hex(mask) + ") at " + site_name(site) +
+         " meets " + thread_name(o.tid) + " which " + describe_wait(o) +
+         ": lanes of a warp passed different masks or reached different collectives");
+  };
+  if (unsigned waiting = arrived & mask) {
+    const Thread& o = g.threads[base + __builtin_ctz(waiting)];
+    if (mismatch(o)) report(o);
   }
-  if (arrived == __builtin_popcount(mask)) {
+  arrived |= me;
+  if ((arrived & mask) == mask) {
     LaneIO io[kWarp] = {};
-    for (int l = 0; l < kWarp; ++l)
-      if (mask >> l & 1u) io[l] = {g.threads[base + l].post.in, g.threads[base + l].post.out};
+    for (unsigned m = mask; m; m &= m - 1) {
+      const Thread& o = g.threads[base + __builtin_ctz(m)];
+      if (mismatch(o)) report(o);
+      io[o.lane] = {o.post.in, o.post.out};
+    }
+    arrived &= ~mask;
     if (fn) fn(io, mask);
     else join_clocks(t.warp, mask);
-    for (int l = 0; l < kWarp; ++l)
-      if ((mask >> l & 1u) && l != t.lane) make_runnable(g.threads[base + l]);
+    for (unsigned m = mask & ~me; m; m &= m - 1) make_runnable(g.threads[base + __builtin_ctz(m)]);
     t.state = ThreadState::Running;
     return;
   }
@@ -662,7 +746,8 @@ RIFORMER_EMU_NOSAN inline void resolve_quiescent() {
                   thread_name(t.tid) + " has exited (a __syncthreads not reached by every thread of the block)");
     if (t.state == ThreadState::AtBarrier &&
         (t.barrier_site.line() != first_barrier->barrier_site.line() ||
-         std::strcmp(t.barrier_site.file_name(), first_barrier->barrier_site.file_name()) != 0))
+         (t.barrier_site.file_name() != first_barrier->barrier_site.file_name() &&
+          std::strcmp(t.barrier_site.file_name(), first_barrier->barrier_site.file_name()) != 0)))
       throw Error("barrier: " + where(first_barrier->tid) + " " + describe_wait(*first_barrier) + " but " +
                   thread_name(t.tid) + " " + describe_wait(t) + " (threads wait at different barriers)");
   }
@@ -682,6 +767,8 @@ RIFORMER_EMU_NOSAN inline void run_block() {
   std::memset(dynamic_smem, 0xff, g.dyn_bytes);
   g.runnable.clear();
   g.exited = 0;
+  g.warp_arrived.assign(size_t(g.nwarps), 0u);
+  g.warp_exited.assign(size_t(g.nwarps), 0u);
   for (int i = 0; i < n; ++i) {
     Thread& t = g.threads[i];
     if (!t.stack) t.stack = alloc_stack();
@@ -694,11 +781,7 @@ RIFORMER_EMU_NOSAN inline void run_block() {
     t.vc[t.lane] = 1;
     t.cp_open.clear();
     t.cp_groups.clear();
-    getcontext(&t.ctx);
-    t.ctx.uc_stack.ss_sp = t.stack;
-    t.ctx.uc_stack.ss_size = kStackBytes;
-    t.ctx.uc_link = nullptr;
-    makecontext(&t.ctx, fiber_entry, 0);
+    init_ctx(t.ctx, t.stack, kStackBytes, fiber_entry);
     make_runnable(t);
   }
   for (;;) {
@@ -712,7 +795,7 @@ RIFORMER_EMU_NOSAN inline void run_block() {
       g.cur = &t;
       if (g.keep_trace) g.trace.push_back(uint16_t(tid));
       g.in_fiber = true;
-      swapcontext(&g.sched, &t.ctx);
+      switch_ctx(g.sched, t.ctx);
       g.in_fiber = false;
       if (g.failed) throw Error(g.failure);
     }
@@ -751,11 +834,7 @@ RIFORMER_EMU_FN void __threadfence_block() {}
 // Lanes of the warp that have not exited (the emulator runs a warp's lanes converged).
 RIFORMER_EMU_FN unsigned __activemask() {
   using namespace ::riformer::emu::detail;
-  unsigned m = 0;
-  int base = g.cur->warp * kWarp;
-  for (int l = 0; l < kWarp && base + l < g.nthreads; ++l)
-    if (g.threads[base + l].state != ThreadState::Exited) m |= 1u << l;
-  return m;
+  return existing_lanes(g.cur->warp) & ~g.warp_exited[g.cur->warp];
 }
 
 RIFORMER_EMU_FN unsigned riformer_emu_laneid() { return unsigned(::riformer::emu::detail::g.cur->lane); }
