@@ -141,6 +141,10 @@ def test_atomics_race_with_plain_reads_only(programs, seed):
     assert run_case(programs, 'atomic_good', seed) == f'OK {sum(range(64))}'
 
 
+def test_gcc_atomic_builtins_on_shared(programs):
+    assert run_case(programs, 'builtin_atomics') == f'OK {sum(range(64))}'
+
+
 def test_dynamic_shared_raw_bytes_bounds(programs):
     _assert_error(run_case(programs, 'dyn2_bad'), 'bounds:', 'dyn_two_arrays')
     assert run_case(programs, 'dyn2_good') == 'OK match'

@@ -58,6 +58,9 @@
 #include <iterator>
 #include <limits>
 #include <map>
+// <memory> before the macros below: libstdc++'s shared_ptr uses __attribute__((__noinline__)),
+// which the __noinline__ macro would break; included here, its guard keeps it from being re-read.
+#include <memory>
 #include <random>
 #include <source_location>
 #include <sstream>
@@ -958,6 +961,10 @@ RIFORMER_EMU_NOSAN inline int __any_sync(unsigned mask, int pred,
 // read-modify-write is atomic by construction; on shared memory it is checked like a write that
 // does not race with other atomics (and reads the old value, so it must be initialised).
 namespace riformer::emu::detail {
+RIFORMER_EMU_FN void atomic_hook(const volatile void* p, size_t n, const void* pc) {
+  if (g.in_fiber && in_shared(const_cast<const void*>(p)))
+    access(reinterpret_cast<uintptr_t>(p), n, kAtomic, pc);
+}
 template <typename T, typename F>
 RIFORMER_EMU_NOSAN inline T atomic_rmw(T* p, F f) {
   if (g.in_fiber && in_shared(p)) access(reinterpret_cast<uintptr_t>(p), sizeof(T), kAtomic, __builtin_return_address(0));
@@ -1313,6 +1320,55 @@ __attribute__((weak, noinline)) RIFORMER_EMU_NOSAN void __tsan_read_range(void* 
 __attribute__((weak, noinline)) RIFORMER_EMU_NOSAN void __tsan_write_range(void* p, unsigned long n) {
   if (n) ::riformer::emu::detail::hook(p, n, 1, __builtin_return_address(0));
 }
+// __atomic builtins and std::atomic in instrumented code become __tsan_atomicN_* calls. On shared
+// memory every one of them (loads included) is checked as an atomic access: no race with other
+// atomics, a race with unordered plain accesses. (Counting an atomic load as an atomic write is
+// an over-approximation: a plain read of the byte by another thread before a barrier is reported.)
+#define RIFORMER_EMU_TSAN_ATOMICS(n, T)                                                                     \
+  __attribute__((weak)) RIFORMER_EMU_NOSAN T __tsan_atomic##n##_load(const volatile T* a, int) {            \
+    ::riformer::emu::detail::atomic_hook(a, sizeof(T), __builtin_return_address(0));                        \
+    return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                            \
+  }                                                                                                         \
+  __attribute__((weak)) RIFORMER_EMU_NOSAN void __tsan_atomic##n##_store(volatile T* a, T v, int) {         \
+    ::riformer::emu::detail::atomic_hook(a, sizeof(T), __builtin_return_address(0));                        \
+    __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                                               \
+  }                                                                                                         \
+  RIFORMER_EMU_TSAN_RMW(n, T, exchange, __atomic_exchange_n)                                                \
+  RIFORMER_EMU_TSAN_RMW(n, T, fetch_add, __atomic_fetch_add)                                                \
+  RIFORMER_EMU_TSAN_RMW(n, T, fetch_sub, __atomic_fetch_sub)                                                \
+  RIFORMER_EMU_TSAN_RMW(n, T, fetch_and, __atomic_fetch_and)                                                \
+  RIFORMER_EMU_TSAN_RMW(n, T, fetch_or, __atomic_fetch_or)                                                  \
+  RIFORMER_EMU_TSAN_RMW(n, T, fetch_xor, __atomic_fetch_xor)                                                \
+  RIFORMER_EMU_TSAN_RMW(n, T, fetch_nand, __atomic_fetch_nand)                                              \
+  __attribute__((weak)) RIFORMER_EMU_NOSAN int __tsan_atomic##n##_compare_exchange_strong(volatile T* a,    \
+                                                                                      T* c, T v, int, int) { \
+    ::riformer::emu::detail::atomic_hook(a, sizeof(T), __builtin_return_address(0));                        \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                 \
+  }                                                                                                         \
+  __attribute__((weak)) RIFORMER_EMU_NOSAN int __tsan_atomic##n##_compare_exchange_weak(volatile T* a, T* c, \
+                                                                                    T v, int, int) {        \
+    ::riformer::emu::detail::atomic_hook(a, sizeof(T), __builtin_return_address(0));                        \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                 \
+  }                                                                                                         \
+  __attribute__((weak)) RIFORMER_EMU_NOSAN T __tsan_atomic##n##_compare_exchange_val(volatile T* a, T c, T v, \
+                                                                                     int, int) {            \
+    ::riformer::emu::detail::atomic_hook(a, sizeof(T), __builtin_return_address(0));                        \
+    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                       \
+    return c;                                                                                               \
+  }
+#define RIFORMER_EMU_TSAN_RMW(n, T, op, builtin)                                                     \
+  __attribute__((weak)) RIFORMER_EMU_NOSAN T __tsan_atomic##n##_##op(volatile T* a, T v, int) {      \
+    ::riformer::emu::detail::atomic_hook(a, sizeof(T), __builtin_return_address(0));                 \
+    return builtin(a, v, __ATOMIC_SEQ_CST);                                                          \
+  }
+RIFORMER_EMU_TSAN_ATOMICS(8, uint8_t)
+RIFORMER_EMU_TSAN_ATOMICS(16, uint16_t)
+RIFORMER_EMU_TSAN_ATOMICS(32, uint32_t)
+RIFORMER_EMU_TSAN_ATOMICS(64, uint64_t)
+#undef RIFORMER_EMU_TSAN_RMW
+#undef RIFORMER_EMU_TSAN_ATOMICS
+__attribute__((weak)) RIFORMER_EMU_NOSAN void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+__attribute__((weak)) RIFORMER_EMU_NOSAN void __tsan_atomic_signal_fence(int) {}
 __attribute__((weak)) RIFORMER_EMU_NOSAN void __tsan_init() {}
 __attribute__((weak)) RIFORMER_EMU_NOSAN void __tsan_func_entry(void*) {}
 __attribute__((weak)) RIFORMER_EMU_NOSAN void __tsan_func_exit() {}

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>  // after the emulator header: its __noinline__ must not break shared_ptr
 #include <random>
 #include <string>
 #include <vector>
@@ -144,6 +145,17 @@ __global__ void dyn_two_arrays(const float* in, float* out, int n) {
   out[t] = __half2float(h[n - 1 - t]) + f[n - 1 - t];
 }
 
+// GCC atomic builtins on shared memory (instrumented as __tsan_atomic32_*), as cuda::atomic_ref
+// style code would produce.
+__global__ void builtin_atomics(int* out) {
+  __shared__ int c;
+  if (threadIdx.x == 0) c = 0;
+  __syncthreads();
+  __atomic_fetch_add(&c, int(threadIdx.x), __ATOMIC_RELAXED);
+  __syncthreads();
+  if (threadIdx.x == 0) *out = __atomic_load_n(&c, __ATOMIC_RELAXED);
+}
+
 static void fail_usage() {
   std::fprintf(stderr, "usage: checks <case> <seed>\n");
   std::exit(2);
@@ -237,6 +249,10 @@ int main(int argc, char** argv) {
         ok = ok && out[t] == __half2float(__float2half(x)) + 2.f * x;
       }
       result = ok ? "match" : "mismatch";
+    } else if (c == "builtin_atomics") {
+      auto out = std::make_shared<int>(-1);
+      riformer::emu::launch(builtin_atomics, dim3(2), dim3(64), 0, out.get());
+      result = std::to_string(*out);
     } else if (c == "tickets") {
       std::vector<int> order(96);
       riformer::emu::launch(tickets, dim3(1), dim3(96), 0, order.data());
