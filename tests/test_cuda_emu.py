@@ -112,6 +112,13 @@ def test_missing_cp_async_wait(programs):
     assert run_case(programs, 'cp_async_good') == 'OK match'
 
 
+def test_cp_async_wait_group_retires_only_older_groups(programs):
+    line = run_case(programs, 'cp_stage_bad')
+    _assert_error(line, 'uninitialized:', 'cp_async_two_stages')
+    assert 'cp.async' in line
+    assert run_case(programs, 'cp_stage_good') == 'OK match'
+
+
 def test_warp_collective_mask_mismatch(programs):
     line = run_case(programs, 'mask_bad')
     _assert_error(line, 'barrier:', 'mask_mismatch', memory=False)

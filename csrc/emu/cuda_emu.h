@@ -87,12 +87,14 @@
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 #define __constant__
-// Static __shared__ variables become thread_local: block-scope thread_local has static storage,
-// so every fiber of the block (all on one OS thread) sees one copy, and all of them live in the
-// program's TLS block, which the emulator finds at run time and treats as static shared memory
-// (re-poisoned at the start of every block). thread_local, unlike static, may follow `extern`;
-// `extern __shared__ T name[];` (dynamic shared memory) is rewritten by csrc/emu/gcc_wrap.py into
-// RIFORMER_EMU_EXTERN_SHARED below before the compiler sees it.
+// Static __shared__ variables become block-scope thread_local: static storage, so every fiber of
+// the block (all on one OS thread) sees one copy, and all of them land in the program's TLS
+// block, which the launcher finds (dl_iterate_phdr) and treats as static shared memory,
+// re-poisoned at the start of every block. (A named section would be the obvious alternative,
+// but GCC rejects one section for statics of inline functions and templates together with
+// others: "section type conflict".) `extern __shared__ T name[];` (dynamic shared memory) is
+// rewritten by csrc/emu/gcc_wrap.py into RIFORMER_EMU_EXTERN_SHARED below before the compiler
+// sees it: no one macro can be valid both after `extern` and for a sized static array.
 #define __shared__ thread_local __attribute__((aligned(16)))
 #define RIFORMER_EMU_EXTERN_SHARED(T, name) \
   T* const name = reinterpret_cast<T*>(::riformer::emu::detail::dynamic_smem)
@@ -441,7 +443,7 @@ RIFORMER_EMU_NOSAN inline std::string site_name(const std::source_location& s) {
 
 // Report a check failure. Inside a fiber the message is stored and control goes straight back
 // to the scheduler (the fiber is abandoned, never unwound: exceptions cannot cross the
-// ucontext boundary); the launcher then throws Error.
+// fiber boundary); the launcher then throws Error.
 [[noreturn]] RIFORMER_EMU_NOSAN inline void fail(const std::string& msg) {
   if (g.in_fiber && g.cur) {
     g.failed = true;
@@ -766,7 +768,7 @@ RIFORMER_EMU_NOSAN inline void run_block() {
   ++g.epoch;
   g.readers.clear();
   // Poison: 0xff bytes are NaN as float, double, __half and __nv_bfloat16.
-  std::memset(reinterpret_cast<void*>(g.s_lo), 0xff, g.s_span);
+  if (g.s_span) std::memset(reinterpret_cast<void*>(g.s_lo), 0xff, g.s_span);
   std::memset(dynamic_smem, 0xff, g.dyn_bytes);
   g.runnable.clear();
   g.exited = 0;

@@ -76,6 +76,21 @@ __global__ void cp_async_stage(const float* in, float* out, int wait) {
   out[t] = tile[(4 * t + 5) % 256];
 }
 
+// Two commit groups in flight; wait_group 1 retires only the older one, so stage 0 may be read
+// and stage 1 (the buggy twin reads it) is still in flight.
+__global__ void cp_async_two_stages(const float* in, float* out, int read_stage) {
+  __shared__ __align__(16) float stage[2][128];
+  int t = threadIdx.x;
+  for (int s = 0; s < 2; ++s) {
+    riformer::ptx::cp_async_16(&stage[s][4 * t], &in[s * 128 + 4 * t]);
+    riformer::ptx::cp_async_commit();
+  }
+  riformer::ptx::cp_async_wait<1>();
+  __syncthreads();
+  out[t] = stage[read_stage][(4 * t + 7) % 128];
+  riformer::ptx::cp_async_wait<0>();
+}
+
 // Warp-synchronous hand-off through shared memory; correct only with __syncwarp between.
 __global__ void warp_handoff(float* out, int with_syncwarp) {
   __shared__ float s[32];
@@ -216,6 +231,14 @@ int main(int argc, char** argv) {
       riformer::emu::launch(cp_async_stage, dim3(1), dim3(64), 0, in.data(), out.data(), int(c == "cp_async_good"));
       bool ok = true;
       for (int t = 0; t < 64; ++t) ok = ok && out[t] == in[(4 * t + 5) % 256];
+      result = ok ? "match" : "mismatch";
+    } else if (c == "cp_stage_bad" || c == "cp_stage_good") {
+      auto in = randv(256);
+      std::vector<float> out(32);
+      int st = c == "cp_stage_bad" ? 1 : 0;
+      riformer::emu::launch(cp_async_two_stages, dim3(1), dim3(32), 0, in.data(), out.data(), st);
+      bool ok = true;
+      for (int t = 0; t < 32; ++t) ok = ok && out[t] == in[st * 128 + (4 * t + 7) % 128];
       result = ok ? "match" : "mismatch";
     } else if (c == "warp_bad" || c == "warp_good") {
       std::vector<float> out(32);
