@@ -9,8 +9,9 @@ includes) each such declaration is replaced, on the same lines, by
 RIFORMER_EMU_EXTERN_SHARED(T, name), a pointer to the emulator's dynamic shared buffer. A
 `#line` directive keeps diagnostics and std::source_location on the original file and lines.
 
-GCC runs `wrapper <program> <args...>` for every subprocess (cc1plus, as, collect2); everything
-but cc1plus is passed through unchanged.
+With `-wrapper python3,csrc/emu/gcc_wrap.py` GCC runs `python3 gcc_wrap.py <program> <args...>`
+for every subprocess (cc1plus, as, collect2), so no executable bit is needed; everything but
+cc1plus is passed through unchanged.
 """
 import os
 import re
