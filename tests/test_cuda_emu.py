@@ -83,6 +83,13 @@ def test_warp_synchronous_code_needs_syncwarp(programs, seed):
     assert run_case(programs, 'warp_good', seed) == 'OK 62.000000'
 
 
+@pytest.mark.parametrize('seed', [1, 5])
+def test_syncwarp_does_not_order_other_warps(programs, seed):
+    line = run_case(programs, 'xwarp_bad', seed)
+    _assert_error(line, 'race:', 'cross_warp')
+    assert run_case(programs, 'xwarp_good', seed) == 'OK 63.500000'
+
+
 def test_uninitialized_shared_read(programs):
     line = run_case(programs, 'uninit_bad')
     _assert_error(line, 'uninitialized:', 'uninit')

@@ -102,6 +102,18 @@ __global__ void warp_handoff(float* out, int with_syncwarp) {
   out[lane] = s[31 - lane];
 }
 
+// __syncwarp orders lanes of one warp only: a hand-off between warps needs __syncthreads.
+__global__ void cross_warp(float* out, int block_barrier) {
+  __shared__ float s[64];
+  int t = threadIdx.x;
+  s[t] = 0.f;
+  __syncthreads();
+  s[t] = float(t) + 0.5f;
+  if (block_barrier) __syncthreads();
+  else __syncwarp();
+  out[t] = s[63 - t];
+}
+
 // Lanes pass different masks to one shuffle.
 __global__ void mask_mismatch(float* out, int same) {
   int lane = threadIdx.x;
@@ -243,6 +255,10 @@ int main(int argc, char** argv) {
     } else if (c == "warp_bad" || c == "warp_good") {
       std::vector<float> out(32);
       riformer::emu::launch(warp_handoff, dim3(1), dim3(32), 0, out.data(), int(c == "warp_good"));
+      result = std::to_string(out[0]);
+    } else if (c == "xwarp_bad" || c == "xwarp_good") {
+      std::vector<float> out(64);
+      riformer::emu::launch(cross_warp, dim3(1), dim3(64), 0, out.data(), int(c == "xwarp_good"));
       result = std::to_string(out[0]);
     } else if (c == "mask_bad" || c == "mask_good") {
       std::vector<float> out(32);
