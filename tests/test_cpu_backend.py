@@ -98,6 +98,20 @@ def test_fp32_output_and_all_gradients_within_1e5_of_fp64_reference(shape, chann
     _compare(block, x, tol=1e-5)
 
 
+@pytest.mark.parametrize('shape', [(2, 16, 5, 7), (3, 20, 1, 1), (1, 64, 8, 8), (2, 40, 20, 20)])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'cl'])
+@pytest.mark.parametrize('mode', MODES)
+def test_fp32_brgemm_route_within_1e5(monkeypatch, shape, channels_last, mode):
+    """The oneDNN brgemm route (the default at the avx512 level only) forced on whatever CPU
+    this is: transposed weight copies, no whole-batch tiles."""
+    monkeypatch.setenv('RIFORMER_CPU_GEMM', 'brgemm')
+    if rk.cpu_isa_info().gemm != 'onednn-brgemm':
+        pytest.skip("oneDNN's fp32 brgemm does not run on this CPU / torch build")
+    block = _with_mode(make_block(shape[1], dtype=torch.float32), MODES[mode])
+    x = random_input(shape, dtype=torch.float32, channels_last=channels_last)
+    _compare(block, x, tol=1e-5)
+
+
 @pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'cl'])
 @pytest.mark.parametrize('mode', MODES)
 def test_fp32_at_stage_one_width_with_many_tiles_within_1e5(channels_last, mode):
