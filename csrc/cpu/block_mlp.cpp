@@ -138,6 +138,21 @@ struct Tiling {
       f(n, k, t0, std::min(tokens, T - t0), int64_t(0));
     }
   }
+  // for_each_segment with the samples of a multi-sample tile in parallel when
+  // `parallel` (a tile running on the calling thread: for_each_task with one
+  // task). Only for bodies whose writes are disjoint per segment; the result
+  // is the same either way.
+  template <typename F>
+  void for_each_segment_parallel(int64_t task, bool parallel, const F& f) const {
+    if (!parallel || samples <= 1) {
+      for_each_segment(task, f);
+      return;
+    }
+    const int64_t n0 = task * samples, n1 = std::min(N, n0 + samples);
+    at::parallel_for(n0, n1, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) f(n, int64_t(0), int64_t(0), T, (n - n0) * T);
+    });
+  }
   int64_t task_tokens(int64_t task) const {
     int64_t total = 0;
     for_each_segment(task, [&](int64_t, int64_t, int64_t, int64_t len, int64_t) { total += len; });
@@ -196,6 +211,18 @@ int64_t whole_batch_tokens() {
   const char* v = std::getenv("RIFORMER_CPU_WHOLE_BATCH_TOKENS");
   if (v != nullptr && *v != '\0') return std::max<long long>(0, std::atoll(v));
   return kWholeBatchTokens;
+}
+
+// f(begin, end) over [0, count): split over the threads when `parallel` (the
+// elementwise passes of a tile that runs on the calling thread), else one
+// call. Every use writes disjoint outputs per index, so the split changes no
+// result.
+template <typename F>
+void rows_maybe_parallel(bool parallel, int64_t count, const F& f) {
+  if (parallel && count > 1)
+    at::parallel_for(0, count, 8, f);
+  else
+    f(int64_t(0), count);
 }
 
 // Runs body(begin, end) over the tasks [0, count): in parallel, one task at a

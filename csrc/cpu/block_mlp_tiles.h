@@ -512,17 +512,17 @@ void tile_gemm(bool cl, int64_t L, int64_t M, int64_t K, const S* Wm, const S* W
   }
 }
 
-// Weight-gradient accumulation over a tile's tokens, G += P Q^T, for a tile
+// Weight-gradient accumulation over a tile's tokens, G (+)= P Q^T, for a tile
 // buffer P of M channels and the transposed copy QT of one of N channels
 // (tile_transpose). G is kept in the orientation the layout's GEMM produces:
 // [M, N] channel-major, [N, M] token-major.
 template <typename S, typename Acc>
 void tile_weight_grad(bool cl, int64_t L, int64_t M, int64_t N, const S* P, const S* QT,
-                      Acc* G) {
+                      Acc* G, bool accumulate) {
   if (!cl)
-    blas::gemm_nn(M, N, L, P, L, QT, N, G, N, true);
+    blas::gemm_nn(M, N, L, P, L, QT, N, G, N, accumulate);
   else
-    blas::gemm_nn(N, M, L, QT, L, P, M, G, M, true);
+    blas::gemm_nn(N, M, L, QT, L, P, M, G, M, accumulate);
 }
 
 // The transposed copy of a tile buffer of `rows` channels ([L, rows] from
@@ -571,11 +571,13 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
     Acc* U = thread_scratch<Acc>(1, Hd * W);
     S* Hh = kSameType<S> ? reinterpret_cast<S*>(U) : thread_scratch<S>(2, Hd * W);
     Acc* O = thread_scratch<Acc>(3, C * W);
-    Acc* moment_scratch = thread_scratch<Acc>(4, 3 * C);
+    // One task on the calling thread: its elementwise passes are split over the threads.
+    const bool inline_tile = tiling.tasks() == 1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t L = tiling.task_tokens(task);
       // NCHW: buffers are [rows, L] (row stride L); channels_last: [L, cols].
-      tiling.for_each_segment(task, [&](int64_t n, int64_t, int64_t t0, int64_t len, int64_t col) {
+      tiling.for_each_segment_parallel(task, inline_tile, [&](int64_t n, int64_t, int64_t t0,
+                                                              int64_t len, int64_t col) {
         if (!cl)
           prologue_rows<S>(X + n * C * T + t0, T, cA + n * C, cB + n * C, C, len, Z + col, L);
         else
@@ -584,29 +586,36 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
       tile_gemm<S>(cl, L, Hd, C, W1, W1T, Z, U);  // u = W1 z
       if (!cl) {
         if (UOUT) {
-          tiling.for_each_segment(task, [&](int64_t n, int64_t, int64_t t0, int64_t len,
-                                            int64_t col) {
+          tiling.for_each_segment_parallel(task, inline_tile, [&](int64_t n, int64_t,
+                                                                  int64_t t0, int64_t len,
+                                                                  int64_t col) {
             for (int64_t h = 0; h < Hd; ++h)
               for (int64_t j = 0; j < len; ++j)
                 UOUT[(n * Hd + h) * T + t0 + j] = from_acc<S>(U[h * L + col + j] + B1[h]);
           });
         }
-        gelu_rows<S, false>(U, B1, Hd, L, Hh, nullptr, 0);
+        rows_maybe_parallel(inline_tile, Hd, [&](int64_t r0, int64_t r1) {
+          gelu_rows<S, false>(U + r0 * L, B1 + r0, r1 - r0, L, Hh + r0 * L, nullptr, 0);
+        });
       } else {
         // channels_last: a tile's tokens are consecutive rows of u as well.
         int64_t row0 = -1;
         tiling.for_each_segment(task, [&](int64_t n, int64_t, int64_t t0, int64_t, int64_t col) {
           if (col == 0) row0 = n * T + t0;
         });
-        if (UOUT)
-          gelu_cols<S, true>(U, B1, L, Hd, Hh, UOUT + row0 * Hd);
-        else
-          gelu_cols<S, false>(U, B1, L, Hd, Hh, nullptr);
+        rows_maybe_parallel(inline_tile, L, [&](int64_t j0, int64_t j1) {
+          if (UOUT)
+            gelu_cols<S, true>(U + j0 * Hd, B1, j1 - j0, Hd, Hh + j0 * Hd,
+                               UOUT + (row0 + j0) * Hd);
+          else
+            gelu_cols<S, false>(U + j0 * Hd, B1, j1 - j0, Hd, Hh + j0 * Hd, nullptr);
+        });
       }
       tile_gemm<S>(cl, L, C, Hd, W2, W2T, Hh, O);  // o = W2 h
-      tiling.for_each_segment(task, [&](int64_t n, int64_t k, int64_t t0, int64_t len,
-                                        int64_t col) {
+      tiling.for_each_segment_parallel(task, inline_tile, [&](int64_t n, int64_t k, int64_t t0,
+                                                              int64_t len, int64_t col) {
         const int64_t nc = n * C;
+        Acc* moment_scratch = thread_scratch<Acc>(4, 3 * C);  // this worker's
         Acc* pmn = emit_moments ? pmean.data() + (n * K + k) * C : nullptr;
         Acc* pm2n = emit_moments ? pm2.data() + (n * K + k) * C : nullptr;
         if (!cl) {
@@ -705,19 +714,24 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
     Acc* O = DZT + C * W;   // W2 h without bias (weight2_by_gemm)
     S* Hh = thread_scratch<S>(6, Hd * W);
     S* DU = kSameType<S> ? reinterpret_cast<S*>(DH) : thread_scratch<S>(7, Hd * W);
+    // One group on the calling thread: its elementwise passes are split over the threads.
+    const bool inline_tile = groups == 1;
     for (int64_t grp = gbegin; grp < gend; ++grp) {
       Acc* dW1 = gw1 + grp * Hd * C;
       Acc* dW2 = gw2 + grp * C * Hd;
       Acc* dB1 = gb1 + grp * Hd;
-      std::fill(dW1, dW1 + Hd * C, Acc(0));
-      std::fill(dW2, dW2 + C * Hd, Acc(0));
+      // The group's first dW1 (and, on the GEMM route, dW2) GEMM overwrites
+      // instead of accumulating, so only the G H^T route's dW2 needs zeros.
+      if (!weight2_by_gemm) std::fill(dW2, dW2 + C * Hd, Acc(0));
       std::fill(dB1, dB1 + Hd, Acc(0));
       const int64_t tbegin = grp * tasks / groups, tend = (grp + 1) * tasks / groups;
       for (int64_t task = tbegin; task < tend; ++task) {
         const int64_t L = tiling.task_tokens(task);
+        const bool accumulate = task != tbegin;
         // z = A x + B and dO = l2 g per segment; u (recomputed or read) per tile.
-        tiling.for_each_segment(task, [&](int64_t n, int64_t, int64_t t0, int64_t len,
-                                          int64_t col) {
+        tiling.for_each_segment_parallel(task, inline_tile, [&](int64_t n, int64_t,
+                                                                int64_t t0, int64_t len,
+                                                                int64_t col) {
           const int64_t nc = n * C;
           if (!cl) {
             const int64_t off = n * C * T + t0;
@@ -742,27 +756,35 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
         tile_transpose<S>(cl, L, C, Z, ZT);
         if (!US) {
           tile_gemm<S>(cl, L, Hd, C, W1, W1T, Z, U);  // u = W1 z
-          if (!cl)
-            gelu_grad_rows_inplace<S>(U, B1, Hd, L, Hh);
-          else
-            gelu_grad_cols_inplace<S>(U, B1, L, Hd, Hh);
+          rows_maybe_parallel(inline_tile, !cl ? Hd : L, [&](int64_t r0, int64_t r1) {
+            if (!cl)
+              gelu_grad_rows_inplace<S>(U + r0 * L, B1 + r0, r1 - r0, L, Hh + r0 * L);
+            else
+              gelu_grad_cols_inplace<S>(U + r0 * Hd, B1, r1 - r0, Hd, Hh + r0 * Hd);
+          });
         }
         tile_gemm<S>(cl, L, Hd, C, W2T, W2, DO, DH);  // dh = W2^T dO
-        if (!cl)
-          hidden_grad_rows<S>(DH, U, Hd, L, DU, dB1);
-        else
-          hidden_grad_cols<S>(DH, U, L, Hd, DU, dB1);
-        tile_weight_grad<S>(cl, L, Hd, C, DU, ZT, dW1);  // dW1 += dU z^T
-        tile_gemm<S>(cl, L, C, Hd, W1T, W1, DU, DZT);    // dz = W1^T dU
+        if (!cl) {
+          rows_maybe_parallel(inline_tile, Hd, [&](int64_t r0, int64_t r1) {
+            hidden_grad_rows<S>(DH + r0 * L, U + r0 * L, r1 - r0, L, DU + r0 * L, dB1 + r0);
+          });
+        } else {
+          hidden_grad_cols<S>(DH, U, L, Hd, DU, dB1);  // db1 sums over tokens: one pass
+        }
+        tile_weight_grad<S>(cl, L, Hd, C, DU, ZT, dW1, accumulate);  // dW1 (+)= dU z^T
+        tile_gemm<S>(cl, L, C, Hd, W1T, W1, DU, DZT);                // dz = W1^T dU
         if (weight2_by_gemm) {
           tile_transpose<S>(cl, L, C, DO, DOT);
-          tile_weight_grad<S>(cl, L, Hd, C, Hh, DOT, dW2);  // dW2^T += h dO^T
-          tile_gemm<S>(cl, L, C, Hd, W2, W2T, Hh, O);       // o = W2 h
+          tile_weight_grad<S>(cl, L, Hd, C, Hh, DOT, dW2, accumulate);  // dW2^T (+)= h dO^T
+          tile_gemm<S>(cl, L, C, Hd, W2, W2T, Hh, O);                   // o = W2 h
         }
         // Per segment: dz out, the per-(n, c) sums, and GH = G H^T (per sample,
-        // since l2 and sum g o are per sample) -> dW2 and sum g o.
-        tiling.for_each_segment(task, [&](int64_t n, int64_t k, int64_t t0, int64_t len,
-                                          int64_t col) {
+        // since l2 and sum g o are per sample) -> dW2 and sum g o. Segments in
+        // parallel only on the GEMM route: the G H^T route accumulates every
+        // segment into the one dW2 and shares the GH buffer.
+        tiling.for_each_segment_parallel(task, inline_tile && weight2_by_gemm,
+                                         [&](int64_t n, int64_t k, int64_t t0, int64_t len,
+                                             int64_t col) {
           const int64_t nc = n * C;
           Acc* ts = tsum + (n * K + k) * 5 * C;
           if (!cl) {
