@@ -191,3 +191,26 @@ def test_baseline_only_build_compiles_and_matches_the_reference(tmp_path):
         "print('ok')\n")
     res = _python(code, RIFORMER_EXTENSION_PATH=str(so))
     assert res.returncode == 0 and res.stdout.strip().endswith('ok'), res.stdout + res.stderr
+
+
+@pytest.mark.skipif(shutil.which('aarch64-linux-gnu-g++') is None,
+                    reason="no aarch64 cross compiler (Debian: g++-aarch64-linux-gnu; .ci/run "
+                           "installs it)")
+def test_sources_cross_compile_for_aarch64(tmp_path):
+    """Every C++ source of the extension compiles for ARM (aarch64), where only the baseline copy
+    of the tile code exists: no x86 intrinsic or attribute leaks out of the x86-only paths."""
+    from torch.utils.cpp_extension import include_paths
+    import sysconfig
+    flags = ['-std=c++20', '-O1', '-fopenmp', '-fPIC', '-fno-trapping-math',
+             *[f'-I{p}' for p in include_paths()], f"-I{sysconfig.get_paths()['include']}"]
+    sources = sorted(str(p.relative_to(ROOT)) for pattern in ('csrc/*.cpp', 'csrc/cpu/*.cpp')
+                     for p in ROOT.glob(pattern))
+    assert 'csrc/cpu/block_mlp.cpp' in sources
+    for src in sources:
+        obj = tmp_path / (Path(src).name + '.o')
+        res = subprocess.run(['aarch64-linux-gnu-g++', *flags, '-c', src, '-o', str(obj)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, f"{src}:\n{res.stderr[-3000:]}"
+    symbols = subprocess.run(['aarch64-linux-gnu-nm', '-C', str(tmp_path / 'block_mlp.cpp.o')],
+                             capture_output=True, text=True, check=True).stdout
+    assert 'at_baseline::' in symbols and 'at_avx2::' not in symbols
