@@ -294,7 +294,8 @@ def test_auto_declines_a_class_measured_slower_and_says_why(monkeypatch, isa_cap
     monkeypatch.delenv('RIFORMER_BACKEND', raising=False)
     cpu_room = rk.backends.cpu
     monkeypatch.setattr(cpu_room, 'SLOWER_THAN_REFERENCE', (cpu_room.SlowerClass(
-        levels=(isa_cap,), mode='train', recompute=True, min_channels=16, max_tokens=50,
+        levels=(isa_cap,), dtypes=(torch.float32,), mode='train', recompute=True,
+        min_channels=16, max_tokens=50,
         measured='0.5x eager in a test'),))
     block = _with_mode(make_block(16, dtype=torch.float32), True)
     x = random_input((2, 16, 7, 7), dtype=torch.float32)
@@ -304,9 +305,13 @@ def test_auto_declines_a_class_measured_slower_and_says_why(monkeypatch, isa_cap
     with torch.no_grad():
         assert 'chosen: cpu' in rk.explain_dispatch(block, x)          # forward: not the class
     assert 'chosen: cpu' in rk.explain_dispatch(_with_mode(block, False), x)   # save-u mode
-    assert 'chosen: cpu' in rk.explain_dispatch(block, random_input((2, 16, 8, 8)))  # 64 tokens
-    assert 'chosen: cpu' in rk.explain_dispatch(make_block(8, dtype=torch.float32),
-                                                random_input((2, 8, 7, 7)))        # C < 16
+    assert 'chosen: cpu' in rk.explain_dispatch(
+        block, random_input((2, 16, 8, 8), dtype=torch.float32))                 # 64 tokens
+    assert 'chosen: cpu' in rk.explain_dispatch(block.double(), x.double())    # another dtype
+    block.float()
+    assert 'chosen: cpu' in rk.explain_dispatch(
+        _with_mode(make_block(8, dtype=torch.float32), True),
+        random_input((2, 8, 7, 7), dtype=torch.float32))                         # C < 16
     other = next(lvl for lvl in cpu_room.ISA_LEVELS if lvl != isa_cap)
     monkeypatch.setattr(cpu_room, 'SLOWER_THAN_REFERENCE', (
         cpu_room.SLOWER_THAN_REFERENCE[0]._replace(levels=(other,)),))
@@ -320,6 +325,7 @@ def test_auto_declines_a_class_measured_slower_and_says_why(monkeypatch, isa_cap
 def test_slower_classes_are_well_formed():
     for cls in rk.backends.cpu.SLOWER_THAN_REFERENCE:
         assert set(cls.levels) <= set(rk.backends.cpu.ISA_LEVELS), cls
+        assert set(cls.dtypes) <= set(rk.backends.cpu.SUPPORTED_DTYPES), cls
         assert cls.mode in ('train', 'forward') and cls.recompute in (None, True, False), cls
         assert cls.min_channels > 0 and cls.max_tokens > 0 and cls.measured, cls
 

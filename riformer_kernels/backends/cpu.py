@@ -113,6 +113,7 @@ class SlowerClass(NamedTuple):
     `min_channels` channels: the short-sample tiles of S12's stages 3-4, where the step is
     GEMM-bound and a recomputing backward runs one or two GEMMs more than eager's six."""
     levels: tuple        # ISA paths (cpu_isa_info().active) it was measured on
+    dtypes: tuple        # torch dtypes
     mode: str            # 'train' or 'forward'
     recompute: bool | None   # the memory mode, or None for both
     min_channels: int
@@ -136,10 +137,12 @@ def _auto_declines(block, x: torch.Tensor) -> str | None:
     level = cpu_isa_info().active
     channels, tokens = x.shape[1], x.shape[2] * x.shape[3]
     for cls in SLOWER_THAN_REFERENCE:
-        if (level in cls.levels and cls.mode == mode and cls.min_channels <= channels
+        if (level in cls.levels and x.dtype in cls.dtypes and cls.mode == mode
+                and cls.min_channels <= channels
                 and tokens < cls.max_tokens and cls.recompute in (None, recompute)):
             memory = '' if cls.recompute is None else f", recompute={recompute}"
-            return (f"measured slower than the reference here ({mode}{memory}, C >= "
+            return (f"measured slower than the reference here ({mode}{memory}, "
+                    f"{str(x.dtype).replace('torch.', '')}, C >= "
                     f"{cls.min_channels} with H*W < {cls.max_tokens}, ISA path {level}: "
                     f"{cls.measured}); rk.use_backend('cpu') runs it anyway")
     return None
