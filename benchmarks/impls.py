@@ -7,6 +7,9 @@ Implementations:
               call's time, compilation included, is reported separately and the timing is warm
   fused-NAME  the block run by fused backend NAME through `rk.use_backend(NAME)`, one row for every
               backend `rk.available_backends()` reports usable on the benchmark's device
+  auto        what a user gets by default: `rk.use_backend('auto')` picks per block (the fused
+              backend, or the reference for a block whose class was measured slower fused);
+              only when asked for with --impl
 """
 from __future__ import annotations
 
@@ -68,8 +71,10 @@ def discover_impls(device: torch.device, requested=None) -> tuple[list[Impl], di
             impl.skip_reason = ("on the CPU Triton runs only in its interpreter (a test vehicle); "
                                 "not timed unless asked for with --impl fused-triton")
         impls.append(impl)
+    if requested and 'auto' in requested:
+        impls.append(Impl('auto', 'fused', 'auto'))
     if requested:
-        known = {i.name for i in impls}
+        known = {i.name for i in impls} | {'auto'}
         unknown = [r for r in requested if r not in known]
         if unknown:
             raise SystemExit(f"unknown --impl {unknown}; choose from {sorted(known)}")
@@ -197,7 +202,7 @@ def reference_result(module, x, mode: str, backward, x_requires_grad: bool):
 
 
 def backend_supports(impl: Impl, module, x) -> str | None:
-    if impl.kind != 'fused':
+    if impl.kind != 'fused' or impl.backend == 'auto':
         return None
     backend = dispatch.get_backend(impl.backend)
     return backend.availability() or backend.supports(module, x)
