@@ -421,3 +421,36 @@ def test_chained_forward_moves_one_read_of_x_less():
     assert 'riformer.moments.default' not in chained['by_op']
     assert 3.0 <= unchained['total'] / unit <= 3.2
     assert 2.0 <= chained['total'] / unit <= 2.2
+
+
+def _op_args(dtype, channels_last, N=2, C=12, H=5, W=3):
+    """Inputs of every riformer::* cpu op, random, in the layout the kernels take."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = random_input((N, C, H, W), dtype=dtype, channels_last=channels_last)
+    g = random_input((N, C, H, W), dtype=dtype, channels_last=channels_last)
+    coeff = [torch.randn(N, C, dtype=acc) for _ in range(4)]
+    w1, w2 = torch.randn(4 * C, C, 1, 1, dtype=dtype), torch.randn(C, 4 * C, 1, 1, dtype=dtype)
+    b1, b2, l2 = torch.randn(4 * C, dtype=acc), torch.randn(C, dtype=acc), torch.randn(N, C, dtype=acc)
+    mean = torch.randn(N, C, dtype=acc)
+    u = random_input((N, 4 * C, H, W), dtype=dtype, channels_last=channels_last)
+    ops = torch.ops.riformer
+    return [
+        (ops.moments.default, (x,)),
+        (ops.mlp_forward.default, (x, *coeff, w1, b1, w2, b2, l2, True)),
+        (ops.mlp_forward.default, (x, *coeff, w1, b1, w2, b2, l2, False)),
+        (ops.mlp_forward_save_u.default, (x, *coeff, w1, b1, w2, b2, l2, True)),
+        (ops.mlp_backward.default, (g, x, mean, coeff[0], coeff[1], w1, b1, w2, b2, l2, None)),
+        (ops.mlp_backward.default, (g, x, mean, coeff[0], coeff[1], w1, b1, w2, b2, l2, u)),
+        (ops.input_grad.default, (g, g.clone(), x, mean, *coeff)),
+    ]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float64],
+                         ids=['fp32', 'bf16', 'fp64'])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'cl'])
+def test_ops_pass_opcheck_with_their_fake_implementations(dtype, channels_last, isa_cap):
+    """Every riformer::* cpu op: schema, fake implementation (shapes, dtypes, strides of the
+    real outputs) and AOT dispatch, by torch.library.opcheck."""
+    for op, args in _op_args(dtype, channels_last):
+        torch.library.opcheck(op, args, test_utils=('test_schema', 'test_faketensor',
+                                                    'test_aot_dispatch_dynamic'))

@@ -193,6 +193,60 @@ def _backward_dx(g, sv, p1: Phase1, bc):
     return torch.ops.riformer.input_grad(g, dz, sv.x, sv.mean, bc.P, bc.Q, bc.R, bc.S), p1.weights
 
 
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementations of the C++ ops: output shapes, dtypes and memory formats without
+# running the kernels, for torch.compile / torch.export tracing and torch.library.opcheck. They
+# mirror csrc/cpu: statistics and weight gradients in the accumulation dtype (fp32; fp64 for
+# fp64), activation-shaped outputs in x's dtype and memory format (NCHW where both hold).
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _like(x, channels=None):
+    shape = (x.shape[0], x.shape[1] if channels is None else channels, x.shape[2], x.shape[3])
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+
+
+def _stats(x, rows=None):
+    n = x.shape[0] if rows is None else rows
+    return x.new_empty((n, x.shape[1]), dtype=_acc_dtype(x))
+
+
+def _register_fakes():
+    lib = 'riformer::'
+
+    @torch.library.register_fake(lib + 'moments')
+    def _(x):
+        return _stats(x), _stats(x)
+
+    @torch.library.register_fake(lib + 'mlp_forward')
+    def _(x, A, B, a, b, w1, b1, w2, b2, l2, emit_moments):
+        rows = x.shape[0] if emit_moments else 0
+        return _like(x), _stats(x, rows), _stats(x, rows)
+
+    @torch.library.register_fake(lib + 'mlp_forward_save_u')
+    def _(x, A, B, a, b, w1, b1, w2, b2, l2, emit_moments):
+        rows = x.shape[0] if emit_moments else 0
+        return _like(x), _stats(x, rows), _stats(x, rows), _like(x, w1.shape[0])
+
+    @torch.library.register_fake(lib + 'mlp_backward')
+    def _(grad_out, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
+        hidden, channels, acc = w1.shape[0], x.shape[1], _acc_dtype(x)
+        return (_like(x), x.new_empty((hidden, channels), dtype=acc),
+                x.new_empty((hidden,), dtype=acc), x.new_empty((channels, hidden), dtype=acc),
+                x.new_empty((channels,), dtype=acc),
+                x.new_empty((5, x.shape[0], channels), dtype=acc))
+
+    @torch.library.register_fake(lib + 'input_grad')
+    def _(grad_out, dz, x, mean, P, Q, R, S):
+        return _like(x)
+
+
+if _ext._C is not None:
+    _register_fakes()
+
+
 KERNELS = KernelSet(
     'cpu', availability=_availability, supports=_supports, prepare_input=_prepare_input,
     moments=_moments, merge=_merge, mlp_forward=_mlp_forward, output_span=lambda out: 0,
