@@ -33,7 +33,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _OPS = ('moments', 'mlp_forward', 'mlp_forward_save_u', 'mlp_backward', 'input_grad')
 
 
-def _availability() -> str | None:
+def _find_unavailability() -> str | None:
     if _ext.LOAD_ERROR is not None:
         return _ext.LOAD_ERROR
     missing = [op for op in _OPS if not _ext.has_kernel(op, 'CPU')]
@@ -42,6 +42,15 @@ def _availability() -> str | None:
     if not torch.backends.mkl.is_available():
         return "torch was built without MKL, whose GEMMs the cpu kernels call"
     return None
+
+
+# Fixed for the process once the extension is loaded: computed once, so that dispatch (which
+# torch.compile traces) reads a Python value instead of calling into the dispatcher per call.
+_UNAVAILABLE = _find_unavailability()
+
+
+def _availability() -> str | None:
+    return _UNAVAILABLE
 
 
 ISA_LEVELS = ('baseline', 'avx2', 'avx512')
@@ -89,13 +98,38 @@ class use_cpu_isa:
         if level not in ISA_LEVELS:
             raise ValueError(f"unknown ISA level {level!r}; choose one of {ISA_LEVELS}")
         self._previous = _native().set_cpu_isa_cap(level)
+        _refresh_active_level()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         _native().set_cpu_isa_cap(self._previous)
+        _refresh_active_level()
         return False
+
+
+# The active level as a Python value, for dispatch (which torch.compile traces: a call into the
+# extension there would break the graph). Set at import and by use_cpu_isa, the only ways the
+# level changes; None until known (an invalid RIFORMER_CPU_ISA raises at first use instead).
+_ACTIVE_LEVEL: str | None = None
+
+
+def _refresh_active_level() -> None:
+    global _ACTIVE_LEVEL
+    _ACTIVE_LEVEL = None
+    if _ext._C is not None:
+        try:
+            _ACTIVE_LEVEL = cpu_isa_info().active
+        except ValueError:
+            pass
+
+
+def _active_level() -> str:
+    return _ACTIVE_LEVEL if _ACTIVE_LEVEL is not None else cpu_isa_info().active
+
+
+_refresh_active_level()
 
 
 def _supports(block, x: torch.Tensor) -> str | None:
@@ -134,7 +168,7 @@ def _auto_declines(block, x: torch.Tensor) -> str | None:
         return None
     mode = 'train' if _is_training_call(block, x) else 'forward'
     recompute = recompute_for(block)
-    level = cpu_isa_info().active
+    level = _active_level()
     channels, tokens = x.shape[1], x.shape[2] * x.shape[3]
     for cls in SLOWER_THAN_REFERENCE:
         if (level in cls.levels and x.dtype in cls.dtypes and cls.mode == mode
