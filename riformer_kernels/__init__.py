@@ -5,10 +5,15 @@ from .dispatch import (BackendUnavailableError, available_backends, explain_disp
                        register_backend, requested_backend, set_recompute, use_backend)
 from .models import (MODEL_NAMES, RIFormer, RIFormerClassifier, create_model, load_checkpoint)
 from . import backends  # noqa: F401  (registers torch, cpu, triton, cuda; each says if unusable)
+from .capture import MixerIO, capture_mixer_io, capture_stage_outputs
+from .poolformer import PoolFormer, PoolFormerBlock, PoolFormerClassifier, student_from_teacher
+from . import distill  # noqa: F401  (rk.distill: the distillation losses and trainer)
 
 __all__ = [
     'RIFormerBlock', 'RIFormer', 'RIFormerClassifier', 'create_model', 'load_checkpoint',
     'MODEL_NAMES', 'available_backends', 'use_backend', 'explain_dispatch', 'requested_backend',
     'register_backend', 'BackendUnavailableError', 'set_recompute',
+    'MixerIO', 'capture_mixer_io', 'capture_stage_outputs', 'PoolFormer', 'PoolFormerBlock',
+    'PoolFormerClassifier', 'student_from_teacher', 'distill',
 ]
 __version__ = '0.1.0'
