@@ -79,8 +79,8 @@ def capture_mixer_io(model: nn.Module):
                          f"form: they have no token mixer to capture")
     records: list[MixerIO] = []
 
-    def hook(block, args, _out):
-        records.append(riformer_mixer_io(block, args[0]))
+    def hook(block, args, kwargs, _out):
+        records.append(riformer_mixer_io(block, args[0] if args else kwargs['x']))
 
     handles = []
     sinks = []
@@ -90,7 +90,7 @@ def capture_mixer_io(model: nn.Module):
                 m.mixer_sinks.append(records)
                 sinks.append(m)
             else:
-                handles.append(m.register_forward_hook(hook))
+                handles.append(m.register_forward_hook(hook, with_kwargs=True))
         yield records
     finally:
         for h in handles:

@@ -78,6 +78,13 @@ class PoolFormerBlock(nn.Module):
         return f"dim={self.dim}"
 
 
+def _student_config(**kwargs) -> dict:
+    """The constructor arguments a student copies: all but `init_weights` (how the teacher was
+    initialised says nothing about the student, whose affine mixers keep the training init)."""
+    kwargs.pop('init_weights', None)
+    return kwargs
+
+
 class PoolFormer(RIFormer):
     """The PoolFormer backbone: RIFormer's constructor, stages and keys with pooling blocks.
     Remembers its constructor arguments (`config`) so its student can be built alike."""
@@ -87,7 +94,7 @@ class PoolFormer(RIFormer):
         if kwargs.get('deploy'):
             raise ValueError("PoolFormer has no deploy form")
         super().__init__(arch, **kwargs)
-        self.config = dict(arch=arch, **kwargs)
+        self.config = _student_config(arch=arch, **kwargs)
 
     def switch_to_deploy(self):
         raise ValueError("PoolFormer has no deploy form (the pooling mixer is not re-"
@@ -100,7 +107,7 @@ class PoolFormerClassifier(RIFormerClassifier):
 
     def __init__(self, arch='s12', num_classes=1000, **backbone_kwargs):
         super().__init__(arch, num_classes=num_classes, **backbone_kwargs)
-        self.config = dict(arch=arch, num_classes=num_classes, **backbone_kwargs)
+        self.config = _student_config(arch=arch, num_classes=num_classes, **backbone_kwargs)
 
     def switch_to_deploy(self):
         self.backbone.switch_to_deploy()

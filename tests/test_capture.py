@@ -111,6 +111,9 @@ def test_block_output_unchanged_and_still_fused_under_capture():
     # the capture adds no GroupNorm / conv of its own: the mixer tensors are affine maps of x
     assert not any('group_norm' in op or 'convolution' in op for op in log.ops), log.counts
     assert len(records) == 1 and records[0].input.requires_grad
+    with rk.use_backend('cpu'), rk.capture_mixer_io(block) as by_keyword:
+        block(x=x)
+    assert torch.equal(by_keyword[0].output, records[0].output)
 
 
 def test_model_records_every_block_in_forward_order():

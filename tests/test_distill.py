@@ -49,6 +49,11 @@ def test_student_from_teacher_copies_every_shared_weight():
     # the affine mixers keep the student's own (training) initialisation, not the teacher's
     w = torch.cat([s_state[k].flatten() for k in mixer if k.endswith('weight')])
     assert 0.005 < w.std() < 0.05
+    # also when the teacher itself was built without the training init (e.g. to load weights)
+    plain_teacher = _teacher(init_weights=False)
+    s2 = rk.student_from_teacher(plain_teacher).state_dict()
+    w2 = torch.cat([s2[k].flatten() for k in mixer if k.endswith('weight')])
+    assert 0.005 < w2.std() < 0.05
     backbone = rk.student_from_teacher(teacher.backbone)
     assert isinstance(backbone, rk.RIFormer)
     with pytest.raises(TypeError, match='PoolFormer'):
