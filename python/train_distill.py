@@ -184,14 +184,17 @@ def backend_times(student, teacher, loss_cfg, data, batch_size, steps):
         if not rk.available_backends()[backend].usable:
             out[backend] = None
             continue
+        step_ms = {}
         with rk.use_backend(backend):
-            for batches in (warm, timed):
-                model = copy.deepcopy(student)
-                cfg = D.TrainConfig(epochs=1, warmup_epochs=0, progress_bar=False)
-                trainer = D.Trainer(model, cfg, D.DistillationLoss(loss_cfg), teacher=teacher)
-                t0 = time.perf_counter()
-                trainer.fit(batches)
-                train_ms = (time.perf_counter() - t0) / len(batches) * 1e3
+            for kind, cfg_, teacher_ in (('labels', D.DistillConfig.labels_only(), None),
+                                         ('distill', loss_cfg, teacher)):
+                for batches in (warm, timed):
+                    model = copy.deepcopy(student)
+                    cfg = D.TrainConfig(epochs=1, warmup_epochs=0, progress_bar=False)
+                    trainer = D.Trainer(model, cfg, D.DistillationLoss(cfg_), teacher=teacher_)
+                    t0 = time.perf_counter()
+                    trainer.fit(batches)
+                    step_ms[kind] = (time.perf_counter() - t0) / len(batches) * 1e3
             model.switch_to_deploy()
             model.eval()
             with torch.no_grad():
@@ -200,7 +203,8 @@ def backend_times(student, teacher, loss_cfg, data, batch_size, steps):
                 for xb, _ in timed.epoch(0):
                     model(xb)
                 infer_ms = (time.perf_counter() - t0) / len(timed) * 1e3
-        out[backend] = dict(train_step_ms=train_ms, deploy_infer_ms=infer_ms)
+        out[backend] = dict(train_step_ms=step_ms['distill'], labels_step_ms=step_ms['labels'],
+                            deploy_infer_ms=infer_ms)
     return out
 
 
@@ -286,6 +290,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
+    args.load_at_start = os.getloadavg()[0]
     if not args.resume:
         shutil.rmtree(os.path.join(args.out, 'checkpoints'), ignore_errors=True)
     results = []
@@ -326,7 +331,9 @@ def write_results(args, results, times, argv, sizes):
     lines = [f"# RIFormer distillation on digits (32x32)", "",
              f"- command: `{command.strip()}`",
              f"- machine: {machine()}",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average "
+             f"(1 min) {args.load_at_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the "
+             f"end (other work on the machine slows the timings)",
              f"- data: scikit-learn digits, train/test "
              f"{sizes[0]}/{sizes[1]} images, bilinear 8x8 -> 32x32, "
              f"random shifts of up to 2 px",
@@ -347,19 +354,25 @@ def write_results(args, results, times, argv, sizes):
         lines.append(f"| {r['label']} | {r['epochs']} | {100 * r['test_acc']:.2f}%{form} | "
                      f"{r['seconds_per_epoch']:.2f} | {r['peak_rss_mib']:.0f} "
                      f"(+{r['peak_rss_mib'] - r['rss_before_training_mib']:.0f}) |")
-    lines += ["", "Backend time for the recipe (c) student (same weights), per batch of "
-              f"{args.batch_size}: a training step = student forward with capture, teacher "
-              "forward, loss, backward, AdamW; inference = deploy form, no grad.", "",
-              "| backend | training step (ms) | deploy inference (ms) |", "|---|---|---|"]
+    lines += ["", "Backend time, per batch of "
+              f"{args.batch_size}, from the recipe (c) student's initial weights: a distillation "
+              "step = student forward with capture, teacher forward (plain torch), loss, "
+              "backward, AdamW; a labels-only step = student forward, cross-entropy, backward, "
+              "AdamW; inference = deploy form, no grad.", "",
+              "| backend | distillation step (ms) | labels-only step (ms) | deploy inference (ms) |",
+              "|---|---|---|---|"]
     for backend, t in times.items():
         if t is None:
-            lines.append(f"| {backend} | unusable | unusable |")
+            lines.append(f"| {backend} | unusable | unusable | unusable |")
         else:
-            lines.append(f"| {backend} | {t['train_step_ms']:.1f} | {t['deploy_infer_ms']:.1f} |")
+            lines.append(f"| {backend} | {t['train_step_ms']:.1f} | {t['labels_step_ms']:.1f} "
+                         f"| {t['deploy_infer_ms']:.1f} |")
     if all(times.values()):
         c, ref = times['cpu'], times['reference']
-        lines += ["", f"fused `cpu` vs `reference`: training step {ref['train_step_ms'] / c['train_step_ms']:.2f}x, "
-                  f"inference {ref['deploy_infer_ms'] / c['deploy_infer_ms']:.2f}x faster"]
+        lines += ["", "fused `cpu` vs `reference` (time ratio): distillation step "
+                  f"{ref['train_step_ms'] / c['train_step_ms']:.2f}x, labels-only step "
+                  f"{ref['labels_step_ms'] / c['labels_step_ms']:.2f}x, inference "
+                  f"{ref['deploy_infer_ms'] / c['deploy_infer_ms']:.2f}x"]
     if plot(results, os.path.join(args.out, 'curves.png')):
         lines += ["", "![loss and accuracy curves](curves.png)"]
     write_atomically(os.path.join(args.out, 'results.md'), '\n'.join(lines) + '\n')
