@@ -6,10 +6,15 @@ from .dispatch import (BackendUnavailableError, available_backends, explain_disp
 from .models import (MODEL_NAMES, RIFormer, RIFormerClassifier, create_model, load_checkpoint)
 from . import backends  # noqa: F401  (registers torch, cpu, triton, cuda; each says if unusable)
 from .backends.cpu import cpu_isa_info, use_cpu_isa
+from .capture import MixerIO, capture_mixer_io, capture_stage_outputs
+from .poolformer import PoolFormer, PoolFormerBlock, PoolFormerClassifier, student_from_teacher
+from . import distill  # noqa: F401  (rk.distill: the distillation losses and trainer)
 
 __all__ = [
     'RIFormerBlock', 'RIFormer', 'RIFormerClassifier', 'create_model', 'load_checkpoint',
     'MODEL_NAMES', 'available_backends', 'use_backend', 'explain_dispatch', 'requested_backend',
     'register_backend', 'BackendUnavailableError', 'set_recompute', 'cpu_isa_info', 'use_cpu_isa',
+    'MixerIO', 'capture_mixer_io', 'capture_stage_outputs', 'PoolFormer', 'PoolFormerBlock',
+    'PoolFormerClassifier', 'student_from_teacher', 'distill',
 ]
 __version__ = '0.1.0'

@@ -57,6 +57,23 @@ def merge_moments(count: torch.Tensor | int, means: torch.Tensor, m2s: torch.Ten
     return mean, m2 / total
 
 
+def group_statistics(mean, var, eps: float):
+    """(mu, r) of a one-group GroupNorm from per-(n,c) channel moments, each (N, 1): the
+    sample mean over all C*T values and 1/sqrt(variance + eps), the variance by the law of
+    total variance (mean within-channel variance plus the spread of the channel means)."""
+    mu = mean.mean(1, keepdim=True)
+    total = var.mean(1, keepdim=True) + ((mean - mu) ** 2).mean(1, keepdim=True)
+    return mu, torch.rsqrt(total + eps)
+
+
+def group_norm_map(mu, r, weight, bias):
+    """A one-group GroupNorm with per-channel `weight`, `bias` (C,) as the per-(n,c) affine map
+    GN(x) = scale x + shift, given its statistics (mu, r) from `group_statistics`. Returns
+    (scale, shift), each (N, C)."""
+    scale = weight.unsqueeze(0) * r
+    return scale, bias.unsqueeze(0) - scale * mu
+
+
 class FoldCoefficients(NamedTuple):
     """Per-(n,c) coefficients of the folded block and the statistics the backward needs."""
     a: torch.Tensor      # (N, C)  y = a x + b
@@ -82,16 +99,12 @@ def fold_coefficients(mean, var, s, t, l1, g2, beta2, eps1: float, eps2: float) 
     s, t, g2, beta2 = (p.to(sd) for p in (s, t, g2, beta2))
     l1 = l1.to(sd)
 
-    mu1 = mean.mean(1, keepdim=True)
-    var1 = var.mean(1, keepdim=True) + ((mean - mu1) ** 2).mean(1, keepdim=True)
-    r1 = torch.rsqrt(var1 + eps1)
+    mu1, r1 = group_statistics(mean, var, eps1)
     a = 1 + l1 * s * r1
     b = l1 * (t - s * mu1 * r1)
 
     ybar = a * mean + b
-    mu2 = ybar.mean(1, keepdim=True)
-    var2 = (a * a * var).mean(1, keepdim=True) + ((ybar - mu2) ** 2).mean(1, keepdim=True)
-    r2 = torch.rsqrt(var2 + eps2)
+    mu2, r2 = group_statistics(ybar, a * a * var, eps2)
     A = a * r2 * g2
     B = (b - mu2) * r2 * g2 + beta2
     return FoldCoefficients(a, b, A, B, mu1, r1, ybar, mu2, r2)

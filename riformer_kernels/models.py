@@ -30,12 +30,14 @@ ARCH_SETTINGS = {
 
 
 def basic_blocks(dim, index, layers, mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0,
-                 layer_scale_init_value=1e-5, deploy=False, recompute=True) -> nn.Sequential:
-    """One stage; drop-path rates grow linearly with the block's depth in the whole network."""
+                 layer_scale_init_value=1e-5, deploy=False, recompute=True,
+                 block_type=RIFormerBlock) -> nn.Sequential:
+    """One stage; drop-path rates grow linearly with the block's depth in the whole network.
+    `block_type`: RIFormerBlock, or the PoolFormer teacher's block (same constructor)."""
     blocks = []
     for block_idx in range(layers[index]):
         block_dpr = drop_path_rate * (block_idx + sum(layers[:index])) / (sum(layers) - 1)
-        blocks.append(RIFormerBlock(dim, mlp_ratio=mlp_ratio, drop=drop_rate, drop_path=block_dpr,
+        blocks.append(block_type(dim, mlp_ratio=mlp_ratio, drop=drop_rate, drop_path=block_dpr,
                                     layer_scale_init_value=layer_scale_init_value, deploy=deploy,
                                     recompute=recompute))
     # Every block but the stage's last feeds the next block: its kernels hand on the moments of
@@ -45,17 +47,35 @@ def basic_blocks(dim, index, layers, mlp_ratio=4.0, drop_rate=0.0, drop_path_rat
     return nn.Sequential(*blocks)
 
 
+def init_weights_(module: nn.Module, std: float = 0.02) -> nn.Module:
+    """Upstream's training initialisation, in place: every Conv2d/Linear weight from a normal
+    of standard deviation `std` truncated to [-2, 2] (upstream's bounds are absolute values, so
+    at std 0.02 they never bind), biases 0; every GroupNorm weight 1, bias 0. Layer scales keep
+    their `layer_scale_init_value`."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2.0, b=2.0)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.GroupNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
+
 class RIFormer(nn.Module):
     """The RIFormer backbone. Returns a tuple of normalised features at `out_indices`.
 
     Upstream's arguments, plus `recompute` (the fused backends' training memory mode of every
-    block; see RIFormerBlock)."""
+    block; see RIFormerBlock) and `init_weights` (default True: upstream's training
+    initialisation, `init_weights_`; loading a checkpoint afterwards replaces it)."""
     arch_settings = ARCH_SETTINGS
+    block_type = RIFormerBlock
 
     def __init__(self, arch='s12', in_channels=3, out_indices=-1, drop_rate=0.0,
                  drop_path_rate=0.0, frozen_stages=-1, deploy=False, recompute=True,
                  in_patch_size=7, in_stride=4, in_pad=2,
-                 down_patch_size=3, down_stride=2, down_pad=1):
+                 down_patch_size=3, down_stride=2, down_pad=1, init_weights=True):
         super().__init__()
         if isinstance(arch, str):
             if arch not in self.arch_settings:
@@ -82,7 +102,8 @@ class RIFormer(nn.Module):
             network.append(basic_blocks(embed_dims[i], i, layers, mlp_ratio=mlp_ratios[i],
                                         drop_rate=drop_rate, drop_path_rate=drop_path_rate,
                                         layer_scale_init_value=layer_scale_init_value,
-                                        deploy=deploy, recompute=recompute))
+                                        deploy=deploy, recompute=recompute,
+                                        block_type=self.block_type))
             if i >= len(layers) - 1:
                 break
             if embed_dims[i] != embed_dims[i + 1]:
@@ -108,6 +129,12 @@ class RIFormer(nn.Module):
         self.frozen_stages = frozen_stages
         self._freeze_stages()
         self.deploy = deploy
+        if init_weights:
+            self.init_weights()
+
+    def init_weights(self, std: float = 0.02):
+        """Upstream's training initialisation (`init_weights_`), in place; returns self."""
+        return init_weights_(self, std)
 
     def forward(self, x):
         x = self.patch_embed(x)
@@ -159,11 +186,20 @@ class LinearClsHead(nn.Module):
 class RIFormerClassifier(nn.Module):
     """Backbone -> global average pooling of the last output -> linear head; returns logits."""
 
-    def __init__(self, arch='s12', num_classes=1000, **backbone_kwargs):
+    backbone_type = RIFormer
+
+    def __init__(self, arch='s12', num_classes=1000, init_weights=True, **backbone_kwargs):
         super().__init__()
-        self.backbone = RIFormer(arch, **backbone_kwargs)
+        self.backbone = self.backbone_type(arch, init_weights=init_weights, **backbone_kwargs)
         in_channels = self.backbone.embed_dims[-1]
         self.head = LinearClsHead(num_classes, in_channels)
+        if init_weights:
+            init_weights_(self.head)
+
+    def init_weights(self, std: float = 0.02):
+        """Upstream's training initialisation of backbone and head (`init_weights_`); returns
+        self."""
+        return init_weights_(self, std)
 
     def forward(self, x):
         feats = self.backbone(x)[-1]
