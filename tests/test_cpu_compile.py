@@ -1,4 +1,5 @@
-"""torch.compile(fullgraph=True) of models on the `cpu` backend: no graph break, same results.
+"""torch.compile(fullgraph=True) and torch.export of models on the `cpu` backend: no graph break,
+same results.
 
 The riformer::* cpu ops have fake implementations (backends/cpu.py), and dispatch reads only
 Python state (availability and the active ISA level are cached), so dynamo traces a model's
@@ -72,3 +73,25 @@ def test_compiled_inference_graph_calls_the_cpu_kernels_once_per_block():
     code = graphs[0].code
     assert code.count('riformer.mlp_forward') == 3 and code.count('riformer.moments') >= 1, code
     assert torch.equal(out, want)
+
+
+def test_exported_deploy_classifier_runs_the_cpu_kernels_and_matches():
+    """torch.export of a deploy-form classifier on the cpu backend: the exported program holds
+    the riformer::* ops (their fake implementations trace it) and computes what eager does."""
+    arch = {'layers': [1, 1, 2, 1], 'embed_dims': [8, 16, 24, 32], 'mlp_ratios': [4, 4, 4, 4],
+            'layer_scale_init_value': 1e-5}
+    model = randomize_(rk.RIFormerClassifier(arch, num_classes=10))
+    model.switch_to_deploy()
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with rk.use_backend('cpu'):
+        program = torch.export.export(model, (x,))
+        want = model(x)
+    graph = str(program.graph)
+    assert graph.count('riformer.mlp_forward') == 5, graph     # one per block
+    x2 = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(program.module()(x), want)
+        with rk.use_backend('reference'):
+            ref = model(x2)
+        assert rel_err(program.module()(x2), ref) <= 1e-5
