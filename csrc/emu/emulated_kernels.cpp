@@ -58,8 +58,8 @@ void run_moments(const void* x, int64_t N, int64_t C, int64_t T, bool channels_l
   else
     emu::launch(moments_partial_cl<scalar_t, acc_t>, dim3(unsigned(plan.blocks)),
                 dim3(plan.threads_x, plan.threads_y), 0, X, T, C, plan.K, plan.CG, part.data());
-  emu::launch(moments_merge<acc_t>, dim3(unsigned(plan.merge_blocks)), dim3(kMaxThreads), 0,
-              static_cast<const Moments<acc_t>*>(part.data()), N * C, C, plan.K, channels_last,
+  emu::launch(moments_merge<scalar_t, acc_t>, dim3(unsigned(plan.merge_blocks)),
+              dim3(kMaxThreads), 0, X, T, static_cast<const Moments<acc_t>*>(part.data()), N * C, C, plan.K, channels_last,
               static_cast<acc_t*>(mean), static_cast<acc_t*>(var));
 }
 

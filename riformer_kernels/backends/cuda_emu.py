@@ -55,9 +55,16 @@ def compiler() -> str | None:
 
 
 def availability() -> str | None:
-    """None when the emulated build can be made here, else why not."""
+    """None when the `cuda` kernel set runs emulated in this process, else why not."""
     if not ENABLED:
         return f"{ENV_FLAG}=1 was not set before riformer_kernels was imported"
+    return build_availability()
+
+
+def build_availability() -> str | None:
+    """None when the emulated build can be made here, else why not. The wrappers below work
+    without RIFORMER_CUDA_EMULATE (the kernel tests call them directly); the variable decides
+    only whether the `cuda` backend runs blocks through them."""
     if not ENTRY.is_file():
         return f"the kernel sources (csrc/) are not next to the package (looked for {ENTRY})"
     if compiler() is None:
@@ -101,7 +108,7 @@ def library_path() -> Path:
 
 def build() -> Path:
     """Compile the emulated kernels unless the cache already holds this exact build."""
-    why = availability()
+    why = build_availability()
     if why is not None:
         raise RuntimeError(f"the emulated CUDA build is unavailable: {why}")
     path = library_path()
