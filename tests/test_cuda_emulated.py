@@ -176,19 +176,32 @@ def test_mlp_forward_fp32_and_fp64(case, channels_last):
         assert rel_err(out, _mlp_reference(x, coeffs, weights)) <= tol, dtype
 
 
+HALF_CASES = [  # (N, C, hidden, H, W, channels_last, kernels)
+    (1, 16, 64, 5, 7, False, ('ffma', 'mma')),
+    (2, 48, 192, 3, 3, True, ('ffma', 'mma')),
+    (1, 96, 384, 5, 7, True, ('ffma', 'mma')),   # two output-channel slices
+    (1, 16, 72, 5, 7, False, ('ffma',)),         # hidden % 16 != 0: the mma kernel declines
+    (1, 80, 336, 3, 3, False, ('mma',)),         # a partial hidden chunk of whole k-steps
+    (1, 320, 1280, 3, 3, True, ('mma',)),        # five slices; 40 KiB of shared memory
+]
+
+
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize('case', [MLP_CASES[0], MLP_CASES[3]], ids=lambda c: 'x'.join(map(str, c)))
+@pytest.mark.parametrize('case', HALF_CASES, ids=lambda c: 'x'.join(map(str, c[:5])))
 def test_mlp_forward_half_within_twice_reference_error(case, dtype):
-    n, c, hd, h, w = case
-    x, coeffs, weights = _mlp_inputs(n, c, hd, h, w, dtype, channels_last=(c == 96))
+    n, c, hd, h, w, channels_last, kernels = case
+    x, coeffs, weights = _mlp_inputs(n, c, hd, h, w, dtype, channels_last)
     truth = _mlp_reference(x, coeffs, weights)
-    out = cuda_emu.mlp_forward(x, *coeffs, *weights)
-    assert out.dtype == dtype
+    # The reference's own error: the same formula in torch ops in `dtype`.
     ref_err = rel_err(_mlp_reference(x, coeffs, weights, dtype), truth)
-    err = rel_err(out, truth)
-    assert err <= 2 * ref_err, (err, ref_err)
-    # and not vacuously: the output is rounded to dtype, so it cannot beat half an ulp by much
-    assert err >= 0.1 * torch.finfo(dtype).eps
+    for kernel in kernels:
+        out = cuda_emu.mlp_forward(x, *coeffs, *weights, kernel=kernel)
+        assert out.dtype == dtype and out.stride() == x.stride()
+        err = rel_err(out, truth)
+        assert err <= 2 * ref_err, (kernel, err, ref_err)
+        # and not vacuously: the output is rounded to dtype, so it cannot beat ~half an ulp
+        assert err >= 0.1 * torch.finfo(dtype).eps, (kernel, err)
+    assert cuda_emu.mlp_kernel(c, hd, dtype) == ('mma' if 'mma' in kernels else 'ffma')
 
 
 def test_mlp_forward_large_c_and_deterministic():
@@ -213,6 +226,10 @@ def test_mlp_forward_rejects_bad_input():
         cuda_emu.mlp_forward(x, coeffs[0].double(), *coeffs[1:], *weights)
     with pytest.raises(ValueError, match='l2 has shape'):
         cuda_emu.mlp_forward(x, *coeffs[:4], coeffs[4][:, :3], *weights)
+    with pytest.raises(ValueError, match='mma MLP kernel takes float16/bfloat16'):
+        cuda_emu.mlp_forward(x, *coeffs, *weights, kernel='mma')
+    with pytest.raises(ValueError, match='unknown MLP kernel'):
+        cuda_emu.mlp_forward(x, *coeffs, *weights, kernel='wmma')
     big, cbig, wbig = _mlp_inputs(1, 2048, 4, 1, 1, torch.float32, False)
     with pytest.raises(ValueError, match='shared memory'):
         cuda_emu.mlp_forward(big, *cbig, *wbig)
@@ -239,6 +256,18 @@ BACKEND_SCRIPT = textwrap.dedent('''
         cases.append([str(dtype), cl, helpers.rel_err(out, truth),
                       out.is_contiguous(memory_format=torch.channels_last) == cl])
     res['blocks'] = cases
+    # Half dtypes (the mma kernel): within twice the reference's own error in that dtype.
+    half = []
+    for dtype in (torch.float16, torch.bfloat16):
+        block = helpers.make_block(64, dtype=dtype)
+        x = helpers.random_input((1, 64, 5, 7), dtype)
+        truth = helpers.run_block(copy.deepcopy(block).double(), x.double(), 'reference')[0]
+        with torch.no_grad():
+            ref = helpers.run_block(block, x, 'reference')[0]
+            with rk.use_backend('cuda'):
+                out = block(x)
+        half.append([str(dtype), helpers.rel_err(out, truth), helpers.rel_err(ref, truth)])
+    res['half'] = half
     # Two chained blocks: the second takes the first's output moments (computed by the moments
     # kernel on the output) instead of its own statistics pass.
     b1, b2 = (helpers.make_block(16, dtype=torch.float32) for _ in range(2))
@@ -274,6 +303,8 @@ def test_cuda_backend_block_forward_emulated():
         # kernel in fp64 agree with the module-by-module reference to rounding.
         assert err <= (1e-5 if dtype == 'torch.float32' else 1e-11), (dtype, cl, err)
         assert layout_kept, (dtype, cl)
+    for dtype, err, ref_err in res['half']:
+        assert err <= 2 * ref_err, (dtype, err, ref_err)
     assert res['chained'] and res['chain_err'] <= 1e-5, res
     assert 'the cuda backward is issue 12' in res['train'], res['train']
 

@@ -29,6 +29,13 @@
 #include <math.h>
 #include <stdint.h>
 
+#if !defined(RIFORMER_EMULATE)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+#include "ptx.cuh"
+
 namespace riformer {
 namespace mlp_cuda {
 
@@ -75,9 +82,30 @@ struct MlpForwardArgs {
   T* const name = reinterpret_cast<T*>(riformer_dyn_smem_)
 #endif
 
+// Loads widen to the accumulation type, stores round once. Half types go through the named
+// intrinsics, not casts: torch's CUDA builds define __CUDA_NO_HALF_CONVERSIONS__ and
+// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove __half's implicit float conversions.
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ double widen(double v) { return v; }
+__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+
 template <typename acc_t, typename T>
 __device__ __forceinline__ acc_t load_as(const T* p) {
-  return static_cast<acc_t>(*p);
+  return static_cast<acc_t>(widen(*p));
+}
+
+__device__ __forceinline__ void store_rounded(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_rounded(double* p, double v) { *p = v; }
+// The half stores write the 16 bits as an unsigned short: under the emulator a store of the
+// __half struct returned by __float2half_rn was not seen by the shared-memory checks (the next
+// read of it failed as uninitialised), while an integer store is; on the device both are one
+// 16-bit store.
+__device__ __forceinline__ void store_rounded(__half* p, float v) {
+  *reinterpret_cast<unsigned short*>(p) = __half_as_ushort(__float2half_rn(v));
+}
+__device__ __forceinline__ void store_rounded(__nv_bfloat16* p, float v) {
+  *reinterpret_cast<unsigned short*>(p) = __bfloat16_as_ushort(__float2bfloat16_rn(v));
 }
 
 // Exact GELU, u Phi(u) with Phi from erf: erff on the device and in the emulator alike (the
@@ -201,9 +229,160 @@ mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
       const int64_t t = t0 + tg * kRT + q;
       if (t >= p.T) continue;
       const acc_t xv = load_as<acc_t>(xn + c * p.sc + t * p.st);
-      on[c * p.sc + t * p.st] = static_cast<scalar_t>(a * xv + b + l2 * (acc[r][q] + b2));
+      store_rounded(on + c * p.sc + t * p.st, a * xv + b + l2 * (acc[r][q] + b2));
     }
   }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core variant for fp16/bf16 (sm_80+): mma.sync m16n8k16 with fp32 accumulation, the same
+// CTA tile (kTokens tokens x kOutTile output channels, hidden chunks of kHidChunk, grid.y split
+// for large C) and the same fixed summation order per element (k-steps ascending, chunks
+// ascending), so it is deterministic too. Warp w owns 16 rows of each GEMM: hidden units
+// h0 + 16w .. +15 in GEMM1, output channels c0 + 16w .. +15 in GEMM2, times all 32 tokens
+// (4 n-tiles of 8). Operands:
+//   * A (W1, W2; row-major with k contiguous) straight from global memory: each register is two
+//     consecutive k of one row, one 32-bit load (the weights are tiny and stay in L1/L2);
+//   * B (z, then GELU(u)) from shared memory stored token-major (zsT[token][k],
+//     hsT[token][j]), so each B register, two consecutive k of one token, is one 32-bit load;
+//     rows are padded by kZPad halves so the 8 tokens a B load touches hit distinct banks.
+// z and GELU(u) are rounded to the input dtype before the mma (the reference rounds them too);
+// u, GELU and the output accumulate and evaluate in fp32. Needs C % 16 == 0 and Hd % 16 == 0
+// (whole k-steps; every RIFormer width is a multiple of 16); other shapes take the FFMA kernel.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kZPad = 8;
+
+inline bool mma_eligible(int64_t C, int64_t Hd) { return C % 16 == 0 && Hd % 16 == 0; }
+
+inline int64_t mma_smem_bytes(int64_t C, int64_t elem_size) {
+  return kTokens * ((C + kZPad) + (kHidChunk + kZPad)) * elem_size;
+}
+
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2], const __half*) {
+  ptx::mma_m16n8k16_f16(d, a, b, d);
+}
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2], const __nv_bfloat16*) {
+  ptx::mma_m16n8k16_bf16(d, a, b, d);
+}
+
+// Two consecutive 16-bit elements (col, col + 1) of row `row` of a row-major matrix with `ld`
+// columns, as one register (the lower address in the low half); 0 for rows past `rows`.
+// col is even and ld is even, so the load is 4-byte aligned.
+template <typename T>
+__device__ __forceinline__ uint32_t load_pair(const T* m, int64_t row, int64_t rows, int64_t ld,
+                                              int64_t col) {
+  return row < rows ? *reinterpret_cast<const uint32_t*>(m + row * ld + col) : 0u;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t shared_pair(const T* s) {
+  return *reinterpret_cast<const uint32_t*>(s);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+mlp_forward_mma_kernel(MlpForwardArgs<scalar_t, float> p) {
+  static_assert(kThreads == 4 * 32 && kHidChunk == 64 && kOutTile == 64 && kTokens == 32,
+                "warp w owns rows 16w..16w+15 of a 64-row chunk / slice and all 32 tokens");
+  RIFORMER_DYNAMIC_SMEM(scalar_t, smem);
+  const int64_t ZS = p.C + kZPad;
+  constexpr int HS = kHidChunk + kZPad;
+  scalar_t* const zsT = smem;                  // [kTokens][ZS]
+  scalar_t* const hsT = smem + kTokens * ZS;   // [kTokens][HS]
+
+  const int64_t n = blockIdx.x / p.tiles;
+  const int64_t t0 = (blockIdx.x % p.tiles) * int64_t(kTokens);
+  const int64_t c0 = int64_t(blockIdx.y) * kOutTile;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32, g = (tid % 32) / 4, tq = tid % 4;
+  const scalar_t* xn = p.x + n * p.sn;
+  const float* An = p.A + n * p.C;
+  const float* Bn = p.B + n * p.C;
+
+  const bool tokens_fastest = p.st == 1;
+  for (int64_t i = tid; i < p.C * kTokens; i += kThreads) {
+    const int64_t k = tokens_fastest ? i / kTokens : i % p.C;
+    const int j = int(tokens_fastest ? i % kTokens : i / p.C);
+    const int64_t t = t0 + j;
+    float z = 0.f;
+    if (t < p.T) z = An[k] * load_as<float>(xn + k * p.sc + t * p.st) + Bn[k];
+    store_rounded(zsT + j * ZS + k, z);
+  }
+
+  float acc[4][4];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+
+  for (int64_t h0 = 0; h0 < p.Hd; h0 += kHidChunk) {
+    __syncthreads();  // zsT complete (first chunk) / the previous chunk's hsT fully read
+    float u[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) u[nt][e] = 0.f;
+    const int64_t j0 = h0 + 16 * warp + g;   // this lane's A rows: j0 and j0 + 8
+    for (int64_t k0 = 0; k0 < p.C; k0 += 16) {
+      uint32_t a[4];
+      a[0] = load_pair(p.w1, j0, p.Hd, p.C, k0 + 2 * tq);
+      a[1] = load_pair(p.w1, j0 + 8, p.Hd, p.C, k0 + 2 * tq);
+      a[2] = load_pair(p.w1, j0, p.Hd, p.C, k0 + 2 * tq + 8);
+      a[3] = load_pair(p.w1, j0 + 8, p.Hd, p.C, k0 + 2 * tq + 8);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const scalar_t* bp = zsT + (nt * 8 + g) * ZS + k0 + 2 * tq;
+        const uint32_t b[2] = {shared_pair(bp), shared_pair(bp + 8)};
+        mma16816(u[nt], a, b, p.w1);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int jl = 16 * warp + g + 8 * (e >> 1);
+        const int64_t j = h0 + jl;
+        const int tok = nt * 8 + 2 * tq + (e & 1);
+        // Rows past Hd (a partial last chunk) are written as 0 and never reach GEMM2.
+        const float h = j < p.Hd ? gelu_exact(u[nt][e] + load_as<float>(p.b1 + j)) : 0.f;
+        store_rounded(hsT + tok * HS + jl, h);
+      }
+    __syncthreads();  // hsT complete: GEMM2 reads every warp's rows
+
+    const int64_t hn = p.Hd - h0 < kHidChunk ? p.Hd - h0 : int64_t(kHidChunk);
+    const int64_t cr = c0 + 16 * warp + g;   // this lane's A rows: cr and cr + 8
+    for (int64_t k0 = 0; k0 < hn; k0 += 16) {
+      uint32_t a[4];
+      a[0] = load_pair(p.w2, cr, p.C, p.Hd, h0 + k0 + 2 * tq);
+      a[1] = load_pair(p.w2, cr + 8, p.C, p.Hd, h0 + k0 + 2 * tq);
+      a[2] = load_pair(p.w2, cr, p.C, p.Hd, h0 + k0 + 2 * tq + 8);
+      a[3] = load_pair(p.w2, cr + 8, p.C, p.Hd, h0 + k0 + 2 * tq + 8);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const scalar_t* bp = hsT + (nt * 8 + g) * HS + k0 + 2 * tq;
+        const uint32_t b[2] = {shared_pair(bp), shared_pair(bp + 8)};
+        mma16816(acc[nt], a, b, p.w1);
+      }
+    }
+  }
+
+  scalar_t* on = p.out + n * p.sn;
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t c = c0 + 16 * warp + g + 8 * (e >> 1);
+      const int64_t t = t0 + nt * 8 + 2 * tq + (e & 1);
+      if (c >= p.C || t >= p.T) continue;
+      const float xv = load_as<float>(xn + c * p.sc + t * p.st);
+      const float v = p.a[n * p.C + c] * xv + p.b[n * p.C + c] +
+                      p.l2[n * p.C + c] * (acc[nt][e] + load_as<float>(p.b2 + c));
+      store_rounded(on + c * p.sc + t * p.st, v);
+    }
 }
 
 }  // namespace mlp_cuda

@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "../cuda/mlp_forward_kernels.cuh"
@@ -65,7 +67,7 @@ void run_moments(const void* x, int64_t N, int64_t C, int64_t T, bool channels_l
 
 template <typename scalar_t, typename acc_t>
 void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* const* coeffs,
-                     const void* const* weights) {
+                     const void* const* weights, bool mma) {
   using namespace riformer;
   using namespace riformer::mlp_cuda;
   MlpForwardArgs<scalar_t, acc_t> p;
@@ -89,6 +91,17 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
   p.w2 = static_cast<const scalar_t*>(weights[2]);
   p.b2 = static_cast<const scalar_t*>(weights[3]);
   const dim3 grid(unsigned(p.N * p.tiles), unsigned((p.C + kOutTile - 1) / kOutTile));
+  if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
+    if (mma) {
+      if (!mma_eligible(p.C, p.Hd))
+        throw std::invalid_argument("the mma MLP kernel needs C and the hidden size to be "
+                                    "multiples of 16");
+      emu::launch(mlp_forward_mma_kernel<scalar_t>, grid, dim3(kThreads),
+                  size_t(mma_smem_bytes(p.C, sizeof(scalar_t))), p);
+      return;
+    }
+  }
+  if (mma) throw std::invalid_argument("the mma MLP kernel takes float16 or bfloat16");
   emu::launch(mlp_forward_kernel<scalar_t, acc_t>, grid, dim3(kThreads),
               size_t(smem_bytes(p.C, sizeof(acc_t))), p);
 }
@@ -99,12 +112,17 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
 extern "C" {
 
 // Bumped whenever a signature below changes; cuda_emu.py refuses a library of another version.
-int riformer_emu_abi_version() { return 1; }
+int riformer_emu_abi_version() { return 2; }
 
 void riformer_emu_set_seed(uint64_t seed) { riformer::emu::set_seed(seed); }
 
-int64_t riformer_emu_mlp_smem_bytes(int64_t C, int dtype) {
-  return riformer::mlp_cuda::smem_bytes(C, dtype == kF64 ? 8 : 4);
+// Bytes of dynamic shared memory of the FFMA (mma = 0) or mma (mma = 1) MLP kernel; -1 when
+// the mma kernel cannot run the shape or dtype.
+int64_t riformer_emu_mlp_smem_bytes(int64_t C, int64_t Hd, int dtype, int mma) {
+  using namespace riformer::mlp_cuda;
+  if (!mma) return smem_bytes(C, dtype == kF64 ? 8 : 4);
+  if ((dtype != kF16 && dtype != kBF16) || !mma_eligible(C, Hd)) return -1;
+  return mma_smem_bytes(C, 2);
 }
 
 int riformer_emu_moments(int dtype, const void* x, int64_t N, int64_t C, int64_t T,
@@ -125,15 +143,16 @@ int riformer_emu_moments(int dtype, const void* x, int64_t N, int64_t C, int64_t
 
 // dims: N, C, Hd, T, sn, sc, st. coeffs: A, B, a, b, l2 ((N, C) contiguous, statistics dtype).
 // weights: w1 (Hd, C), b1, w2 (C, Hd), b2, contiguous, in x's dtype.
+// mma = 1: the tensor-core kernel (float16/bfloat16 only).
 int riformer_emu_mlp_forward(int dtype, const void* x, void* out, const int64_t* dims,
-                             const void* const* coeffs, const void* const* weights, char* err,
-                             size_t errlen) {
+                             const void* const* coeffs, const void* const* weights, int mma,
+                             char* err, size_t errlen) {
   return guarded([&] {
     switch (dtype) {
-      case kF32: run_mlp_forward<float, float>(x, out, dims, coeffs, weights); break;
-      case kF64: run_mlp_forward<double, double>(x, out, dims, coeffs, weights); break;
-      case kF16: run_mlp_forward<__half, float>(x, out, dims, coeffs, weights); break;
-      case kBF16: run_mlp_forward<__nv_bfloat16, float>(x, out, dims, coeffs, weights); break;
+      case kF32: run_mlp_forward<float, float>(x, out, dims, coeffs, weights, mma != 0); break;
+      case kF64: run_mlp_forward<double, double>(x, out, dims, coeffs, weights, mma != 0); break;
+      case kF16: run_mlp_forward<__half, float>(x, out, dims, coeffs, weights, mma != 0); break;
+      case kBF16: run_mlp_forward<__nv_bfloat16, float>(x, out, dims, coeffs, weights, mma != 0); break;
       default: throw std::invalid_argument("riformer_emu_mlp_forward: unknown dtype code");
     }
   }, err, errlen);

@@ -45,7 +45,7 @@ def _supports(block, x: torch.Tensor) -> str | None:
     if block.mlp.fc1.weight.shape[0] < 1:
         return "the MLP has no hidden units"
     c = x.shape[1]
-    smem = cuda_emu.mlp_smem_bytes(c, x.dtype)
+    smem = cuda_emu.mlp_smem_bytes(c, x.dtype, block.mlp.fc1.weight.shape[0])
     if smem > cuda_emu.MAX_DYNAMIC_SMEM:
         return (f"C={c} in {x.dtype} needs {smem} bytes of shared memory per CTA (the MLP kernel "
                 f"keeps z for all C channels of its token tile), over {cuda_emu.MAX_DYNAMIC_SMEM}")

@@ -32,7 +32,7 @@ import torch
 
 ENV_FLAG = 'RIFORMER_CUDA_EMULATE'
 ENABLED = os.environ.get(ENV_FLAG, '0') not in ('', '0')
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / 'csrc'
@@ -142,9 +142,9 @@ def library():
             i64, ptr, cstr = ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p
             lib.riformer_emu_moments.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ctypes.c_int,
                                                  ctypes.c_int, ptr, ptr, cstr, ctypes.c_size_t]
-            lib.riformer_emu_mlp_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, cstr,
-                                                     ctypes.c_size_t]
-            lib.riformer_emu_mlp_smem_bytes.argtypes = [i64, ctypes.c_int]
+            lib.riformer_emu_mlp_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
+                                                     ctypes.c_int, cstr, ctypes.c_size_t]
+            lib.riformer_emu_mlp_smem_bytes.argtypes = [i64, i64, ctypes.c_int, ctypes.c_int]
             lib.riformer_emu_mlp_smem_bytes.restype = i64
             lib.riformer_emu_set_seed.argtypes = [ctypes.c_uint64]
             _lib = lib
@@ -218,12 +218,36 @@ def moments(x: torch.Tensor, sms: int = DEFAULT_SMS):
     return mean, var
 
 
-def mlp_smem_bytes(c: int, dtype: torch.dtype) -> int:
-    return library().riformer_emu_mlp_smem_bytes(c, _DTYPE_CODES[dtype])
+MLP_KERNELS = ('auto', 'ffma', 'mma')
 
 
-def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2) -> torch.Tensor:
+def mlp_kernel(c: int, hidden: int, dtype: torch.dtype, kernel: str = 'auto') -> str:
+    """Which MLP kernel runs: 'mma' (tensor cores, fp16/bf16 with C and hidden multiples of 16)
+    where it can under 'auto', else 'ffma' (fp32/fp64 FFMA; half inputs widened on load)."""
+    if kernel not in MLP_KERNELS:
+        raise ValueError(f"unknown MLP kernel {kernel!r}; choose one of {MLP_KERNELS}")
+    can_mma = library().riformer_emu_mlp_smem_bytes(c, hidden, _DTYPE_CODES[dtype], 1) >= 0
+    if kernel == 'mma' and not can_mma:
+        raise ValueError(f"the mma MLP kernel takes float16/bfloat16 with C and the hidden size "
+                         f"multiples of 16, not {dtype} with C={c}, hidden={hidden}")
+    if kernel == 'auto':
+        return 'mma' if can_mma else 'ffma'
+    return kernel
+
+
+def mlp_smem_bytes(c: int, dtype: torch.dtype, hidden: int | None = None,
+                   kernel: str = 'auto') -> int:
+    """Dynamic shared memory per CTA of the MLP kernel `kernel` picks for this shape."""
+    hidden = 4 * c if hidden is None else hidden
+    which = mlp_kernel(c, hidden, dtype, kernel)
+    return library().riformer_emu_mlp_smem_bytes(c, hidden, _DTYPE_CODES[dtype],
+                                                 int(which == 'mma'))
+
+
+def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto') -> torch.Tensor:
     """out = a x + b + l2 (W2 GELU(W1 (A x + B) + b1) + b2) by csrc/cuda/mlp_forward_kernels.cuh.
+
+    kernel: 'auto' (mma where `mlp_kernel` allows, else ffma), 'ffma' or 'mma'.
 
     x: (N, C, H, W), NCHW or channels_last (other strides are copied); the output has x's
     layout. A, B, a, b, l2: (N, C) in the statistics dtype (fp64 for fp64 x, else fp32).
@@ -256,7 +280,8 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2) -> torch.Tensor:
         if t.dtype != sd or t.device != x.device:
             raise TypeError(f"mlp_forward: {name} is {t.dtype} on {t.device}, expected {sd} on "
                             f"{x.device} (the statistics dtype of {x.dtype})")
-    smem = mlp_smem_bytes(c, x.dtype)
+    which = mlp_kernel(c, hd, x.dtype, kernel)
+    smem = mlp_smem_bytes(c, x.dtype, hd, which)
     if smem > MAX_DYNAMIC_SMEM:
         raise ValueError(f"mlp_forward: C={c} needs {smem} bytes of shared memory per CTA, more "
                          f"than the {MAX_DYNAMIC_SMEM} a CTA can have")
@@ -273,5 +298,5 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2) -> torch.Tensor:
     ptrs_c = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in keep[:5]])
     ptrs_w = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep[5:]])
     _call(library().riformer_emu_mlp_forward, _DTYPE_CODES[x.dtype], x.data_ptr(),
-          out.data_ptr(), dims, ptrs_c, ptrs_w)
+          out.data_ptr(), dims, ptrs_c, ptrs_w, int(which == 'mma'))
     return out
