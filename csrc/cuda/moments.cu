@@ -24,7 +24,7 @@
 namespace riformer {
 namespace {
 
-using namespace moments_cuda;
+using namespace moments_kernels;
 
 int sm_count(int device) {
   int sms = 0;

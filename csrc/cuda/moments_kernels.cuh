@@ -21,7 +21,7 @@
 #include "../common/block_math.h"
 
 namespace riformer {
-namespace moments_cuda {
+namespace moments_kernels {
 
 constexpr int kItems = 4;       // values per thread per chunk (in registers)
 constexpr int kWarp = 32;
@@ -219,5 +219,5 @@ inline MomentsPlan plan_moments(int64_t N, int64_t C, int64_t T, bool channels_l
   return p;
 }
 
-}  // namespace moments_cuda
+}  // namespace moments_kernels
 }  // namespace riformer

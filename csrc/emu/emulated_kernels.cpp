@@ -48,7 +48,7 @@ template <typename scalar_t, typename acc_t>
 void run_moments(const void* x, int64_t N, int64_t C, int64_t T, bool channels_last, int sms,
                  void* mean, void* var) {
   using namespace riformer;
-  using namespace riformer::moments_cuda;
+  using namespace riformer::moments_kernels;
   const MomentsPlan plan = plan_moments(N, C, T, channels_last, sms);
   // Poisoned (NaN in every field), so a partial the first stage failed to write shows up.
   std::vector<Moments<acc_t>> part(size_t(N * C * plan.K));
