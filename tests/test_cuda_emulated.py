@@ -11,6 +11,7 @@ The block-level test runs in a subprocess with RIFORMER_CUDA_EMULATE=1 (it must 
 riformer_kernels is imported, and this process keeps the normal `cuda` backend for the other
 tests). Skips only when g++ is missing.
 """
+import ctypes
 import json
 import os
 import subprocess
@@ -202,6 +203,23 @@ def test_mlp_forward_half_within_twice_reference_error(case, dtype):
         # and not vacuously: the output is rounded to dtype, so it cannot beat ~half an ulp
         assert err >= 0.1 * torch.finfo(dtype).eps, (kernel, err)
     assert cuda_emu.mlp_kernel(c, hd, dtype) == ('mma' if 'mma' in kernels else 'ffma')
+
+
+def test_mlp_forward_mma_takes_misaligned_weight_views():
+    # A weight view starting one element into its storage: copied, not read as misaligned pairs.
+    x, coeffs, (w1, b1, w2, b2) = _mlp_inputs(1, 16, 64, 3, 3, torch.float16, False)
+    w1v = torch.cat([w1.new_zeros(1), w1.reshape(-1)])[1:].view(64, 16)
+    assert w1v.data_ptr() % 4 != 0
+    out = cuda_emu.mlp_forward(x, *coeffs, w1v, b1, w2, b2, kernel='mma')
+    assert torch.equal(out, cuda_emu.mlp_forward(x, *coeffs, w1, b1, w2, b2, kernel='mma'))
+    # The library itself refuses the misaligned pointer (what the wrapper's copy avoids).
+    keep = [t.contiguous() for t in coeffs]
+    dims = (ctypes.c_int64 * 7)(1, 16, 64, 9, x.stride(0), x.stride(1), 1)
+    ptrs_c = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in keep])
+    ptrs_w = (ctypes.c_void_p * 4)(w1v.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr())
+    with pytest.raises(cuda_emu.EmulatorError, match='4-byte aligned'):
+        cuda_emu._call(cuda_emu.library().riformer_emu_mlp_forward, 2, x.data_ptr(),
+                       torch.empty_like(x).data_ptr(), dims, ptrs_c, ptrs_w, 1)
 
 
 def test_mlp_forward_large_c_and_deterministic():

@@ -93,6 +93,10 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
   const dim3 grid(unsigned(p.N * p.tiles), unsigned((p.C + kOutTile - 1) / kOutTile));
   if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
     if (mma) {
+      // The kernel loads weight pairs as 32-bit words; the emulator does not check global
+      // memory, so the alignment a GPU would fault on is checked here.
+      if (reinterpret_cast<uintptr_t>(p.w1) % 4 || reinterpret_cast<uintptr_t>(p.w2) % 4)
+        throw std::invalid_argument("the mma MLP kernel needs w1 and w2 4-byte aligned");
       if (!mma_eligible(p.C, p.Hd))
         throw std::invalid_argument("the mma MLP kernel needs C and the hidden size to be "
                                     "multiples of 16");

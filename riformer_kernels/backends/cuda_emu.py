@@ -152,7 +152,8 @@ def library():
 
 
 class EmulatorError(RuntimeError):
-    """A check of the emulator failed (race, uninitialised shared read, barrier, bounds)."""
+    """The emulated library failed a launch: an emulator check (race, uninitialised shared
+    read, barrier, bounds) or a launch it refused (the message says which)."""
 
 
 def _call(fn, *args):
@@ -293,6 +294,10 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto') -> torc
     if x.numel() == 0:
         return out
     keep = [t.contiguous() for t in (A, B, a, b, l2, w1, b1, w2, b2)]
+    if which == 'mma':
+        # The mma kernel reads weight pairs as 32-bit words: a view starting at an odd element
+        # would be a misaligned load on the device (the emulator does not check global memory).
+        keep[5], keep[7] = (t if t.data_ptr() % 4 == 0 else t.clone() for t in (keep[5], keep[7]))
     dims = (ctypes.c_int64 * 7)(n, c, hd, h * w, x.stride(0), x.stride(1),
                                 x.stride(3) if layout(x) == 'channels_last' else 1)
     ptrs_c = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in keep[:5]])
