@@ -97,10 +97,10 @@ __device__ __forceinline__ acc_t load_as(const T* p) {
 
 __device__ __forceinline__ void store_rounded(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_rounded(double* p, double v) { *p = v; }
-// The half stores write the 16 bits as an unsigned short: under the emulator a store of the
-// __half struct returned by __float2half_rn was not seen by the shared-memory checks (the next
-// read of it failed as uninitialised), while an integer store is; on the device both are one
-// 16-bit store.
+// The half stores write the 16 bits as an unsigned short: under the emulator `*p =
+// __float2half_rn(v)` is a call that writes its struct result straight into *p, which the
+// shared-memory checks do not see (docs/emulator.md, Limits); an integer store is checked. On
+// the device both are one 16-bit store.
 __device__ __forceinline__ void store_rounded(__half* p, float v) {
   *reinterpret_cast<unsigned short*>(p) = __half_as_ushort(__float2half_rn(v));
 }
