@@ -62,6 +62,14 @@ def test_block_sum_correct_over_seeds(programs, seed):
     assert abs(got - ref) <= 1e-4 * max(1.0, abs(ref)), line
 
 
+def test_smaller_launch_after_larger(programs):
+    # 256, then 32, then 96 threads per block in one process: each sum right, no stale fibers.
+    line = run_case(programs, 'shrink', 3)
+    assert line.startswith('OK '), line
+    diffs = [abs(float(d)) for d in line.split()[1:]]
+    assert len(diffs) == 3 and max(diffs) <= 1e-3, line
+
+
 def _assert_error(line, prefix, kernel, memory=True):
     assert line.startswith('ERR ' + prefix), line
     assert f'kernel {kernel}(' in line, line

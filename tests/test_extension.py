@@ -267,7 +267,8 @@ def test_cuda_kernels_no_spills_no_stack():
     print("\n" + _nvcc_report.format_report(rows))
     for arch in archs:
         entries = [r for r in rows if r["arch"] == f"sm_{arch}" and r["entry"]]
-        # moments: partial_nchw, partial_cl (x4 dtypes) + merge (x2 acc types).
+        # moments.cu: partial_nchw, partial_cl, merge (x4 dtypes); mlp_forward.cu: the FFMA
+        # MLP kernel (x4 dtypes) and the mma one (fp16, bf16).
         assert len(entries) >= 1, f"no kernels parsed for sm_{arch}: check the parser"
         for r in entries:
             assert r["registers"] is not None and r["stack"] is not None, r

@@ -360,16 +360,51 @@ struct Symbols {
 };
 inline Symbols syms;
 
-RIFORMER_EMU_FN int find_bias_cb(dl_phdr_info* info, size_t, void* out) {
-  *static_cast<uintptr_t*>(out) = info->dlpi_addr;
-  return 1;  // the first entry is the main program
+// The loaded object (program or shared library) whose PT_LOAD segments contain an address.
+// Kernels built into a shared library (the emulated build of csrc/cuda that Python loads with
+// ctypes) live in that library, not in the program, so both the symbol table and the static
+// shared region must be looked up in the object holding the emulator itself.
+struct ModuleQuery {
+  uintptr_t addr = 0;
+  bool found = false;
+  uintptr_t bias = 0;
+  std::string path;  // empty for the main program
+  uintptr_t tls_lo = 0, tls_size = 0;
+};
+
+RIFORMER_EMU_FN int find_module_cb(dl_phdr_info* info, size_t, void* out) {
+  auto* q = static_cast<ModuleQuery*>(out);
+  bool hit = false;
+  for (int k = 0; k < info->dlpi_phnum && !hit; ++k) {
+    const auto& ph = info->dlpi_phdr[k];
+    uintptr_t lo = info->dlpi_addr + ph.p_vaddr;
+    hit = ph.p_type == PT_LOAD && q->addr >= lo && q->addr < lo + ph.p_memsz;
+  }
+  if (!hit) return 0;
+  q->found = true;
+  q->bias = info->dlpi_addr;
+  q->path = info->dlpi_name ? info->dlpi_name : "";
+  for (int k = 0; k < info->dlpi_phnum; ++k)
+    if (info->dlpi_phdr[k].p_type == PT_TLS) {
+      q->tls_lo = reinterpret_cast<uintptr_t>(info->dlpi_tls_data);
+      q->tls_size = info->dlpi_phdr[k].p_memsz;
+    }
+  return 1;
+}
+
+RIFORMER_EMU_NOSAN inline ModuleQuery module_of(const void* addr) {
+  ModuleQuery q;
+  q.addr = reinterpret_cast<uintptr_t>(addr);
+  dl_iterate_phdr(find_module_cb, &q);
+  return q;
 }
 
 RIFORMER_EMU_NOSAN inline void load_symbols() {
   if (syms.loaded) return;
   syms.loaded = true;
-  dl_iterate_phdr(find_bias_cb, &syms.bias);
-  std::ifstream f("/proc/self/exe", std::ios::binary);
+  const ModuleQuery mod = module_of(reinterpret_cast<const void*>(&dynamic_smem));
+  syms.bias = mod.bias;
+  std::ifstream f(mod.path.empty() ? std::string("/proc/self/exe") : mod.path, std::ios::binary);
   std::vector<char> img((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   if (img.size() < sizeof(Elf64_Ehdr)) return;
   auto* eh = reinterpret_cast<const Elf64_Ehdr*>(img.data());
@@ -726,11 +761,24 @@ RIFORMER_EMU_NOSAN __attribute__((noinline)) inline void syncthreads(std::source
   yield_to_scheduler();
 }
 
+// The threads of the current block: the first g.nthreads entries of g.threads. The vector keeps
+// the fibers (and stacks) of an earlier, larger launch, which must be neither checked nor
+// released by this launch's barriers.
+struct BlockThreads {
+  Thread* b;
+  Thread* e;
+  Thread* begin() const { return b; }
+  Thread* end() const { return e; }
+};
+RIFORMER_EMU_NOSAN inline BlockThreads block_threads() {
+  return {g.threads.data(), g.threads.data() + g.nthreads};
+}
+
 // Called by the scheduler when no fiber can run: either the block is done, or every live
 // thread is blocked and the barrier (or a deadlock) must be resolved.
 RIFORMER_EMU_NOSAN inline void resolve_quiescent() {
   const Thread* first_barrier = nullptr;
-  for (const Thread& t : g.threads) {
+  for (const Thread& t : block_threads()) {
     if (t.state == ThreadState::AtWarp) {
       // Find a lane it waits for, to say why it can never complete.
       for (int l = 0; l < kWarp; ++l) {
@@ -745,7 +793,7 @@ RIFORMER_EMU_NOSAN inline void resolve_quiescent() {
     if (t.state == ThreadState::AtBarrier && !first_barrier) first_barrier = &t;
   }
   if (!first_barrier) return;
-  for (const Thread& t : g.threads) {
+  for (const Thread& t : block_threads()) {
     if (t.state == ThreadState::Exited)
       throw Error("barrier: " + where(first_barrier->tid) + " " + describe_wait(*first_barrier) + " but " +
                   thread_name(t.tid) + " has exited (a __syncthreads not reached by every thread of the block)");
@@ -759,7 +807,7 @@ RIFORMER_EMU_NOSAN inline void resolve_quiescent() {
   // Release: a new epoch orders every access before the barrier against every access after it.
   ++g.epoch;
   g.readers.clear();
-  for (Thread& t : g.threads) make_runnable(t);
+  for (Thread& t : block_threads()) make_runnable(t);
 }
 
 RIFORMER_EMU_NOSAN inline void run_block() {
@@ -1195,14 +1243,18 @@ RIFORMER_EMU_NOSAN inline void cp_async_wait(int n, const void* pc) {
 // 12. The launcher
 // ============================================================================================
 
-RIFORMER_EMU_FN int find_tls_cb(dl_phdr_info* info, size_t, void* out) {
-  auto* range = static_cast<std::pair<uintptr_t, uintptr_t>*>(out);
-  for (int k = 0; k < info->dlpi_phnum; ++k)
-    if (info->dlpi_phdr[k].p_type == PT_TLS) {
-      range->first = reinterpret_cast<uintptr_t>(info->dlpi_tls_data);
-      range->second = info->dlpi_phdr[k].p_memsz;
-    }
-  return 1;  // the main program only: its TLS block holds exactly the __shared__ variables
+// A thread_local of the object that holds the emulator. Touching it before the TLS block is looked
+// up makes the dynamic linker allocate that block in this thread: a dlopen'ed library's TLS is
+// allocated lazily, at its first access, and dlpi_tls_data is null until then.
+inline thread_local unsigned char tls_anchor = 0;
+
+// The static shared region: the TLS block of the object that holds the emulator (the program,
+// or the shared library of an emulated build), which holds exactly the __shared__ variables
+// (and tls_anchor, which no kernel touches).
+RIFORMER_EMU_NOSAN inline std::pair<uintptr_t, uintptr_t> static_shared_range() {
+  *static_cast<volatile unsigned char*>(&tls_anchor) = 0;
+  const ModuleQuery mod = module_of(reinterpret_cast<const void*>(&dynamic_smem));
+  return {mod.tls_lo, mod.tls_lo ? mod.tls_size : 0};
 }
 
 template <typename... P, typename Tuple, size_t... I>
@@ -1234,8 +1286,7 @@ RIFORMER_EMU_NOSAN void launch(void (*kernel)(P...), dim3 grid, dim3 block, size
   ++g.launches;
   g.trace.clear();
 
-  std::pair<uintptr_t, uintptr_t> tls{0, 0};
-  dl_iterate_phdr(find_tls_cb, &tls);
+  const std::pair<uintptr_t, uintptr_t> tls = static_shared_range();
   g.s_lo = tls.first;
   g.s_span = tls.first ? tls.second : 0;
   g.d_lo = reinterpret_cast<uintptr_t>(dynamic_smem);

@@ -1,11 +1,89 @@
-"""The `cuda` backend: hand-written CUDA kernels in csrc/cuda (today the moments kernel only).
+"""The `cuda` backend: hand-written CUDA kernels in csrc/cuda.
 
-Registered so that `rk.available_backends()` says why it cannot run blocks yet; its block
-kernels will be a `pipeline.KernelSet` like the cpu and triton ones.
+Without RIFORMER_CUDA_EMULATE=1 it is registered with the reason it cannot run blocks (the
+compiled extension has the moments kernel only; the fused MLP kernel has no torch binding yet).
+
+With RIFORMER_CUDA_EMULATE=1 set before riformer_kernels is imported, it is a
+`pipeline.KernelSet` whose kernels are the csrc/cuda sources built against the SIMT emulator
+(`cuda_emu`) and run on CPU tensors, for inference:
+
+* moments: the two-stage split moments kernels (per-(n,c) mean and variance; `merge` is the
+  identity, as for the cpu kernel set);
+* mlp_forward: the fused MLP forward kernel (csrc/cuda/mlp_forward_kernels.cuh); the output's
+  moments, when the next block asks for them, come from one more moments launch on the output.
+
+Training is declined in `supports` until the CUDA backward exists (issue 12). `auto` never
+picks the emulated kernels (dispatch.AUTO_ORDER has no `cuda` for CPU tensors): it is a test
+vehicle, orders of magnitude slower than the cpu kernels; ask for it with use_backend('cuda').
 """
 from __future__ import annotations
 
+import torch
+
 from .. import _ext
 from ..dispatch import Backend, register_backend
+from ..pipeline import KernelSet, Partials, register_kernel_set
+from . import cuda_emu
 
-register_backend(Backend('cuda', availability=lambda: _ext.native_availability('CUDA')))
+BACKWARD_MISSING = "the cuda backward is issue 12"
+
+
+def _is_training_call(block, x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or
+                                        any(p.requires_grad for p in block.parameters()))
+
+
+def _supports(block, x: torch.Tensor) -> str | None:
+    if x.device.type != 'cpu':
+        return (f"the emulated cuda kernels run on CPU tensors (input is on {x.device}); the "
+                f"compiled CUDA build has no fused MLP binding yet")
+    if x.dtype not in cuda_emu.SUPPORTED_DTYPES:
+        return f"the cuda kernels take float32/float64/float16/bfloat16, not {x.dtype}"
+    if _is_training_call(block, x):
+        return (f"training (autograd) is not supported: {BACKWARD_MISSING}; run inference under "
+                f"torch.no_grad() or with parameters that do not require grad")
+    if block.mlp.fc1.weight.shape[0] < 1:
+        return "the MLP has no hidden units"
+    c = x.shape[1]
+    smem = cuda_emu.mlp_smem_bytes(c, x.dtype, block.mlp.fc1.weight.shape[0])
+    if smem > cuda_emu.MAX_DYNAMIC_SMEM:
+        return (f"C={c} in {x.dtype} needs {smem} bytes of shared memory per CTA (the MLP kernel "
+                f"keeps z for all C channels of its token tile), over {cuda_emu.MAX_DYNAMIC_SMEM}")
+    return None
+
+
+def _prepare_input(x: torch.Tensor) -> torch.Tensor:
+    # The kernels read NCHW or channels_last; any other strides are copied to NCHW.
+    return x if cuda_emu.layout(x) is not None else x.contiguous()
+
+
+def _moments(x: torch.Tensor) -> Partials:
+    mean, var = cuda_emu.moments(x)
+    return Partials(mean, var, 0)
+
+
+def _mlp_forward(x, cf, l2, w1, b1, w2, b2, save_u: bool, emit_moments: bool):
+    if save_u:
+        raise NotImplementedError(f"the cuda kernels do not save u: {BACKWARD_MISSING}")
+    out = cuda_emu.mlp_forward(x, cf.A, cf.B, cf.a, cf.b, l2, w1, b1, w2, b2)
+    if emit_moments:
+        mean, var = cuda_emu.moments(out)
+    else:
+        mean = var = out.new_empty((0,), dtype=cuda_emu.stats_dtype(out.dtype))
+    return out, mean, var, None
+
+
+def _no_backward(*_args):
+    raise NotImplementedError(BACKWARD_MISSING)
+
+
+if cuda_emu.ENABLED:
+    KERNELS = KernelSet(
+        'cuda', availability=cuda_emu.availability, supports=_supports,
+        prepare_input=_prepare_input, moments=_moments,
+        merge=lambda m1, m2, tokens, span: (m1, m2), mlp_forward=_mlp_forward,
+        output_span=lambda out: 0, backward_weights_and_sums=_no_backward,
+        backward_dx=_no_backward)
+    register_kernel_set(KERNELS)
+else:
+    register_backend(Backend('cuda', availability=lambda: _ext.native_availability('CUDA')))

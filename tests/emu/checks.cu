@@ -213,6 +213,22 @@ int main(int argc, char** argv) {
       char buf[128];
       std::snprintf(buf, sizeof buf, "%.9g %.9g", got, ref);
       result = buf;
+    } else if (c == "shrink") {
+      // A launch with fewer threads after one with more: the fibers kept from the larger launch
+      // must take no part in the smaller one's barriers (they once did: "has exited").
+      int n = 3000, blocks = 3;
+      auto in = randv(n);
+      double ref = 0;
+      for (float x : in) ref += x;
+      for (int threads : {256, 32, 96}) {
+        std::vector<float> out(blocks);
+        riformer::emu::launch(block_sum, dim3(blocks), dim3(threads), 0, in.data(), out.data(), n);
+        double got = 0;
+        for (float x : out) got += x;
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "%s%.9g", result.empty() ? "" : " ", got - ref);
+        result += buf;
+      }
     } else if (c == "race_bad" || c == "race_good") {
       std::vector<int> out(1);
       riformer::emu::launch(race, dim3(1), dim3(64), 0, out.data(), int(c == "race_good"));

@@ -1,0 +1,389 @@
+// The fused MLP forward of the folded block, plain CUDA (no torch headers): compiled by nvcc and,
+// as C++, against the SIMT emulator (csrc/emu/cuda_emu.h, entry csrc/emu/emulated_kernels.cpp).
+//
+//   out[n,c,t] = a x + b + l2 (sum_j W2[c,j] GELU(sum_k W1[j,k] z[n,k,t] + b1[j]) + b2[c]),
+//   z[n,k,t]   = A[n,k] x[n,k,t] + B[n,k]       (riformer_kernels.fold's coefficients)
+//
+// Tiling (fp32 FFMA, or fp64 for the fp64 oracle path; fp16/bf16 inputs are converted on load
+// and accumulate in fp32):
+//   * a CTA of kThreads threads takes kTokens tokens of one sample (blockIdx.x = n * tiles +
+//     tile) and kOutTile output channels (blockIdx.y: the large-C split, below);
+//   * prologue: z = A x + B for all C input channels of its tokens into shared memory
+//     (zs[C][kTokens]); tokens past T are written as 0 so the GEMMs read defined values, and
+//     are never stored;
+//   * for each chunk of kHidChunk hidden units, in order: GEMM1 u = W1 z (each thread a
+//     kRows x kRT register tile, z read from shared as float4-sized rows, W1 from global/L1),
+//     + b1, exact GELU (erff), into shared hs[kHidChunk][kTokens]; then GEMM2 accumulates
+//     W2[:, chunk] h into the thread's kRows x kRT output accumulator (registers);
+//   * epilogue: out = a x + b + l2 (acc + b2) for the CTA's valid (channel, token) pairs.
+// Large C: the output accumulator stays kOutTile channels wide (16 registers a thread) whatever
+// C is; grid.y = ceil(C / kOutTile) CTAs share a token tile and each recomputes the whole hidden
+// activation (GEMM1 is done ceil(C/64) times). Every sum runs in a fixed order (k ascending,
+// hidden chunks ascending, j ascending): results do not depend on scheduling, and no atomics
+// are used. Shared memory is (C + kHidChunk) * kTokens * sizeof(acc_t) bytes (C = 320 fp32 is
+// exactly 48 KiB; beyond it a GPU build must raise cudaFuncAttributeMaxDynamicSharedMemorySize).
+// fp32 FFMA rather than tf32 mma: tf32 keeps 10 mantissa bits, ~1e-3 relative per product,
+// which cannot meet the 1e-5 fp32 budget of the block; a tensor-core path is for fp16/bf16.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if !defined(RIFORMER_EMULATE)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+#include "ptx.cuh"
+
+namespace riformer {
+namespace mlp_cuda {
+
+constexpr int kTokens = 32;    // tokens per CTA
+constexpr int kOutTile = 64;   // output channels per CTA (grid.y splits C into these)
+constexpr int kHidChunk = 64;  // hidden units per chunk
+constexpr int kThreads = 128;
+constexpr int kRT = 4;         // tokens per thread (one 16-byte row of zs / hs in fp32)
+constexpr int kRows = 4;       // hidden units (GEMM1) / output channels (GEMM2) per thread
+constexpr int kTokenGroups = kTokens / kRT;     // 8
+constexpr int kRowGroups = kThreads / kTokenGroups;  // 16
+static_assert(kRowGroups * kRows == kHidChunk, "GEMM1 tile covers the hidden chunk");
+static_assert(kRowGroups * kRows == kOutTile, "GEMM2 tile covers the output slice");
+
+// Everything the kernel reads; one struct so host and device agree on one signature.
+// Strides are in elements and shared by x and out (out is allocated in x's layout); the token
+// index t = h * W + w must be one stride (NCHW: st = 1, sc = T; channels_last: st = C, sc = 1).
+template <typename scalar_t, typename acc_t>
+struct MlpForwardArgs {
+  const scalar_t* x;
+  scalar_t* out;
+  int64_t N, C, Hd, T;   // samples, channels, hidden units, tokens per sample
+  int64_t sn, sc, st;
+  int64_t tiles;         // token tiles per sample: ceil(T / kTokens)
+  const acc_t* A;        // (N, C) contiguous, statistics dtype
+  const acc_t* B;
+  const acc_t* a;
+  const acc_t* b;
+  const acc_t* l2;
+  const scalar_t* w1;    // (Hd, C) row-major
+  const scalar_t* b1;    // (Hd)
+  const scalar_t* w2;    // (C, Hd) row-major
+  const scalar_t* b2;    // (C)
+};
+
+// Dynamic shared memory as a typed pointer. Under the emulator the declaration must be the
+// emulator's macro: csrc/emu/gcc_wrap.py rewrites `extern __shared__` only in the compiled file,
+// not in headers such as this one.
+#if defined(RIFORMER_EMULATE)
+#define RIFORMER_DYNAMIC_SMEM(T, name) RIFORMER_EMU_EXTERN_SHARED(T, name)
+#else
+#define RIFORMER_DYNAMIC_SMEM(T, name)                             \
+  extern __shared__ __align__(16) unsigned char riformer_dyn_smem_[]; \
+  T* const name = reinterpret_cast<T*>(riformer_dyn_smem_)
+#endif
+
+// Loads widen to the accumulation type, stores round once. Half types go through the named
+// intrinsics, not casts: torch's CUDA builds define __CUDA_NO_HALF_CONVERSIONS__ and
+// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove __half's implicit float conversions.
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ double widen(double v) { return v; }
+__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename acc_t, typename T>
+__device__ __forceinline__ acc_t load_as(const T* p) {
+  return static_cast<acc_t>(widen(*p));
+}
+
+__device__ __forceinline__ void store_rounded(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_rounded(double* p, double v) { *p = v; }
+// The half stores write the 16 bits as an unsigned short: under the emulator `*p =
+// __float2half_rn(v)` is a call that writes its struct result straight into *p, which the
+// shared-memory checks do not see (docs/emulator.md, Limits); an integer store is checked. On
+// the device both are one 16-bit store.
+__device__ __forceinline__ void store_rounded(__half* p, float v) {
+  *reinterpret_cast<unsigned short*>(p) = __half_as_ushort(__float2half_rn(v));
+}
+__device__ __forceinline__ void store_rounded(__nv_bfloat16* p, float v) {
+  *reinterpret_cast<unsigned short*>(p) = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+// Exact GELU, u Phi(u) with Phi from erf: erff on the device and in the emulator alike (the
+// CPU kernels' vectorisable approximation in block_math.h is not used here).
+__device__ __forceinline__ float gelu_exact(float u) {
+  return 0.5f * u * (1.f + erff(u * 0.70710678118654752440f));
+}
+__device__ __forceinline__ double gelu_exact(double u) {
+  return 0.5 * u * (1.0 + erf(u * 0.70710678118654752440));
+}
+
+inline int64_t smem_bytes(int64_t C, int64_t acc_size) {
+  return (C + kHidChunk) * kTokens * acc_size;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
+  RIFORMER_DYNAMIC_SMEM(acc_t, smem);
+  acc_t* const zs = smem;                 // [C][kTokens]
+  acc_t* const hs = smem + p.C * kTokens;  // [kHidChunk][kTokens]
+
+  const int64_t n = blockIdx.x / p.tiles;
+  const int64_t t0 = (blockIdx.x % p.tiles) * int64_t(kTokens);
+  const int64_t c0 = int64_t(blockIdx.y) * kOutTile;
+  const int tid = threadIdx.x;
+  const scalar_t* xn = p.x + n * p.sn;
+  const acc_t* An = p.A + n * p.C;
+  const acc_t* Bn = p.B + n * p.C;
+
+  // Prologue. The walk order follows the unit stride so global loads coalesce: tokens fastest
+  // for NCHW, channels fastest for channels_last.
+  const bool tokens_fastest = p.st == 1;
+  for (int64_t i = tid; i < p.C * kTokens; i += kThreads) {
+    const int64_t k = tokens_fastest ? i / kTokens : i % p.C;
+    const int j = int(tokens_fastest ? i % kTokens : i / p.C);
+    const int64_t t = t0 + j;
+    acc_t z = acc_t(0);
+    if (t < p.T) z = An[k] * load_as<acc_t>(xn + k * p.sc + t * p.st) + Bn[k];
+    zs[k * kTokens + j] = z;
+  }
+
+  const int tg = tid % kTokenGroups;   // tokens tg*kRT .. +kRT-1
+  const int rg = tid / kTokenGroups;   // rows rg*kRows .. +kRows-1
+  acc_t acc[kRows][kRT];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int q = 0; q < kRT; ++q) acc[r][q] = acc_t(0);
+
+  for (int64_t h0 = 0; h0 < p.Hd; h0 += kHidChunk) {
+    // First chunk: the prologue's zs is complete. Later chunks: every thread finished reading
+    // the previous chunk's hs in GEMM2 before it is overwritten.
+    __syncthreads();
+    acc_t u[kRows][kRT];
+    const scalar_t* w1row[kRows];
+    bool live[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t j = h0 + rg * kRows + r;
+      live[r] = j < p.Hd;
+      w1row[r] = p.w1 + (live[r] ? j : 0) * p.C;
+#pragma unroll
+      for (int q = 0; q < kRT; ++q) u[r][q] = acc_t(0);
+    }
+    for (int64_t k = 0; k < p.C; ++k) {
+      acc_t zv[kRT];
+#pragma unroll
+      for (int q = 0; q < kRT; ++q) zv[q] = zs[k * kTokens + tg * kRT + q];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const acc_t w = load_as<acc_t>(w1row[r] + k);
+#pragma unroll
+        for (int q = 0; q < kRT; ++q) u[r][q] += w * zv[q];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t j = h0 + rg * kRows + r;
+      // Rows past Hd are written as 0: GEMM2 never reads them (it stops at Hd), but a full
+      // chunk is always defined.
+      const acc_t bias = live[r] ? load_as<acc_t>(p.b1 + j) : acc_t(0);
+#pragma unroll
+      for (int q = 0; q < kRT; ++q)
+        hs[(rg * kRows + r) * kTokens + tg * kRT + q] =
+            live[r] ? gelu_exact(u[r][q] + bias) : acc_t(0);
+    }
+    __syncthreads();  // hs complete before any thread reads other threads' rows
+
+    const int64_t hn = p.Hd - h0 < kHidChunk ? p.Hd - h0 : int64_t(kHidChunk);
+    const scalar_t* w2row[kRows];
+    bool out_live[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t c = c0 + rg * kRows + r;
+      out_live[r] = c < p.C;
+      w2row[r] = p.w2 + (out_live[r] ? c : 0) * p.Hd + h0;
+    }
+    for (int64_t j = 0; j < hn; ++j) {
+      acc_t hv[kRT];
+#pragma unroll
+      for (int q = 0; q < kRT; ++q) hv[q] = hs[j * kTokens + tg * kRT + q];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const acc_t w = out_live[r] ? load_as<acc_t>(w2row[r] + j) : acc_t(0);
+#pragma unroll
+        for (int q = 0; q < kRT; ++q) acc[r][q] += w * hv[q];
+      }
+    }
+  }
+
+  scalar_t* on = p.out + n * p.sn;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t c = c0 + rg * kRows + r;
+    if (c >= p.C) continue;
+    const acc_t a = p.a[n * p.C + c], b = p.b[n * p.C + c], l2 = p.l2[n * p.C + c];
+    const acc_t b2 = load_as<acc_t>(p.b2 + c);
+#pragma unroll
+    for (int q = 0; q < kRT; ++q) {
+      const int64_t t = t0 + tg * kRT + q;
+      if (t >= p.T) continue;
+      const acc_t xv = load_as<acc_t>(xn + c * p.sc + t * p.st);
+      store_rounded(on + c * p.sc + t * p.st, a * xv + b + l2 * (acc[r][q] + b2));
+    }
+  }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core variant for fp16/bf16 (sm_80+): mma.sync m16n8k16 with fp32 accumulation, the same
+// CTA tile (kTokens tokens x kOutTile output channels, hidden chunks of kHidChunk, grid.y split
+// for large C) and the same fixed summation order per element (k-steps ascending, chunks
+// ascending), so it is deterministic too. Warp w owns 16 rows of each GEMM: hidden units
+// h0 + 16w .. +15 in GEMM1, output channels c0 + 16w .. +15 in GEMM2, times all 32 tokens
+// (4 n-tiles of 8). Operands:
+//   * A (W1, W2; row-major with k contiguous) straight from global memory: each register is two
+//     consecutive k of one row, one 32-bit load (the weights are tiny and stay in L1/L2);
+//   * B (z, then GELU(u)) from shared memory stored token-major (zsT[token][k],
+//     hsT[token][j]), so each B register, two consecutive k of one token, is one 32-bit load;
+//     rows are padded by kZPad halves so the 8 tokens a B load touches hit distinct banks.
+// z and GELU(u) are rounded to the input dtype before the mma (the reference rounds them too);
+// u, GELU and the output accumulate and evaluate in fp32. Needs C % 16 == 0 and Hd % 16 == 0
+// (whole k-steps; every RIFormer width is a multiple of 16); other shapes take the FFMA kernel.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kZPad = 8;
+
+inline bool mma_eligible(int64_t C, int64_t Hd) { return C % 16 == 0 && Hd % 16 == 0; }
+
+inline int64_t mma_smem_bytes(int64_t C, int64_t elem_size) {
+  return kTokens * ((C + kZPad) + (kHidChunk + kZPad)) * elem_size;
+}
+
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2], const __half*) {
+  ptx::mma_m16n8k16_f16(d, a, b, d);
+}
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2], const __nv_bfloat16*) {
+  ptx::mma_m16n8k16_bf16(d, a, b, d);
+}
+
+// Two consecutive 16-bit elements (col, col + 1) of row `row` of a row-major matrix with `ld`
+// columns, as one register (the lower address in the low half); 0 for rows past `rows`.
+// col is even and ld is even, so the load is 4-byte aligned.
+template <typename T>
+__device__ __forceinline__ uint32_t load_pair(const T* m, int64_t row, int64_t rows, int64_t ld,
+                                              int64_t col) {
+  return row < rows ? *reinterpret_cast<const uint32_t*>(m + row * ld + col) : 0u;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t shared_pair(const T* s) {
+  return *reinterpret_cast<const uint32_t*>(s);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+mlp_forward_mma_kernel(MlpForwardArgs<scalar_t, float> p) {
+  static_assert(kThreads == 4 * 32 && kHidChunk == 64 && kOutTile == 64 && kTokens == 32,
+                "warp w owns rows 16w..16w+15 of a 64-row chunk / slice and all 32 tokens");
+  RIFORMER_DYNAMIC_SMEM(scalar_t, smem);
+  const int64_t ZS = p.C + kZPad;
+  constexpr int HS = kHidChunk + kZPad;
+  scalar_t* const zsT = smem;                  // [kTokens][ZS]
+  scalar_t* const hsT = smem + kTokens * ZS;   // [kTokens][HS]
+
+  const int64_t n = blockIdx.x / p.tiles;
+  const int64_t t0 = (blockIdx.x % p.tiles) * int64_t(kTokens);
+  const int64_t c0 = int64_t(blockIdx.y) * kOutTile;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32, g = (tid % 32) / 4, tq = tid % 4;
+  const scalar_t* xn = p.x + n * p.sn;
+  const float* An = p.A + n * p.C;
+  const float* Bn = p.B + n * p.C;
+
+  const bool tokens_fastest = p.st == 1;
+  for (int64_t i = tid; i < p.C * kTokens; i += kThreads) {
+    const int64_t k = tokens_fastest ? i / kTokens : i % p.C;
+    const int j = int(tokens_fastest ? i % kTokens : i / p.C);
+    const int64_t t = t0 + j;
+    float z = 0.f;
+    if (t < p.T) z = An[k] * load_as<float>(xn + k * p.sc + t * p.st) + Bn[k];
+    store_rounded(zsT + j * ZS + k, z);
+  }
+
+  float acc[4][4];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+
+  for (int64_t h0 = 0; h0 < p.Hd; h0 += kHidChunk) {
+    __syncthreads();  // zsT complete (first chunk) / the previous chunk's hsT fully read
+    float u[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) u[nt][e] = 0.f;
+    const int64_t j0 = h0 + 16 * warp + g;   // this lane's A rows: j0 and j0 + 8
+    for (int64_t k0 = 0; k0 < p.C; k0 += 16) {
+      uint32_t a[4];
+      a[0] = load_pair(p.w1, j0, p.Hd, p.C, k0 + 2 * tq);
+      a[1] = load_pair(p.w1, j0 + 8, p.Hd, p.C, k0 + 2 * tq);
+      a[2] = load_pair(p.w1, j0, p.Hd, p.C, k0 + 2 * tq + 8);
+      a[3] = load_pair(p.w1, j0 + 8, p.Hd, p.C, k0 + 2 * tq + 8);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const scalar_t* bp = zsT + (nt * 8 + g) * ZS + k0 + 2 * tq;
+        const uint32_t b[2] = {shared_pair(bp), shared_pair(bp + 8)};
+        mma16816(u[nt], a, b, p.w1);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int jl = 16 * warp + g + 8 * (e >> 1);
+        const int64_t j = h0 + jl;
+        const int tok = nt * 8 + 2 * tq + (e & 1);
+        // Rows past Hd (a partial last chunk) are written as 0 and never reach GEMM2.
+        const float h = j < p.Hd ? gelu_exact(u[nt][e] + load_as<float>(p.b1 + j)) : 0.f;
+        store_rounded(hsT + tok * HS + jl, h);
+      }
+    __syncthreads();  // hsT complete: GEMM2 reads every warp's rows
+
+    const int64_t hn = p.Hd - h0 < kHidChunk ? p.Hd - h0 : int64_t(kHidChunk);
+    const int64_t cr = c0 + 16 * warp + g;   // this lane's A rows: cr and cr + 8
+    for (int64_t k0 = 0; k0 < hn; k0 += 16) {
+      uint32_t a[4];
+      a[0] = load_pair(p.w2, cr, p.C, p.Hd, h0 + k0 + 2 * tq);
+      a[1] = load_pair(p.w2, cr + 8, p.C, p.Hd, h0 + k0 + 2 * tq);
+      a[2] = load_pair(p.w2, cr, p.C, p.Hd, h0 + k0 + 2 * tq + 8);
+      a[3] = load_pair(p.w2, cr + 8, p.C, p.Hd, h0 + k0 + 2 * tq + 8);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const scalar_t* bp = hsT + (nt * 8 + g) * HS + k0 + 2 * tq;
+        const uint32_t b[2] = {shared_pair(bp), shared_pair(bp + 8)};
+        mma16816(acc[nt], a, b, p.w1);
+      }
+    }
+  }
+
+  scalar_t* on = p.out + n * p.sn;
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t c = c0 + 16 * warp + g + 8 * (e >> 1);
+      const int64_t t = t0 + nt * 8 + 2 * tq + (e & 1);
+      if (c >= p.C || t >= p.T) continue;
+      const float xv = load_as<float>(xn + c * p.sc + t * p.st);
+      const float v = p.a[n * p.C + c] * xv + p.b[n * p.C + c] +
+                      p.l2[n * p.C + c] * (acc[nt][e] + load_as<float>(p.b2 + c));
+      store_rounded(on + c * p.sc + t * p.st, v);
+    }
+}
+
+}  // namespace mlp_cuda
+}  // namespace riformer

@@ -1,0 +1,165 @@
+// Entry points of the emulated build of the CUDA kernels (RIFORMER_CUDA_EMULATE=1).
+//
+// riformer_kernels/backends/cuda_emu.py compiles this file with the flags of csrc/emu/FLAGS
+// plus -fPIC -shared into a shared library and calls these extern "C" functions through ctypes.
+// It includes the kernel headers of csrc/cuda (the same sources nvcc compiles) and launches them
+// with riformer::emu::launch; no torch headers, so the build takes seconds. Tensors arrive as
+// raw host pointers with sizes and strides; the Python side checks dtypes, devices and layouts,
+// and allocates every output.
+//
+// Every function returns 0, or 1 with the emulator's message (a failed check names the kernel,
+// block, thread and address) in err.
+
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <stdexcept>
+#include <type_traits>
+#include <vector>
+
+#include "../cuda/mlp_forward_kernels.cuh"
+#include "../cuda/moments_kernels.cuh"
+
+namespace {
+
+// dtype codes shared with cuda_emu.py (_DTYPE_CODES)
+enum DType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+
+void report(const char* what, char* err, size_t errlen) {
+  if (err == nullptr || errlen == 0) return;
+  std::strncpy(err, what, errlen - 1);
+  err[errlen - 1] = '\0';
+}
+
+template <typename F>
+int guarded(F&& f, char* err, size_t errlen) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    report(e.what(), err, errlen);
+  } catch (...) {
+    report("unknown C++ exception", err, errlen);
+  }
+  return 1;
+}
+
+template <typename scalar_t, typename acc_t>
+void run_moments(const void* x, int64_t N, int64_t C, int64_t T, bool channels_last, int sms,
+                 void* mean, void* var) {
+  using namespace riformer;
+  using namespace riformer::moments_kernels;
+  const MomentsPlan plan = plan_moments(N, C, T, channels_last, sms);
+  // Poisoned (NaN in every field), so a partial the first stage failed to write shows up.
+  std::vector<Moments<acc_t>> part(size_t(N * C * plan.K));
+  std::memset(static_cast<void*>(part.data()), 0xff, part.size() * sizeof(Moments<acc_t>));
+  const auto* X = static_cast<const scalar_t*>(x);
+  if (!channels_last)
+    emu::launch(moments_partial_nchw<scalar_t, acc_t>, dim3(unsigned(plan.blocks)),
+                dim3(plan.threads_x, plan.threads_y), 0, X, T, plan.K, part.data());
+  else
+    emu::launch(moments_partial_cl<scalar_t, acc_t>, dim3(unsigned(plan.blocks)),
+                dim3(plan.threads_x, plan.threads_y), 0, X, T, C, plan.K, plan.CG, part.data());
+  emu::launch(moments_merge<scalar_t, acc_t>, dim3(unsigned(plan.merge_blocks)),
+              dim3(kMaxThreads), 0, X, T, static_cast<const Moments<acc_t>*>(part.data()), N * C, C, plan.K, channels_last,
+              static_cast<acc_t*>(mean), static_cast<acc_t*>(var));
+}
+
+template <typename scalar_t, typename acc_t>
+void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* const* coeffs,
+                     const void* const* weights, bool mma) {
+  using namespace riformer;
+  using namespace riformer::mlp_cuda;
+  MlpForwardArgs<scalar_t, acc_t> p;
+  p.x = static_cast<const scalar_t*>(x);
+  p.out = static_cast<scalar_t*>(out);
+  p.N = dims[0];
+  p.C = dims[1];
+  p.Hd = dims[2];
+  p.T = dims[3];
+  p.sn = dims[4];
+  p.sc = dims[5];
+  p.st = dims[6];
+  p.tiles = (p.T + kTokens - 1) / kTokens;
+  p.A = static_cast<const acc_t*>(coeffs[0]);
+  p.B = static_cast<const acc_t*>(coeffs[1]);
+  p.a = static_cast<const acc_t*>(coeffs[2]);
+  p.b = static_cast<const acc_t*>(coeffs[3]);
+  p.l2 = static_cast<const acc_t*>(coeffs[4]);
+  p.w1 = static_cast<const scalar_t*>(weights[0]);
+  p.b1 = static_cast<const scalar_t*>(weights[1]);
+  p.w2 = static_cast<const scalar_t*>(weights[2]);
+  p.b2 = static_cast<const scalar_t*>(weights[3]);
+  const dim3 grid(unsigned(p.N * p.tiles), unsigned((p.C + kOutTile - 1) / kOutTile));
+  if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
+    if (mma) {
+      // The kernel loads weight pairs as 32-bit words; the emulator does not check global
+      // memory, so the alignment a GPU would fault on is checked here.
+      if (reinterpret_cast<uintptr_t>(p.w1) % 4 || reinterpret_cast<uintptr_t>(p.w2) % 4)
+        throw std::invalid_argument("the mma MLP kernel needs w1 and w2 4-byte aligned");
+      if (!mma_eligible(p.C, p.Hd))
+        throw std::invalid_argument("the mma MLP kernel needs C and the hidden size to be "
+                                    "multiples of 16");
+      emu::launch(mlp_forward_mma_kernel<scalar_t>, grid, dim3(kThreads),
+                  size_t(mma_smem_bytes(p.C, sizeof(scalar_t))), p);
+      return;
+    }
+  }
+  if (mma) throw std::invalid_argument("the mma MLP kernel takes float16 or bfloat16");
+  emu::launch(mlp_forward_kernel<scalar_t, acc_t>, grid, dim3(kThreads),
+              size_t(smem_bytes(p.C, sizeof(acc_t))), p);
+}
+
+
+}  // namespace
+
+extern "C" {
+
+// Bumped whenever a signature below changes; cuda_emu.py refuses a library of another version.
+int riformer_emu_abi_version() { return 2; }
+
+void riformer_emu_set_seed(uint64_t seed) { riformer::emu::set_seed(seed); }
+
+// Bytes of dynamic shared memory of the FFMA (mma = 0) or mma (mma = 1) MLP kernel; -1 when
+// the mma kernel cannot run the shape or dtype.
+int64_t riformer_emu_mlp_smem_bytes(int64_t C, int64_t Hd, int dtype, int mma) {
+  using namespace riformer::mlp_cuda;
+  if (!mma) return smem_bytes(C, dtype == kF64 ? 8 : 4);
+  if ((dtype != kF16 && dtype != kBF16) || !mma_eligible(C, Hd)) return -1;
+  return mma_smem_bytes(C, 2);
+}
+
+int riformer_emu_moments(int dtype, const void* x, int64_t N, int64_t C, int64_t T,
+                         int channels_last, int sms, void* mean, void* var, char* err,
+                         size_t errlen) {
+  return guarded([&] {
+    switch (dtype) {
+      case kF32: run_moments<float, float>(x, N, C, T, channels_last, sms, mean, var); break;
+      case kF64: run_moments<double, double>(x, N, C, T, channels_last, sms, mean, var); break;
+      case kF16: run_moments<__half, float>(x, N, C, T, channels_last, sms, mean, var); break;
+      case kBF16:
+        run_moments<__nv_bfloat16, float>(x, N, C, T, channels_last, sms, mean, var);
+        break;
+      default: throw std::invalid_argument("riformer_emu_moments: unknown dtype code");
+    }
+  }, err, errlen);
+}
+
+// dims: N, C, Hd, T, sn, sc, st. coeffs: A, B, a, b, l2 ((N, C) contiguous, statistics dtype).
+// weights: w1 (Hd, C), b1, w2 (C, Hd), b2, contiguous, in x's dtype.
+// mma = 1: the tensor-core kernel (float16/bfloat16 only).
+int riformer_emu_mlp_forward(int dtype, const void* x, void* out, const int64_t* dims,
+                             const void* const* coeffs, const void* const* weights, int mma,
+                             char* err, size_t errlen) {
+  return guarded([&] {
+    switch (dtype) {
+      case kF32: run_mlp_forward<float, float>(x, out, dims, coeffs, weights, mma != 0); break;
+      case kF64: run_mlp_forward<double, double>(x, out, dims, coeffs, weights, mma != 0); break;
+      case kF16: run_mlp_forward<__half, float>(x, out, dims, coeffs, weights, mma != 0); break;
+      case kBF16: run_mlp_forward<__nv_bfloat16, float>(x, out, dims, coeffs, weights, mma != 0); break;
+      default: throw std::invalid_argument("riformer_emu_mlp_forward: unknown dtype code");
+    }
+  }, err, errlen);
+}
+
+}  // extern "C"

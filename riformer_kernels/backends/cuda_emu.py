@@ -1,0 +1,307 @@
+"""The CUDA kernels of csrc/cuda run on the CPU through the SIMT emulator (RIFORMER_CUDA_EMULATE=1).
+
+Set RIFORMER_CUDA_EMULATE=1 before importing riformer_kernels (as TRITON_INTERPRET=1 for
+Triton): the `cuda` kernel set then runs on CPU tensors, every kernel launch going through
+csrc/emu/cuda_emu.h, which checks shared-memory races, uninitialised reads, barrier misuse and
+bounds as it runs. It is slow (a test tool, not a fast path).
+
+The build: csrc/emu/emulated_kernels.cpp (extern "C" launch wrappers that include the kernel
+headers csrc/cuda/*.cuh, the very sources nvcc compiles) is compiled by g++ with the flags of
+csrc/emu/FLAGS plus -fPIC -shared, at first use, into a shared library loaded with ctypes. The
+library is cached under $RIFORMER_EMU_CACHE (default ~/.cache/riformer_kernels/emu), named by a
+hash of every source it depends on, the flags and the compiler's version: a changed kernel
+rebuilds, an unchanged one loads in milliseconds. It is written to a temporary name in the
+cache directory and renamed into place (os.replace), so a concurrent or interrupted build never
+leaves a partial library under the final name.
+
+The wrappers here take CPU tensors, check them (ValueError/TypeError naming the problem),
+allocate the outputs NaN-poisoned and pass data pointers, sizes and strides to the library.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+ENV_FLAG = 'RIFORMER_CUDA_EMULATE'
+ENABLED = os.environ.get(ENV_FLAG, '0') not in ('', '0')
+ABI_VERSION = 2
+
+ROOT = Path(__file__).resolve().parents[2]
+CSRC = ROOT / 'csrc'
+ENTRY = CSRC / 'emu' / 'emulated_kernels.cpp'
+# What a GPU would be sized as: the moments launch plan splits H*W by the SM count, so the
+# emulator runs the split such a GPU gets (an H100 SXM has 132 SMs).
+DEFAULT_SMS = 132
+# The emulator's dynamic shared memory limit (227 KiB, as on sm_90).
+MAX_DYNAMIC_SMEM = 227 * 1024
+
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+SUPPORTED_DTYPES = tuple(_DTYPE_CODES)
+
+_lock = threading.Lock()   # one launch at a time: the emulator's state is process-wide
+_lib = None
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get('CXX', 'g++'))
+
+
+def availability() -> str | None:
+    """None when the `cuda` kernel set runs emulated in this process, else why not."""
+    if not ENABLED:
+        return f"{ENV_FLAG}=1 was not set before riformer_kernels was imported"
+    return build_availability()
+
+
+def build_availability() -> str | None:
+    """None when the emulated build can be made here, else why not. The wrappers below work
+    without RIFORMER_CUDA_EMULATE (the kernel tests call them directly); the variable decides
+    only whether the `cuda` backend runs blocks through them."""
+    if not ENTRY.is_file():
+        return f"the kernel sources (csrc/) are not next to the package (looked for {ENTRY})"
+    if compiler() is None:
+        return "no C++ compiler (g++) found: the emulated build compiles csrc/cuda with it"
+    return None
+
+
+def _sources() -> list[Path]:
+    # Everything the build reads: a change in any of them must change the cache key.
+    files = [CSRC / 'emu' / 'FLAGS', CSRC / 'emu' / 'cuda_emu.h', CSRC / 'emu' / 'gcc_wrap.py',
+             ENTRY]
+    files += sorted((CSRC / 'cuda').glob('*.cuh'))
+    files += sorted((CSRC / 'common').glob('*.h'))
+    return files
+
+
+def _flags() -> list[str]:
+    return (CSRC / 'emu' / 'FLAGS').read_text().split() + ['-fPIC', '-shared']
+
+
+def cache_dir() -> Path:
+    env = os.environ.get('RIFORMER_EMU_CACHE')
+    return Path(env) if env else Path.home() / '.cache' / 'riformer_kernels' / 'emu'
+
+
+def build_key() -> str:
+    cxx = compiler()
+    h = hashlib.sha256()
+    version = subprocess.run([cxx, '--version'], capture_output=True, text=True).stdout
+    for part in (cxx, version, ' '.join(_flags()), str(ABI_VERSION)):
+        h.update(part.encode() + b'\0')
+    for f in _sources():
+        h.update(str(f.relative_to(ROOT)).encode() + b'\0' + f.read_bytes() + b'\0')
+    return h.hexdigest()[:24]
+
+
+def library_path() -> Path:
+    """Where the library for the current sources lives (built there by `build` if missing)."""
+    return cache_dir() / f'riformer_emu_{build_key()}.so'
+
+
+def build() -> Path:
+    """Compile the emulated kernels unless the cache already holds this exact build."""
+    why = build_availability()
+    if why is not None:
+        raise RuntimeError(f"the emulated CUDA build is unavailable: {why}")
+    path = library_path()
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + '.', suffix='.tmp.so', dir=path.parent)
+    os.close(fd)
+    try:
+        # FLAGS names its files relative to the repository root: compile from there.
+        cmd = [compiler()] + _flags() + [str(ENTRY.relative_to(ROOT)), '-o', tmp]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"the emulated CUDA build failed:\n{' '.join(cmd)}\n"
+                               f"{r.stderr[-6000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def library():
+    """The loaded library (built at the first call)."""
+    global _lib
+    with _lock:
+        if _lib is None:
+            lib = ctypes.CDLL(str(build()))
+            if lib.riformer_emu_abi_version() != ABI_VERSION:
+                raise RuntimeError("the emulated CUDA library has another ABI version")
+            i64, ptr, cstr = ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p
+            lib.riformer_emu_moments.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ctypes.c_int,
+                                                 ctypes.c_int, ptr, ptr, cstr, ctypes.c_size_t]
+            lib.riformer_emu_mlp_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
+                                                     ctypes.c_int, cstr, ctypes.c_size_t]
+            lib.riformer_emu_mlp_smem_bytes.argtypes = [i64, i64, ctypes.c_int, ctypes.c_int]
+            lib.riformer_emu_mlp_smem_bytes.restype = i64
+            lib.riformer_emu_set_seed.argtypes = [ctypes.c_uint64]
+            _lib = lib
+        return _lib
+
+
+class EmulatorError(RuntimeError):
+    """The emulated library failed a launch: an emulator check (race, uninitialised shared
+    read, barrier, bounds) or a launch it refused (the message says which)."""
+
+
+def _call(fn, *args):
+    err = ctypes.create_string_buffer(4096)
+    with _lock:
+        rc = fn(*args, err, len(err))
+    if rc != 0:
+        raise EmulatorError(err.value.decode(errors='replace'))
+
+
+def set_seed(seed: int) -> None:
+    """Base seed of the emulator's thread scheduling order (results must not depend on it)."""
+    lib = library()
+    with _lock:
+        lib.riformer_emu_set_seed(int(seed))
+
+
+def _check_x(x, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{what}: expected a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if x.device.type != 'cpu':
+        raise ValueError(f"{what}: the emulated CUDA kernels take CPU tensors, got {x.device}")
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"{what}: expected float32, float64, float16 or bfloat16, got {x.dtype}")
+    if x.shape[2] * x.shape[3] == 0 and x.shape[0] * x.shape[1] > 0:
+        raise ValueError(f"{what}: H*W must be positive, got shape {tuple(x.shape)}")
+
+
+def layout(x: torch.Tensor) -> str | None:
+    """'nchw' or 'channels_last' when the kernels read x as it is, else None (copy first).
+    NCHW wins where both hold (C == 1 or H*W == 1), as in the other backends."""
+    if x.is_contiguous():
+        return 'nchw'
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return 'channels_last'
+    return None
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def moments(x: torch.Tensor, sms: int = DEFAULT_SMS):
+    """Per-(n,c) mean and population variance over H*W (statistics dtype), by the two-stage
+    moments kernels of csrc/cuda/moments_kernels.cuh, launched as on a GPU with `sms` SMs."""
+    _check_x(x, 'moments')
+    if not isinstance(sms, int) or sms < 1:
+        raise ValueError(f"moments: sms must be a positive int, got {sms!r}")
+    lay = layout(x)
+    if lay is None:
+        x = x.contiguous()
+        lay = 'nchw'
+    n, c, h, w = x.shape
+    sd = stats_dtype(x.dtype)
+    mean = torch.full((n, c), float('nan'), dtype=sd)
+    var = torch.full((n, c), float('nan'), dtype=sd)
+    if mean.numel() == 0:
+        return mean, var
+    _call(library().riformer_emu_moments, _DTYPE_CODES[x.dtype], x.data_ptr(), n, c, h * w,
+          int(lay == 'channels_last'), sms, mean.data_ptr(), var.data_ptr())
+    return mean, var
+
+
+MLP_KERNELS = ('auto', 'ffma', 'mma')
+
+
+def mlp_kernel(c: int, hidden: int, dtype: torch.dtype, kernel: str = 'auto') -> str:
+    """Which MLP kernel runs: 'mma' (tensor cores, fp16/bf16 with C and hidden multiples of 16)
+    where it can under 'auto', else 'ffma' (fp32/fp64 FFMA; half inputs widened on load)."""
+    if kernel not in MLP_KERNELS:
+        raise ValueError(f"unknown MLP kernel {kernel!r}; choose one of {MLP_KERNELS}")
+    can_mma = library().riformer_emu_mlp_smem_bytes(c, hidden, _DTYPE_CODES[dtype], 1) >= 0
+    if kernel == 'mma' and not can_mma:
+        raise ValueError(f"the mma MLP kernel takes float16/bfloat16 with C and the hidden size "
+                         f"multiples of 16, not {dtype} with C={c}, hidden={hidden}")
+    if kernel == 'auto':
+        return 'mma' if can_mma else 'ffma'
+    return kernel
+
+
+def mlp_smem_bytes(c: int, dtype: torch.dtype, hidden: int | None = None,
+                   kernel: str = 'auto') -> int:
+    """Dynamic shared memory per CTA of the MLP kernel `kernel` picks for this shape."""
+    hidden = 4 * c if hidden is None else hidden
+    which = mlp_kernel(c, hidden, dtype, kernel)
+    return library().riformer_emu_mlp_smem_bytes(c, hidden, _DTYPE_CODES[dtype],
+                                                 int(which == 'mma'))
+
+
+def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto') -> torch.Tensor:
+    """out = a x + b + l2 (W2 GELU(W1 (A x + B) + b1) + b2) by csrc/cuda/mlp_forward_kernels.cuh.
+
+    kernel: 'auto' (mma where `mlp_kernel` allows, else ffma), 'ffma' or 'mma'.
+
+    x: (N, C, H, W), NCHW or channels_last (other strides are copied); the output has x's
+    layout. A, B, a, b, l2: (N, C) in the statistics dtype (fp64 for fp64 x, else fp32).
+    w1: (Hd, C) or (Hd, C, 1, 1); b1: (Hd,); w2: (C, Hd) or (C, Hd, 1, 1); b2: (C,), in x's dtype.
+    """
+    _check_x(x, 'mlp_forward')
+    if layout(x) is None:
+        x = x.contiguous()
+    n, c, h, w = x.shape
+    sd = stats_dtype(x.dtype)
+    w1 = w1.reshape(w1.shape[0], -1) if w1.dim() == 4 else w1
+    w2 = w2.reshape(w2.shape[0], -1) if w2.dim() == 4 else w2
+    hd = w1.shape[0] if w1.dim() == 2 else -1
+    expect = {'w1': (w1, (hd, c)), 'b1': (b1, (hd,)), 'w2': (w2, (c, hd)), 'b2': (b2, (c,))}
+    for name, (t, shape) in expect.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"mlp_forward: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape or hd < 1:
+            raise ValueError(f"mlp_forward: {name} has shape {tuple(t.shape)}, expected {shape} "
+                             f"for C={c} and {hd} hidden units")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"mlp_forward: {name} is {t.dtype} on {t.device}; the kernel takes "
+                            f"the weights in x's dtype ({x.dtype}) on {x.device}")
+    coeffs = {'A': A, 'B': B, 'a': a, 'b': b, 'l2': l2}
+    for name, t in coeffs.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"mlp_forward: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (n, c):
+            raise ValueError(f"mlp_forward: {name} has shape {tuple(t.shape)}, expected {(n, c)}")
+        if t.dtype != sd or t.device != x.device:
+            raise TypeError(f"mlp_forward: {name} is {t.dtype} on {t.device}, expected {sd} on "
+                            f"{x.device} (the statistics dtype of {x.dtype})")
+    which = mlp_kernel(c, hd, x.dtype, kernel)
+    smem = mlp_smem_bytes(c, x.dtype, hd, which)
+    if smem > MAX_DYNAMIC_SMEM:
+        raise ValueError(f"mlp_forward: C={c} needs {smem} bytes of shared memory per CTA, more "
+                         f"than the {MAX_DYNAMIC_SMEM} a CTA can have")
+    out = torch.empty_like(x)
+    out.fill_(float('nan'))   # poisoned: an element the kernel fails to write stays NaN
+    if out.stride() != x.stride():
+        raise ValueError(f"mlp_forward: output strides {out.stride()} differ from the input's "
+                         f"{x.stride()}")
+    if x.numel() == 0:
+        return out
+    keep = [t.contiguous() for t in (A, B, a, b, l2, w1, b1, w2, b2)]
+    if which == 'mma':
+        # The mma kernel reads weight pairs as 32-bit words: a view starting at an odd element
+        # would be a misaligned load on the device (the emulator does not check global memory).
+        keep[5], keep[7] = (t if t.data_ptr() % 4 == 0 else t.clone() for t in (keep[5], keep[7]))
+    dims = (ctypes.c_int64 * 7)(n, c, hd, h * w, x.stride(0), x.stride(1),
+                                x.stride(3) if layout(x) == 'channels_last' else 1)
+    ptrs_c = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in keep[:5]])
+    ptrs_w = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep[5:]])
+    _call(library().riformer_emu_mlp_forward, _DTYPE_CODES[x.dtype], x.data_ptr(),
+          out.data_ptr(), dims, ptrs_c, ptrs_w, int(which == 'mma'))
+    return out
