@@ -11,35 +11,24 @@ branches matter to the output).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import riformer_kernels as rk
-from riformer_kernels.benchmarks.measure import saved_for_backward_bytes
+from riformer_kernels.benchmarks.measure import saved_for_backward_bytes, time_steps
 
 
-def timed(fn, device, rounds: int) -> float:
-    """Median milliseconds of `fn` over `rounds` runs after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(rounds):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+def timed_together(fns, device, rounds: int) -> list:
+    """Median milliseconds of each of `fns`, timed in interleaved rounds after a warm-up (the
+    benchmarks' method: load drift on a shared machine then hits every backend alike)."""
+    return [t.median_ms for t in time_steps(fns, device, rounds=rounds)]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--batch', type=int, default=4)
     parser.add_argument('--size', type=int, default=224)
-    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--model', default='riformer_s12', choices=rk.MODEL_NAMES)
     args = parser.parse_args(argv)
 
@@ -80,26 +69,34 @@ def main(argv=None):
 
     # 'auto' (what a user gets by default) may run some blocks on the reference: those whose
     # class the benchmarks measured slower with the fused kernels (rk.explain_dispatch says).
-    rows = []
-    for name in ('reference', fused_name, 'auto'):
-        with rk.use_backend(name):
-            model.eval()
-            with torch.no_grad():
-                infer_ms = timed(lambda: model(x), device, args.rounds)
-            model.train()
+    names = ('reference', fused_name, 'auto')
 
-            def step():
+    def under(name, fn, train):
+        def run():
+            with rk.use_backend(name):
+                model.train(train)
+                if not train:
+                    with torch.no_grad():
+                        return fn()
                 model.zero_grad(set_to_none=True)
-                model(x).logsumexp(1).sum().backward()
+                return fn().logsumexp(1).sum().backward()
+        return run
 
-            train_ms = timed(step, device, args.rounds)
+    infer_ms = timed_together([under(n, lambda: model(x), False) for n in names], device,
+                              args.rounds)
+    train_ms = timed_together([under(n, lambda: model(x), True) for n in names], device,
+                              args.rounds)
+    rows = []
+    for name, inf, trn in zip(names, infer_ms, train_ms):
+        with rk.use_backend(name):
+            model.train()
             saved = saved_for_backward_bytes(lambda: model(x), exclude=list(model.parameters()))
             peak = ''
             if device.type == 'cuda':
                 torch.cuda.reset_peak_memory_stats()
-                step()
+                under(name, lambda: model(x), True)()
                 peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f}"
-        rows.append((name, infer_ms, train_ms, saved / 2**20, peak))
+        rows.append((name, inf, trn, saved / 2**20, peak))
 
     print(f"\n| backend | inference ms | training step ms | saved for backward MiB | "
           f"peak MiB |\n|---|---|---|---|---|")
