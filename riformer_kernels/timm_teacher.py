@@ -52,6 +52,13 @@ def _check_timm_modules(model: nn.Module):
     stages = getattr(model, 'stages', None)
     if not isinstance(getattr(model, 'stem', None), nn.Module) or stages is None:
         _refuse(f"{type(model).__name__} has no `stem` and `stages` (a timm MetaFormer has both)")
+    for i, stage in enumerate(stages):      # the mixer first: the most telling difference
+        for j, blk in enumerate(stage.blocks):
+            mixer = blk.token_mixer
+            if type(mixer).__name__ != 'Pooling' or \
+                    not isinstance(getattr(mixer, 'pool', None), nn.AvgPool2d):
+                _refuse(f"stages.{i}.blocks.{j}.token_mixer is {type(mixer).__name__}, not "
+                        f"pooling (convformer/caformer and other mixers have no PoolFormer form)")
     conv = model.stem.conv
     if (conv.kernel_size, conv.stride, conv.padding) != ((7, 7), (4, 4), (2, 2)):
         _refuse(f"stem conv is k{conv.kernel_size} s{conv.stride} p{conv.padding}, "
@@ -72,10 +79,7 @@ def _check_timm_modules(model: nn.Module):
         for j, blk in enumerate(stage.blocks):
             where = f"stages.{i}.blocks.{j}"
             mixer = blk.token_mixer
-            pool = getattr(mixer, 'pool', None)
-            if type(mixer).__name__ != 'Pooling' or not isinstance(pool, nn.AvgPool2d):
-                _refuse(f"{where}.token_mixer is {type(mixer).__name__}, not pooling "
-                        f"(convformer/caformer and other mixers have no PoolFormer form)")
+            pool = mixer.pool
             if (pool.kernel_size, pool.stride, pool.padding, pool.count_include_pad) not in (
                     (3, 1, 1, False), ((3, 3), (1, 1), (1, 1), False)):
                 _refuse(f"{where}.token_mixer pools k{pool.kernel_size} s{pool.stride} "
