@@ -8,6 +8,7 @@ from . import backends  # noqa: F401  (registers torch, cpu, triton, cuda; each 
 from .backends.cpu import cpu_isa_info, use_cpu_isa
 from .capture import MixerIO, capture_mixer_io, capture_stage_outputs
 from .poolformer import PoolFormer, PoolFormerBlock, PoolFormerClassifier, student_from_teacher
+from .timm_teacher import poolformer_from_timm
 from . import distill  # noqa: F401  (rk.distill: the distillation losses and trainer)
 
 __all__ = [
@@ -15,6 +16,6 @@ __all__ = [
     'MODEL_NAMES', 'available_backends', 'use_backend', 'explain_dispatch', 'requested_backend',
     'register_backend', 'BackendUnavailableError', 'set_recompute', 'cpu_isa_info', 'use_cpu_isa',
     'MixerIO', 'capture_mixer_io', 'capture_stage_outputs', 'PoolFormer', 'PoolFormerBlock',
-    'PoolFormerClassifier', 'student_from_teacher', 'distill',
+    'PoolFormerClassifier', 'student_from_teacher', 'poolformer_from_timm', 'distill',
 ]
 __version__ = '0.1.0'

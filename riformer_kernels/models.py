@@ -136,13 +136,15 @@ class RIFormer(nn.Module):
         """Upstream's training initialisation (`init_weights_`), in place; returns self."""
         return init_weights_(self, std)
 
-    def forward(self, x):
+    def forward(self, x, normalize: bool = True):
+        """The features at `out_indices`, each through its output norm `norm{idx}` (with
+        `normalize=False`: without it, for a head that normalises after pooling)."""
         x = self.patch_embed(x)
         outs = []
         for idx, block in enumerate(self.network):
             x = block(x)
             if idx in self.out_indices:
-                outs.append(getattr(self, f'norm{idx}')(x))
+                outs.append(getattr(self, f'norm{idx}')(x) if normalize else x)
         return tuple(outs)
 
     def _freeze_stages(self):
@@ -184,17 +186,38 @@ class LinearClsHead(nn.Module):
 
 
 class RIFormerClassifier(nn.Module):
-    """Backbone -> global average pooling of the last output -> linear head; returns logits."""
+    """Backbone -> global average pooling of the last output -> linear head; returns logits.
+
+    `head_norm` says where the last output norm (`backbone.norm{out_indices[-1]}`, a GroupNorm
+    with one group) sits: 'before_pool' (default; mmpretrain's RIFormer and PoolFormer: the
+    backbone normalises its (N, C, H, W) output, then the neck averages it) or 'after_pool'
+    (timm's MetaFormer head: average first, then normalise the (N, C) vector over its channels,
+    a LayerNorm, which on a 1x1 map is the same GroupNorm). The two are different functions
+    (normalising does not commute with averaging over positions), so a teacher converted from
+    timm (`rk.poolformer_from_timm`) uses 'after_pool'. `head_norm_eps` replaces that norm's
+    eps (timm's head LayerNorm uses 1e-6, the GroupNorms 1e-5); None keeps 1e-5. Same keys in
+    both modes."""
 
     backbone_type = RIFormer
+    HEAD_NORMS = ('before_pool', 'after_pool')
 
-    def __init__(self, arch='s12', num_classes=1000, init_weights=True, **backbone_kwargs):
+    def __init__(self, arch='s12', num_classes=1000, init_weights=True,
+                 head_norm='before_pool', head_norm_eps=None, **backbone_kwargs):
         super().__init__()
+        if head_norm not in self.HEAD_NORMS:
+            raise ValueError(f"head_norm must be one of {self.HEAD_NORMS}, got {head_norm!r}")
         self.backbone = self.backbone_type(arch, init_weights=init_weights, **backbone_kwargs)
         in_channels = self.backbone.embed_dims[-1]
         self.head = LinearClsHead(num_classes, in_channels)
+        self.head_norm = head_norm
+        if head_norm_eps is not None:
+            self.output_norm().eps = float(head_norm_eps)
         if init_weights:
             init_weights_(self.head)
+
+    def output_norm(self) -> nn.GroupNorm:
+        """The norm of the last output the head reads (`backbone.norm{out_indices[-1]}`)."""
+        return getattr(self.backbone, f'norm{self.backbone.out_indices[-1]}')
 
     def init_weights(self, std: float = 0.02):
         """Upstream's training initialisation of backbone and head (`init_weights_`); returns
@@ -202,6 +225,10 @@ class RIFormerClassifier(nn.Module):
         return init_weights_(self, std)
 
     def forward(self, x):
+        if self.head_norm == 'after_pool':
+            feats = self.backbone(x, normalize=False)[-1]
+            pooled = nn.functional.adaptive_avg_pool2d(feats, 1)
+            return self.head(self.output_norm()(pooled).flatten(1))
         feats = self.backbone(x)[-1]
         pooled = nn.functional.adaptive_avg_pool2d(feats, 1).flatten(1)  # upstream's GAP neck
         return self.head(pooled)
