@@ -7,7 +7,9 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 # Installed before the package: torch (and ninja, setuptools, wheel) are needed to BUILD it.
-BUILD_DEPS := torch==2.14.1 triton==3.8.0 ninja setuptools wheel
+# torchvision (needed by timm, of the distill extra) is pinned to the build of this torch, so
+# that resolving the extras can never replace torch.
+BUILD_DEPS := torch==2.14.1 triton==3.8.0 torchvision==0.29.1 ninja setuptools wheel
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: demo test install bench clean
