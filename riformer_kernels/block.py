@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from . import dispatch
-from .reference import (Affine, DropPath, Mlp, drop_path_factors, fuse_norm_and_affine,
-                        group_norm_1, reference_block_forward)
+from .reference import (Affine, DropPath, add_channel_mlp_branch, drop_path_factors,
+                        fuse_norm_and_affine, group_norm_1, reference_block_forward)
 
 
 class RIFormerBlock(nn.Module):
@@ -24,12 +24,7 @@ class RIFormerBlock(nn.Module):
         else:
             self.norm1 = group_norm_1(dim)
             self.token_mixer = Affine(in_features=dim)
-        self.norm2 = group_norm_1(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.layer_scale_1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
-        self.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
-        self.dim = dim
+        add_channel_mlp_branch(self, dim, mlp_ratio, drop, drop_path, layer_scale_init_value)
         self.deploy = deploy
         # Fused backends' training memory mode (rk.set_recompute overrides it globally): True
         # saves x and O(N*C) statistics and recomputes the hidden activation in the backward;

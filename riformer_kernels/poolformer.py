@@ -14,7 +14,7 @@ from torch import nn
 
 from .capture import MixerIO
 from .models import RIFormer, RIFormerClassifier
-from .reference import DropPath, Mlp, group_norm_1
+from .reference import add_channel_mlp_branch, group_norm_1
 
 
 class Pooling(nn.Module):
@@ -46,12 +46,7 @@ class PoolFormerBlock(nn.Module):
                              "a per-channel affine map); convert its student instead")
         self.norm1 = group_norm_1(dim)
         self.token_mixer = Pooling(pool_size)
-        self.norm2 = group_norm_1(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.layer_scale_1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
-        self.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
-        self.dim = dim
+        add_channel_mlp_branch(self, dim, mlp_ratio, drop, drop_path, layer_scale_init_value)
         self.deploy = False
         self.chain_statistics = False   # set by basic_blocks; meaningless here
         # Lists that `capture.capture_mixer_io` opened on this block: each forward appends its

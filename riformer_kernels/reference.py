@@ -95,6 +95,19 @@ def group_norm_1(dim: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=1, num_channels=dim, eps=GN_EPS)
 
 
+def add_channel_mlp_branch(block: nn.Module, dim: int, mlp_ratio: float, drop: float,
+                           drop_path: float, layer_scale_init_value: float) -> None:
+    """The parts every MetaFormer block of this package shares, with upstream's names: norm2,
+    the 1x1-conv MLP, drop path and the two layer scales (RIFormer and the PoolFormer teacher
+    differ only in their token mixer)."""
+    block.norm2 = group_norm_1(dim)
+    block.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=drop)
+    block.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+    block.layer_scale_1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
+    block.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
+    block.dim = dim
+
+
 def reference_block_forward(block, x: torch.Tensor) -> torch.Tensor:
     """Upstream `RIFormerBlock.forward`, verbatim in meaning and operation order."""
     ls1 = block.layer_scale_1.unsqueeze(-1).unsqueeze(-1)
