@@ -105,6 +105,9 @@ def test_fp32_brgemm_route_within_1e5(monkeypatch, shape, channels_last, mode):
     """The oneDNN brgemm route (the default at the avx512 level only) forced on whatever CPU
     this is: transposed weight copies, no whole-batch tiles."""
     monkeypatch.setenv('RIFORMER_CPU_GEMM', 'brgemm')
+    # The route exists only where the one-time probe of at::native::cpublas::brgemm succeeds
+    # (it runs on this project's AVX2 and AVX-512 machines; a torch built without oneDNN, or a
+    # non-x86 CPU, has none): there is then nothing to test.
     if rk.cpu_isa_info().gemm != 'onednn-brgemm':
         pytest.skip("oneDNN's fp32 brgemm does not run on this CPU / torch build")
     block = _with_mode(make_block(shape[1], dtype=torch.float32), MODES[mode])

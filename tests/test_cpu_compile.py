@@ -16,6 +16,7 @@ import riformer_kernels as rk
 from riformer_kernels.testing import randomize_
 from helpers import rel_err
 
+# Only where the extension is not built (it is in every `make test` run).
 pytestmark = pytest.mark.skipif(not rk.available_backends()['cpu'].usable,
                                 reason=f"cpu backend unusable: {rk.available_backends()['cpu'].reason}")
 

@@ -22,6 +22,7 @@ from riformer_kernels import _ext
 from riformer_kernels.backends.cpu import ISA_LEVELS
 
 ROOT = Path(__file__).resolve().parents[1]
+# Only where the extension is not built (it is in every `make test` run).
 pytestmark = pytest.mark.skipif(not rk.available_backends()['cpu'].usable,
                                 reason=f"cpu backend unusable: {rk.available_backends()['cpu'].reason}")
 

@@ -222,7 +222,9 @@ def test_trainer_resume_gives_the_uninterrupted_state(tmp_path):
     assert not [f for f in os.listdir(tmp_path / 'cut') if f != 'last.pt']
 
 
-@pytest.mark.skipif(not rk.available_backends()['cpu'].usable, reason='cpu backend unusable')
+# Only where the extension is not built (it is in every `make test` run).
+@pytest.mark.skipif(not rk.available_backends()['cpu'].usable,
+                    reason=f"cpu backend unusable: {rk.available_backends()['cpu'].reason}")
 def test_fused_backend_reproduces_reference_loss_curve():
     """fp64, drop path on, the distillation loss with every term (L_rel in the first step only,
     its schedule), 4 optimizer steps of 2 micro-batches: the cpu backend's loss curve is the
