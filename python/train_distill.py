@@ -25,13 +25,13 @@ import platform
 import resource
 import shutil
 import sys
-import threading
 import time
 
 import torch
 import torch.nn.functional as F
 
 import riformer_kernels as rk
+from riformer_kernels.atomic import replacing
 from riformer_kernels import distill as D
 
 ARCH = dict(layers=[1, 1, 2, 1], embed_dims=[16, 32, 64, 96])
@@ -92,12 +92,8 @@ def peak_rss_mib() -> float:
 
 
 def write_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'w') as f:
+    with replacing(path) as tmp, open(tmp, 'w') as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def train_run(name, model, loss_cfg, args, data, teacher=None):
@@ -230,10 +226,9 @@ def plot(results, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + '.tmp.png'
-    fig.savefig(tmp, dpi=110)
+    with replacing(path, suffix='.png') as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 

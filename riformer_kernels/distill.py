@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import replacing
 from .capture import capture_mixer_io, capture_stage_outputs
 
 # (l1, l2, l3) of the paper per architecture.
@@ -305,18 +306,8 @@ class TrainConfig:
 def save_atomically(obj, path: str) -> None:
     """torch.save to a temporary file in the same folder, flushed to disk, then os.replace: a
     reader (or a resumed run after a crash) sees the old file or the new one, never a part."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _param_groups(model: nn.Module, weight_decay: float):

@@ -24,11 +24,12 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from ..atomic import replacing
 
 ENV_FLAG = 'RIFORMER_CUDA_EMULATE'
 ENABLED = os.environ.get(ENV_FLAG, '0') not in ('', '0')
@@ -114,20 +115,13 @@ def build() -> Path:
     path = library_path()
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + '.', suffix='.tmp.so', dir=path.parent)
-    os.close(fd)
-    try:
+    with replacing(path, suffix='.so') as tmp:
         # FLAGS names its files relative to the repository root: compile from there.
         cmd = [compiler()] + _flags() + [str(ENTRY.relative_to(ROOT)), '-o', tmp]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"the emulated CUDA build failed:\n{' '.join(cmd)}\n"
                                f"{r.stderr[-6000:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 
 import torch
 
+from ..atomic import replacing
 from .gpu_build_report import ptx_global_loads   # the same PTX count as the report
 
 S12_STAGES = ((64, 56), (128, 28), (320, 14), (512, 7))
@@ -103,11 +102,8 @@ def collect() -> list[dict]:
 
 def _write_json(path: str, rows) -> None:
     """Atomically: a half-written file never replaces a good one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix='.tmp')
-    with os.fdopen(fd, 'w') as f:
+    with replacing(path) as tmp, open(tmp, 'w') as f:
         json.dump(rows, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
