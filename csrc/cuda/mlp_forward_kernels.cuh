@@ -121,6 +121,27 @@ inline int64_t smem_bytes(int64_t C, int64_t acc_size) {
   return (C + kHidChunk) * kTokens * acc_size;
 }
 
+// z = A x + B for the CTA's kTokens tokens (from t0) of sample n and all C channels, handed to
+// store(k, j, z): channel k, token j of the tile, zero past the sample's end. The walk follows
+// x's unit stride so that global loads coalesce: tokens fastest for NCHW, channels fastest for
+// channels_last. Shared by both kernels; each stores z in its own shared layout.
+template <typename acc_t, typename Args, typename Store>
+__device__ __forceinline__ void prologue_tile(const Args& p, int64_t n, int64_t t0,
+                                              const Store& store) {
+  const auto* xn = p.x + n * p.sn;
+  const auto* An = p.A + n * p.C;
+  const auto* Bn = p.B + n * p.C;
+  const bool tokens_fastest = p.st == 1;
+  for (int64_t i = threadIdx.x; i < p.C * kTokens; i += kThreads) {
+    const int64_t k = tokens_fastest ? i / kTokens : i % p.C;
+    const int j = int(tokens_fastest ? i % kTokens : i / p.C);
+    const int64_t t = t0 + j;
+    acc_t z = acc_t(0);
+    if (t < p.T) z = An[k] * load_as<acc_t>(xn + k * p.sc + t * p.st) + Bn[k];
+    store(k, j, z);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
 mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
@@ -133,20 +154,8 @@ mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
   const int64_t c0 = int64_t(blockIdx.y) * kOutTile;
   const int tid = threadIdx.x;
   const scalar_t* xn = p.x + n * p.sn;
-  const acc_t* An = p.A + n * p.C;
-  const acc_t* Bn = p.B + n * p.C;
 
-  // Prologue. The walk order follows the unit stride so global loads coalesce: tokens fastest
-  // for NCHW, channels fastest for channels_last.
-  const bool tokens_fastest = p.st == 1;
-  for (int64_t i = tid; i < p.C * kTokens; i += kThreads) {
-    const int64_t k = tokens_fastest ? i / kTokens : i % p.C;
-    const int j = int(tokens_fastest ? i % kTokens : i / p.C);
-    const int64_t t = t0 + j;
-    acc_t z = acc_t(0);
-    if (t < p.T) z = An[k] * load_as<acc_t>(xn + k * p.sc + t * p.st) + Bn[k];
-    zs[k * kTokens + j] = z;
-  }
+  prologue_tile<acc_t>(p, n, t0, [&](int64_t k, int j, acc_t z) { zs[k * kTokens + j] = z; });
 
   const int tg = tid % kTokenGroups;   // tokens tg*kRT .. +kRT-1
   const int rg = tid / kTokenGroups;   // rows rg*kRows .. +kRows-1
@@ -300,18 +309,9 @@ mlp_forward_mma_kernel(MlpForwardArgs<scalar_t, float> p) {
   const int tid = threadIdx.x;
   const int warp = tid / 32, g = (tid % 32) / 4, tq = tid % 4;
   const scalar_t* xn = p.x + n * p.sn;
-  const float* An = p.A + n * p.C;
-  const float* Bn = p.B + n * p.C;
 
-  const bool tokens_fastest = p.st == 1;
-  for (int64_t i = tid; i < p.C * kTokens; i += kThreads) {
-    const int64_t k = tokens_fastest ? i / kTokens : i % p.C;
-    const int j = int(tokens_fastest ? i % kTokens : i / p.C);
-    const int64_t t = t0 + j;
-    float z = 0.f;
-    if (t < p.T) z = An[k] * load_as<float>(xn + k * p.sc + t * p.st) + Bn[k];
-    store_rounded(zsT + j * ZS + k, z);
-  }
+  prologue_tile<float>(p, n, t0,
+                       [&](int64_t k, int j, float z) { store_rounded(zsT + j * ZS + k, z); });
 
   float acc[4][4];
 #pragma unroll
