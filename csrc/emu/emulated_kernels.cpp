@@ -163,3 +163,157 @@ int riformer_emu_mlp_forward(int dtype, const void* x, void* out, const int64_t*
 }
 
 }  // extern "C"
+
+// =============================================================================================
+// The MLP backward (csrc/cuda/mlp_backward_kernels.cuh; issue 12). Kept in its own section at
+// the end of the file, apart from the forward's entry points above.
+// =============================================================================================
+
+#include "../cuda/mlp_backward_kernels.cuh"
+
+namespace {
+
+// dims: N, C, Hd, T, sn, sc, st, usn, usc, ust, tiles_per_split (0: the plan's rule).
+// coeffs: A, B, mean, l2, then P, Q, R, S for phase 2 ((N, C) contiguous, statistics dtype).
+// weights: w1 (Hd, C), b1, w2 (C, Hd), b2 (contiguous, x's dtype).
+template <typename scalar_t, typename acc_t>
+riformer::mlp_bwd_cuda::MlpBackwardArgs<scalar_t, acc_t> backward_args(
+    const void* x, const void* g, const void* u, const int64_t* dims, const void* const* coeffs,
+    const void* const* weights) {
+  using namespace riformer::mlp_bwd_cuda;
+  MlpBackwardArgs<scalar_t, acc_t> p{};
+  p.x = static_cast<const scalar_t*>(x);
+  p.g = static_cast<const scalar_t*>(g);
+  p.u = static_cast<const scalar_t*>(u);
+  p.N = dims[0];
+  p.C = dims[1];
+  p.Hd = dims[2];
+  p.T = dims[3];
+  p.sn = dims[4];
+  p.sc = dims[5];
+  p.st = dims[6];
+  p.usn = dims[7];
+  p.usc = dims[8];
+  p.ust = dims[9];
+  const SplitPlan plan = plan_splits(p.N, p.T, dims[10]);
+  p.tiles = plan.tiles;
+  p.tiles_per_split = plan.tiles_per_split;
+  p.splits_per_sample = plan.splits_per_sample;
+  p.A = static_cast<const acc_t*>(coeffs[0]);
+  p.B = static_cast<const acc_t*>(coeffs[1]);
+  p.mean = static_cast<const acc_t*>(coeffs[2]);
+  p.l2 = static_cast<const acc_t*>(coeffs[3]);
+  p.w1 = static_cast<const scalar_t*>(weights[0]);
+  p.b1 = static_cast<const scalar_t*>(weights[1]);
+  p.w2 = static_cast<const scalar_t*>(weights[2]);
+  p.b2 = static_cast<const scalar_t*>(weights[3]);
+  return p;
+}
+
+unsigned ceil_div(int64_t a, int64_t b) { return unsigned((a + b - 1) / b); }
+
+// partials: E, F, D, SG, SGx (each sized for `riformer_emu_mlp_backward_splits` splits);
+// outs: dw1, db1, dw2, db2, sums.
+template <typename scalar_t, typename acc_t>
+void run_mlp_backward_phase1(const void* x, const void* g, const void* u, const int64_t* dims,
+                             const void* const* coeffs, const void* const* weights,
+                             void* const* partials, void* const* outs) {
+  using namespace riformer;
+  using namespace riformer::mlp_bwd_cuda;
+  auto p = backward_args<scalar_t, acc_t>(x, g, u, dims, coeffs, weights);
+  acc_t* const* part = reinterpret_cast<acc_t* const*>(partials);
+  p.E = part[0];
+  p.F = part[1];
+  p.D = part[2];
+  p.SG = part[3];
+  p.SGx = part[4];
+  acc_t* const* o = reinterpret_cast<acc_t* const*>(outs);
+  p.dw1 = o[0];
+  p.db1 = o[1];
+  p.dw2 = o[2];
+  p.db2 = o[3];
+  p.sums = o[4];
+  const dim3 grid(unsigned(p.N * p.splits_per_sample), ceil_div(p.Hd, kHid), ceil_div(p.C, kCh));
+  emu::launch(mlp_backward_partials_kernel<scalar_t, acc_t>, grid, dim3(kThreads),
+              size_t(partials_smem_bytes(p.C, sizeof(acc_t))), p);
+  emu::launch(mlp_backward_weights_kernel<scalar_t, acc_t>,
+              dim3(ceil_div(2 * p.Hd * p.C + p.Hd + p.C, kThreads)), dim3(kThreads), 0, p);
+  emu::launch(mlp_backward_sums_kernel<scalar_t, acc_t>, dim3(ceil_div(p.N * p.C, kThreads)),
+              dim3(kThreads), 0, p);
+}
+
+template <typename scalar_t, typename acc_t>
+void run_mlp_backward_dx(const void* x, const void* g, const void* u, const int64_t* dims,
+                         const void* const* coeffs, const void* const* weights, void* dx) {
+  using namespace riformer;
+  using namespace riformer::mlp_bwd_cuda;
+  auto p = backward_args<scalar_t, acc_t>(x, g, u, dims, coeffs, weights);
+  p.P = static_cast<const acc_t*>(coeffs[4]);
+  p.Q = static_cast<const acc_t*>(coeffs[5]);
+  p.R = static_cast<const acc_t*>(coeffs[6]);
+  p.S = static_cast<const acc_t*>(coeffs[7]);
+  p.dx = static_cast<scalar_t*>(dx);
+  emu::launch(mlp_backward_dx_kernel<scalar_t, acc_t>,
+              dim3(unsigned(p.N * p.tiles), ceil_div(p.C, kCh)), dim3(kThreads),
+              size_t(dx_smem_bytes(p.C, sizeof(acc_t))), p);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Dynamic shared memory of the larger of the two backward kernels that use it.
+int64_t riformer_emu_mlp_backward_smem_bytes(int64_t C, int dtype) {
+  using namespace riformer::mlp_bwd_cuda;
+  const int64_t acc = dtype == kF64 ? 8 : 4;
+  const int64_t a = partials_smem_bytes(C, acc), b = dx_smem_bytes(C, acc);
+  return a > b ? a : b;
+}
+
+// Number of splits (partial slots) phase 1 uses for N samples of T tokens.
+int64_t riformer_emu_mlp_backward_splits(int64_t N, int64_t T, int64_t tiles_per_split) {
+  const auto plan = riformer::mlp_bwd_cuda::plan_splits(N, T, tiles_per_split);
+  return N * plan.splits_per_sample;
+}
+
+int riformer_emu_mlp_backward_phase1(int dtype, const void* x, const void* g, const void* u,
+                                     const int64_t* dims, const void* const* coeffs,
+                                     const void* const* weights, void* const* partials,
+                                     void* const* outs, char* err, size_t errlen) {
+  return guarded([&] {
+    switch (dtype) {
+      case kF32:
+        run_mlp_backward_phase1<float, float>(x, g, u, dims, coeffs, weights, partials, outs);
+        break;
+      case kF64:
+        run_mlp_backward_phase1<double, double>(x, g, u, dims, coeffs, weights, partials, outs);
+        break;
+      case kF16:
+        run_mlp_backward_phase1<__half, float>(x, g, u, dims, coeffs, weights, partials, outs);
+        break;
+      case kBF16:
+        run_mlp_backward_phase1<__nv_bfloat16, float>(x, g, u, dims, coeffs, weights, partials,
+                                                      outs);
+        break;
+      default: throw std::invalid_argument("riformer_emu_mlp_backward_phase1: unknown dtype code");
+    }
+  }, err, errlen);
+}
+
+int riformer_emu_mlp_backward_dx(int dtype, const void* x, const void* g, const void* u,
+                                 const int64_t* dims, const void* const* coeffs,
+                                 const void* const* weights, void* dx, char* err, size_t errlen) {
+  return guarded([&] {
+    switch (dtype) {
+      case kF32: run_mlp_backward_dx<float, float>(x, g, u, dims, coeffs, weights, dx); break;
+      case kF64: run_mlp_backward_dx<double, double>(x, g, u, dims, coeffs, weights, dx); break;
+      case kF16: run_mlp_backward_dx<__half, float>(x, g, u, dims, coeffs, weights, dx); break;
+      case kBF16:
+        run_mlp_backward_dx<__nv_bfloat16, float>(x, g, u, dims, coeffs, weights, dx);
+        break;
+      default: throw std::invalid_argument("riformer_emu_mlp_backward_dx: unknown dtype code");
+    }
+  }, err, errlen);
+}
+
+}  // extern "C"

@@ -299,3 +299,180 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto') -> torc
     _call(library().riformer_emu_mlp_forward, _DTYPE_CODES[x.dtype], x.data_ptr(),
           out.data_ptr(), dims, ptrs_c, ptrs_w, int(which == 'mma'))
     return out
+
+
+# =============================================================================================
+# The MLP backward (csrc/cuda/mlp_backward_kernels.cuh; issue 12). Its own section: the
+# signatures are set here (`_backward_library`), not in `library()`.
+
+_backward_ready = False
+
+
+def _backward_library():
+    """The loaded library with the backward entry points' signatures set."""
+    global _backward_ready
+    lib = library()
+    with _lock:
+        if not _backward_ready:
+            i64, ptr, cstr, sz = ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
+            lib.riformer_emu_mlp_backward_smem_bytes.argtypes = [i64, ctypes.c_int]
+            lib.riformer_emu_mlp_backward_smem_bytes.restype = i64
+            lib.riformer_emu_mlp_backward_splits.argtypes = [i64, i64, i64]
+            lib.riformer_emu_mlp_backward_splits.restype = i64
+            lib.riformer_emu_mlp_backward_phase1.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
+                                                             ptr, ptr, ptr, cstr, sz]
+            lib.riformer_emu_mlp_backward_dx.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
+                                                         ptr, ptr, cstr, sz]
+            _backward_ready = True
+    return lib
+
+
+def mlp_backward_smem_bytes(c: int, dtype: torch.dtype) -> int:
+    """Dynamic shared memory per CTA of the backward kernels (the larger of phase 1 and 2)."""
+    return _backward_library().riformer_emu_mlp_backward_smem_bytes(c, _DTYPE_CODES[dtype])
+
+
+def mlp_backward_splits(n: int, tokens: int, tiles_per_split: int = 0) -> int:
+    """How many partial slots phase 1 writes (a function of the shape only)."""
+    return _backward_library().riformer_emu_mlp_backward_splits(n, tokens, tiles_per_split)
+
+
+def _token_stride(t: torch.Tensor) -> int:
+    """The one stride of the token index t = h * W + w of a 4-D tensor whose H and W collapse
+    (callers make sure they do)."""
+    return t.stride(3) if t.shape[3] > 1 else t.stride(2)
+
+
+def _check_backward_inputs(what, g, x, coeffs: dict, weights: dict, u):
+    """Checks shared by both backward wrappers; returns (g, x, hidden, u) with g in x's
+    layout and u in a layout the kernels read (or None)."""
+    _check_x(x, what)
+    if layout(x) is None:
+        x = x.contiguous()
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{what}: g must be a torch.Tensor, got {type(g).__name__}")
+    if g.shape != x.shape or g.dtype != x.dtype or g.device != x.device:
+        raise ValueError(f"{what}: g is {tuple(g.shape)} {g.dtype} on {g.device}; expected x's "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    if g.stride() != x.stride():
+        # the kernels read g with x's strides
+        g = g.contiguous(memory_format=torch.channels_last if layout(x) == 'channels_last'
+                         else torch.contiguous_format)
+        if g.stride() != x.stride():
+            raise ValueError(f"{what}: g's strides {g.stride()} cannot match x's {x.stride()}")
+    n, c, h, w = x.shape
+    sd = stats_dtype(x.dtype)
+    w1, w2 = weights['w1'], weights['w2']
+    if isinstance(w1, torch.Tensor) and w1.dim() == 4:
+        weights['w1'] = w1 = w1.reshape(w1.shape[0], -1)
+    if isinstance(w2, torch.Tensor) and w2.dim() == 4:
+        weights['w2'] = w2 = w2.reshape(w2.shape[0], -1)
+    hd = w1.shape[0] if isinstance(w1, torch.Tensor) and w1.dim() == 2 else -1
+    shapes = {'w1': (hd, c), 'b1': (hd,), 'w2': (c, hd), 'b2': (c,)}
+    for name, t in weights.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shapes[name] or hd < 1:
+            raise ValueError(f"{what}: {name} has shape {tuple(t.shape)}, expected "
+                             f"{shapes[name]} for C={c} and {hd} hidden units")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"{what}: {name} is {t.dtype} on {t.device}; the kernels take the "
+                            f"weights in x's dtype ({x.dtype}) on {x.device}")
+    for name, t in coeffs.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (n, c):
+            raise ValueError(f"{what}: {name} has shape {tuple(t.shape)}, expected {(n, c)}")
+        if t.dtype != sd or t.device != x.device:
+            raise TypeError(f"{what}: {name} is {t.dtype} on {t.device}, expected {sd} on "
+                            f"{x.device} (the statistics dtype of {x.dtype})")
+    if u is not None:
+        if not isinstance(u, torch.Tensor):
+            raise TypeError(f"{what}: u must be a torch.Tensor or None, got {type(u).__name__}")
+        if tuple(u.shape) != (n, hd, h, w) or u.dtype != x.dtype or u.device != x.device:
+            raise ValueError(f"{what}: u is {tuple(u.shape)} {u.dtype} on {u.device}; expected "
+                             f"{(n, hd, h, w)} {x.dtype} on {x.device}")
+        if layout(u) is None:
+            u = u.contiguous(memory_format=torch.channels_last)
+    smem = mlp_backward_smem_bytes(c, x.dtype)
+    if smem > MAX_DYNAMIC_SMEM:
+        raise ValueError(f"{what}: C={c} in {x.dtype} needs {smem} bytes of shared memory per "
+                         f"CTA (z and l2 g of all C channels of a 32-token tile), more than the "
+                         f"{MAX_DYNAMIC_SMEM} a CTA can have")
+    return g, x, hd, u
+
+
+def _backward_dims(x, hd, u, tiles_per_split=0):
+    n, c, h, w = x.shape
+    st = x.stride(3) if layout(x) == 'channels_last' else 1
+    us = (u.stride(0), u.stride(1), _token_stride(u)) if u is not None else (0, 0, 0)
+    return (ctypes.c_int64 * 11)(n, c, hd, h * w, x.stride(0), x.stride(1), st, *us,
+                                 tiles_per_split)
+
+
+def _nan(*shape, dtype):
+    return torch.full(shape, float('nan'), dtype=dtype)
+
+
+def mlp_backward_weights_and_sums(g, x, mean, A, B, l2, w1, b1, w2, b2, u=None,
+                                  tiles_per_split: int = 0):
+    """Phase 1 of the block's backward (docs/design.md section 3) by
+    csrc/cuda/mlp_backward_kernels.cuh: (dw1 (Hd, C), db1 (Hd,), dw2 (C, Hd), db2 (C,),
+    sums (5, N, C)), all in the statistics dtype, db2 = sum_t l2 g (the l2 factor included, as
+    the other kernel sets return it).
+
+    g, x: (N, C, H, W) in x's dtype (g is read in x's layout; copied there if it differs).
+    mean, A, B, l2: (N, C), statistics dtype. u: the saved pre-activation (N, Hd, H, W) or None
+    (recompute it). tiles_per_split > 0 overrides the split plan (tests)."""
+    what = 'mlp_backward_weights_and_sums'
+    weights = {'w1': w1, 'b1': b1, 'w2': w2, 'b2': b2}
+    g, x, hd, u = _check_backward_inputs(what, g, x, {'mean': mean, 'A': A, 'B': B, 'l2': l2},
+                                         weights, u)
+    if not isinstance(tiles_per_split, int) or tiles_per_split < 0:
+        raise ValueError(f"{what}: tiles_per_split must be an int >= 0, got {tiles_per_split!r}")
+    n, c, h, w = x.shape
+    sd = stats_dtype(x.dtype)
+    outs = [_nan(hd, c, dtype=sd), _nan(hd, dtype=sd), _nan(c, hd, dtype=sd), _nan(c, dtype=sd),
+            _nan(5, n, c, dtype=sd)]
+    if n == 0 or c == 0:
+        for o in outs:
+            o.zero_()   # sums over no tokens
+        return tuple(outs)
+    splits = mlp_backward_splits(n, h * w, tiles_per_split)
+    # Scratch, poisoned too: a partial phase 1 fails to write reaches every output it feeds.
+    partials = [_nan(splits, hd, c, dtype=sd), _nan(splits, c, hd, dtype=sd),
+                _nan(splits, hd, dtype=sd), _nan(splits, c, dtype=sd), _nan(splits, c, dtype=sd)]
+    keep_c = [t.contiguous() for t in (A, B, mean, l2)]
+    keep_w = [t.contiguous() for t in (weights['w1'], b1, weights['w2'], b2)]
+    ptrs_c = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep_c])
+    ptrs_w = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep_w])
+    ptrs_p = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in partials])
+    ptrs_o = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in outs])
+    _call(_backward_library().riformer_emu_mlp_backward_phase1, _DTYPE_CODES[x.dtype],
+          x.data_ptr(), g.data_ptr(), u.data_ptr() if u is not None else None,
+          _backward_dims(x, hd, u, tiles_per_split), ptrs_c, ptrs_w, ptrs_p, ptrs_o)
+    return tuple(outs)
+
+
+def mlp_backward_dx(g, x, mean, A, B, l2, w1, b1, w2, b2, P, Q, R, S, u=None) -> torch.Tensor:
+    """Phase 2: dx = P g + Q dz + R (x - m) + S, dz = W1^T ((W2^T l2 g) GELU'(u)) recomputed
+    per token tile (u too, unless given); in x's dtype and layout. P, Q, R, S: (N, C),
+    statistics dtype (fold.backward_coefficients)."""
+    what = 'mlp_backward_dx'
+    weights = {'w1': w1, 'b1': b1, 'w2': w2, 'b2': b2}
+    coeffs = {'mean': mean, 'A': A, 'B': B, 'l2': l2, 'P': P, 'Q': Q, 'R': R, 'S': S}
+    g, x, hd, u = _check_backward_inputs(what, g, x, coeffs, weights, u)
+    dx = torch.empty_like(x)
+    dx.fill_(float('nan'))   # poisoned: an element the kernel fails to write stays NaN
+    if dx.stride() != x.stride():
+        raise ValueError(f"{what}: output strides {dx.stride()} differ from x's {x.stride()}")
+    if x.numel() == 0:
+        return dx
+    keep_c = [t.contiguous() for t in (A, B, mean, l2, P, Q, R, S)]
+    keep_w = [t.contiguous() for t in (weights['w1'], b1, weights['w2'], b2)]
+    ptrs_c = (ctypes.c_void_p * 8)(*[t.data_ptr() for t in keep_c])
+    ptrs_w = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep_w])
+    _call(_backward_library().riformer_emu_mlp_backward_dx, _DTYPE_CODES[x.dtype], x.data_ptr(),
+          g.data_ptr(), u.data_ptr() if u is not None else None, _backward_dims(x, hd, u),
+          ptrs_c, ptrs_w, dx.data_ptr())
+    return dx
