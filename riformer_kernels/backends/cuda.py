@@ -12,7 +12,11 @@ With RIFORMER_CUDA_EMULATE=1 set before riformer_kernels is imported, it is a
 * mlp_forward: the fused MLP forward kernel (csrc/cuda/mlp_forward_kernels.cuh); the output's
   moments, when the next block asks for them, come from one more moments launch on the output.
 
-Training is declined in `supports` until the CUDA backward exists (issue 12). `auto` never
+* backward (training, recompute=True): csrc/cuda/mlp_backward_kernels.cuh -- phase 1 (the MLP
+  weight gradients and the five per-(n,c) sums, from per-split partials reduced in a fixed
+  order: bitwise deterministic) and phase 2 (dx, recomputing dz per token tile).
+
+Training with recompute=False is declined until the forward saves u. `auto` never
 picks the emulated kernels (dispatch.AUTO_ORDER has no `cuda` for CPU tensors): it is a test
 vehicle, orders of magnitude slower than the cpu kernels; ask for it with use_backend('cuda').
 """
@@ -21,11 +25,12 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..dispatch import Backend, register_backend
-from ..pipeline import KernelSet, Partials, register_kernel_set
+from ..dispatch import Backend, recompute_for, register_backend
+from ..pipeline import KernelSet, Partials, Phase1, register_kernel_set
 from . import cuda_emu
 
 BACKWARD_MISSING = "the cuda backward is issue 12"
+SAVE_U_MISSING = "the cuda MLP forward does not save u (the hidden pre-activation) yet"
 
 
 def _is_training_call(block, x: torch.Tensor) -> bool:
@@ -39,9 +44,10 @@ def _supports(block, x: torch.Tensor) -> str | None:
                 f"compiled CUDA build has no fused MLP binding yet")
     if x.dtype not in cuda_emu.SUPPORTED_DTYPES:
         return f"the cuda kernels take float32/float64/float16/bfloat16, not {x.dtype}"
-    if _is_training_call(block, x):
-        return (f"training (autograd) is not supported: {BACKWARD_MISSING}; run inference under "
-                f"torch.no_grad() or with parameters that do not require grad")
+    training = _is_training_call(block, x)
+    if training and not recompute_for(block):
+        return (f"training with recompute=False is not supported: {SAVE_U_MISSING}; use "
+                f"recompute=True (the default)")
     if block.mlp.fc1.weight.shape[0] < 1:
         return "the MLP has no hidden units"
     c = x.shape[1]
@@ -49,6 +55,12 @@ def _supports(block, x: torch.Tensor) -> str | None:
     if smem > cuda_emu.MAX_DYNAMIC_SMEM:
         return (f"C={c} in {x.dtype} needs {smem} bytes of shared memory per CTA (the MLP kernel "
                 f"keeps z for all C channels of its token tile), over {cuda_emu.MAX_DYNAMIC_SMEM}")
+    if training:
+        smem = cuda_emu.mlp_backward_smem_bytes(c, x.dtype)
+        if smem > cuda_emu.MAX_DYNAMIC_SMEM:
+            return (f"training at C={c} in {x.dtype}: the backward kernels need {smem} bytes of "
+                    f"shared memory per CTA (z and l2 g of all C channels of a token tile), over "
+                    f"{cuda_emu.MAX_DYNAMIC_SMEM}")
     return None
 
 
@@ -73,8 +85,27 @@ def _mlp_forward(x, cf, l2, w1, b1, w2, b2, save_u: bool, emit_moments: bool):
     return out, mean, var, None
 
 
-def _no_backward(*_args):
-    raise NotImplementedError(BACKWARD_MISSING)
+def _grad_in_x_layout(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # The backward kernels read g with x's strides.
+    if g.stride() == x.stride():
+        return g
+    fmt = (torch.channels_last if cuda_emu.layout(x) == 'channels_last'
+           else torch.contiguous_format)
+    return g.contiguous(memory_format=fmt)
+
+
+def _backward_weights_and_sums(g, sv) -> Phase1:
+    g = _grad_in_x_layout(g, sv.x)
+    dw1, db1, dw2, db2, sums = cuda_emu.mlp_backward_weights_and_sums(
+        g, sv.x, sv.mean, sv.A, sv.B, sv.l2, sv.w1, sv.b1, sv.w2, sv.b2, sv.u)
+    return Phase1(sums, db2, (dw1, db1, dw2), (g,))
+
+
+def _backward_dx(g, sv, p1: Phase1, bc):
+    (g,) = p1.carry
+    dx = cuda_emu.mlp_backward_dx(g, sv.x, sv.mean, sv.A, sv.B, sv.l2, sv.w1, sv.b1, sv.w2,
+                                  sv.b2, bc.P, bc.Q, bc.R, bc.S, sv.u)
+    return dx, p1.weights
 
 
 if cuda_emu.ENABLED:
@@ -82,8 +113,8 @@ if cuda_emu.ENABLED:
         'cuda', availability=cuda_emu.availability, supports=_supports,
         prepare_input=_prepare_input, moments=_moments,
         merge=lambda m1, m2, tokens, span: (m1, m2), mlp_forward=_mlp_forward,
-        output_span=lambda out: 0, backward_weights_and_sums=_no_backward,
-        backward_dx=_no_backward)
+        output_span=lambda out: 0, backward_weights_and_sums=_backward_weights_and_sums,
+        backward_dx=_backward_dx)
     register_kernel_set(KERNELS)
 else:
     register_backend(Backend('cuda', availability=lambda: _ext.native_availability('CUDA')))
