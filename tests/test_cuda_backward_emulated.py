@@ -93,11 +93,12 @@ def _truth(x, g, coeffs, weights, pqrs):
     return w1.grad, b1.grad, w2.grad, b2.grad, sums.detach(), dx.detach(), u.detach()
 
 
-def _run(x, g, coeffs, weights, pqrs, u=None, tiles_per_split=0):
+def _run(x, g, coeffs, weights, pqrs, u=None, tiles_per_split=0, kernel='auto'):
     mean, A, B, l2 = coeffs
     phase1 = cuda_emu.mlp_backward_weights_and_sums(g, x, mean, A, B, l2, *weights, u=u,
-                                                    tiles_per_split=tiles_per_split)
-    dx = cuda_emu.mlp_backward_dx(g, x, mean, A, B, l2, *weights, *pqrs, u=u)
+                                                    tiles_per_split=tiles_per_split,
+                                                    kernel=kernel)
+    dx = cuda_emu.mlp_backward_dx(g, x, mean, A, B, l2, *weights, *pqrs, u=u, kernel=kernel)
     return (*phase1, dx)
 
 
@@ -144,12 +145,21 @@ def test_backward_kernels_read_saved_u(u_layout):
             assert rel_err(a, b) > 1e-3, name
 
 
+HALF_KERNEL_CASES = [  # (N, C, hidden, H, W): both kernels; then FFMA-only shapes
+    (2, 16, 64, 5, 7),
+    (1, 80, 96, 3, 3),     # two channel chunks, a partial hidden chunk of whole k-steps
+]
+
+
+@pytest.mark.parametrize('kernel', ['ffma', 'mma'])
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize('seed', [0, 1, 2])
-def test_backward_kernels_half_within_twice_reference_error(dtype, seed):
+@pytest.mark.parametrize('case', HALF_KERNEL_CASES, ids=lambda c: 'x'.join(map(str, c)))
+def test_backward_kernels_half_within_twice_reference_error(case, seed, dtype, kernel):
     # The reference's own error: the same computation in torch ops in `dtype` (autograd of the
-    # half formula); the kernels accumulate in fp32 from the same half inputs.
-    args = _inputs(2, 16, 64, 5, 7, dtype, channels_last=bool(seed % 2), seed=seed)
+    # half formula); the kernels accumulate in fp32 from the same half inputs (the mma kernels
+    # round their GEMM operands to `dtype` first, as the reference does).
+    args = _inputs(*case, dtype, channels_last=bool(seed % 2), seed=seed)
     truth = _truth(*args)
     x, g, coeffs, weights, pqrs = args
     mean, A, B, l2 = (t.to(dtype)[:, :, None, None] for t in coeffs)
@@ -164,7 +174,7 @@ def test_backward_kernels_half_within_twice_reference_error(dtype, seed):
            torch.stack([g.sum((2, 3)), (g * xc).sum((2, 3)), z.grad.sum((2, 3)),
                         (z.grad * xc).sum((2, 3)), (g * o).sum((2, 3))]),
            P * g + Q * z.grad + R * xc + S)
-    got = _run(*args)
+    got = _run(*args, kernel=kernel)
     for name, a, r, t in zip(NAMES, got, ref, truth):
         err, ref_err = rel_err(a, t), rel_err(r.detach(), t)
         assert err <= 2 * ref_err, (name, err, ref_err)
@@ -185,6 +195,48 @@ def test_backward_kernels_bitwise_deterministic():
     cuda_emu.set_seed(5)
     for name, a, b, c in zip(NAMES, first, again, other_seed):
         assert torch.equal(a, b) and torch.equal(a, c), name
+
+
+def test_backward_mma_kernels_deterministic_and_read_saved_u():
+    # The tensor-core kernels: the same fixed orders (two runs and another scheduling seed give
+    # the same bits), and recompute=False reads u (checked against the truth, and against
+    # another u).
+    args = _inputs(1, 80, 96, 9, 8, torch.bfloat16, channels_last=True)
+    cuda_emu.set_seed(1)
+    first = _run(*args, tiles_per_split=2, kernel='mma')
+    cuda_emu.set_seed(977)
+    other_seed = _run(*args, tiles_per_split=2, kernel='mma')
+    cuda_emu.set_seed(5)
+    for name, a, b in zip(NAMES, first, other_seed):
+        assert torch.equal(a, b), name
+    truth = _truth(*args)
+    u = truth[-1].to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with_u = _run(*args, u=u, kernel='mma')
+    for name, a, b, t in zip(NAMES, with_u, first, truth):
+        # saved u is rounded to bf16 like the recomputed GEMM operands: the same error class
+        assert rel_err(a, t) <= 2 * max(rel_err(b, t), torch.finfo(torch.bfloat16).eps), name
+    other = _run(*args, u=u + 0.5, kernel='mma')
+    assert rel_err(other[0], with_u[0]) > 1e-2   # dw1 changed: u was read
+
+
+def test_backward_kernel_choice_and_mma_refusals():
+    assert cuda_emu.mlp_backward_kernel(16, 64, torch.float16) == 'mma'
+    assert cuda_emu.mlp_backward_kernel(16, 80, torch.bfloat16) == 'mma'   # a partial chunk
+    assert cuda_emu.mlp_backward_kernel(16, 72, torch.bfloat16) == 'ffma'  # 72 = 4.5 x 16
+    assert cuda_emu.mlp_backward_kernel(20, 80, torch.float16) == 'ffma'   # C % 16 != 0
+    assert cuda_emu.mlp_backward_kernel(16, 64, torch.float32) == 'ffma'
+    args = _inputs(1, 20, 80, 3, 3, torch.float16, False)
+    with pytest.raises(ValueError, match='multiples of 16'):
+        _run(*args, kernel='mma')
+    with pytest.raises(ValueError, match='unknown MLP backward kernel'):
+        _run(*args, kernel='wmma')
+    # A weight view starting one element into its storage: copied, not read misaligned.
+    x, g, coeffs, (w1, b1, w2, b2), pqrs = _inputs(1, 16, 64, 3, 3, torch.float16, False)
+    w1v = torch.cat([w1.new_zeros(1), w1.reshape(-1)])[1:].view(64, 16)
+    assert w1v.data_ptr() % 4 != 0
+    got = _run(x, g, coeffs, (w1v, b1, w2, b2), pqrs, kernel='mma')
+    for a, b in zip(got, _run(x, g, coeffs, (w1, b1, w2, b2), pqrs, kernel='mma')):
+        assert torch.equal(a, b)
 
 
 def test_split_plan_depends_on_the_shape_only():

@@ -20,6 +20,13 @@ RIFORMER_BWD_INSTANTIATE(double, double)
 RIFORMER_BWD_INSTANTIATE(__half, float)
 RIFORMER_BWD_INSTANTIATE(__nv_bfloat16, float)
 
+template __global__ void mlp_backward_partials_mma_kernel<__half>(MlpBackwardArgs<__half, float>);
+template __global__ void mlp_backward_partials_mma_kernel<__nv_bfloat16>(
+    MlpBackwardArgs<__nv_bfloat16, float>);
+template __global__ void mlp_backward_dx_mma_kernel<__half>(MlpBackwardArgs<__half, float>);
+template __global__ void mlp_backward_dx_mma_kernel<__nv_bfloat16>(
+    MlpBackwardArgs<__nv_bfloat16, float>);
+
 #undef RIFORMER_BWD_INSTANTIATE
 
 }  // namespace mlp_bwd_cuda

@@ -51,7 +51,8 @@
 // and dx. (The same choice as the triton small-C path.)
 //
 // Arithmetic: FFMA in the accumulation type: fp32 for fp32/fp16/bf16 inputs (half types widened
-// on load, z and dO kept in fp32), fp64 for fp64 (the oracle path). No tensor cores here yet.
+// on load, z and dO kept in fp32), fp64 for fp64 (the oracle path); and, at the end of this
+// file, tensor-core (mma.sync) variants of kernels 1 and 4 for fp16/bf16.
 // Layouts: NCHW or channels_last, the token index t = h * W + w one stride (NCHW: st = 1,
 // sc = T; channels_last: st = C, sc = 1); g has x's strides; saved u is (N, Hd, T) with its own
 // strides (the forward writes it hidden-contiguous per token).
@@ -497,6 +498,324 @@ mlp_backward_dx_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
       store_rounded(dxn + off, v);
     }
   }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core variants for fp16/bf16 (sm_80+): mma.sync m16n8k16, fp32 accumulation, the same
+// grids, tiles, partials and fixed summation orders as the FFMA kernels above (so equally
+// deterministic), for C and Hd multiples of 16 (whole k-steps); other shapes take FFMA.
+// Every operand of an mma is rounded to the input dtype first, as the torch reference rounds
+// its half tensors: z, dO = l2 g, h, du, x - m. Sums outside the GEMMs (D, sum g, sum g x~, the
+// reductions, the dx epilogue) run in fp32 on the same rounded values where they pair with a
+// GEMM (D with E, so dW1 = E A + D (A m + B) stays consistent).
+//
+// Operands (fragment maps in ptx.cuh):
+//   u  = W1 z      A: W1 rows (k contiguous: one 32-bit load per register), B: zsT[token][k]
+//   dh = W2^T dO   A: W2 columns (two 16-bit loads per register), B: dOsT[token][c]
+//   E  = du x~^T   A: dus[j][token], B: xcs[c][token]          (k = tokens)
+//   F  = g h^T     A: gcs[c][token], B: hs[j][token]           (k = tokens)
+//   dz = W1^T du   A: W1 columns (two 16-bit loads), B: duT[token][j]   (phase 2)
+// Shared rows are padded by kPad halves so the 8 rows a B load touches fall in distinct banks.
+// Warps (8): in the hidden GEMMs warp w owns hidden m-tile w % 4 and token n-tiles
+// 2 (w / 4) .. +1; in E / F it owns m-tile w % 4 and n-tiles 4 (w / 4) .. +3 of the 64 x 64
+// block; in dz channel m-tile w % 4 and token n-tiles 2 (w / 4) .. +1.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kPad = 8;
+
+inline bool mma_eligible(int64_t C, int64_t Hd) { return C % 16 == 0 && Hd % 16 == 0; }
+
+inline int64_t partials_mma_smem_bytes(int64_t C) {
+  return (2 * kTokens * (C + kPad) + 4 * 64 * (kTokens + kPad)) * 2;
+}
+inline int64_t dx_mma_smem_bytes(int64_t C) {
+  return (2 * kTokens * (C + kPad) + kTokens * (kHid + kPad)) * 2;
+}
+
+// Register of A[row][col], A[row][col + 1] for A = M^T, M row-major with `ld` columns (so the
+// two elements are a column of M, ld apart); 0 for rows past `rows`.
+template <typename T>
+__device__ __forceinline__ uint32_t load_transposed_pair(const T* m, int64_t row, int64_t rows,
+                                                         int64_t ld, int64_t col) {
+  if (row >= rows) return 0u;
+  const uint32_t lo = *reinterpret_cast<const unsigned short*>(m + col * ld + row);
+  const uint32_t hi = *reinterpret_cast<const unsigned short*>(m + (col + 1) * ld + row);
+  return lo | (hi << 16);
+}
+
+// z and dO = l2 g of all C channels of the tile, rounded, token-major ([kTokens][C + kPad]).
+template <typename scalar_t>
+__device__ __forceinline__ void load_z_and_do_mma(const MlpBackwardArgs<scalar_t, float>& p,
+                                                  int64_t n, int64_t t0, scalar_t* zsT,
+                                                  scalar_t* dOsT) {
+  const int64_t ZS = p.C + kPad;
+  const scalar_t* xn = p.x + n * p.sn;
+  const scalar_t* gn = p.g + n * p.sn;
+  const bool tokens_fastest = p.st == 1;
+  for (int64_t i = threadIdx.x; i < p.C * kTokens; i += kThreads) {
+    const int64_t k = tokens_fastest ? i / kTokens : i % p.C;
+    const int j = int(tokens_fastest ? i % kTokens : i / p.C);
+    const int64_t t = t0 + j;
+    float z = 0.f, d = 0.f;
+    if (t < p.T) {
+      const int64_t off = k * p.sc + t * p.st;
+      z = p.A[n * p.C + k] * load_as<float>(xn + off) + p.B[n * p.C + k];
+      d = p.l2[n * p.C + k] * load_as<float>(gn + off);
+    }
+    store_rounded(zsT + j * ZS + k, z);
+    store_rounded(dOsT + j * ZS + k, d);
+  }
+}
+
+// u and dh of hidden chunk h0 for this warp's 16 hidden units x 16 tokens, then
+// store(jl, tok, h, du) for each of its elements (jl: unit within the chunk; h, du in fp32,
+// du = 0 and h = 0 for units past Hd).
+template <typename scalar_t, typename Store>
+__device__ __forceinline__ void hidden_chunk_mma(const MlpBackwardArgs<scalar_t, float>& p,
+                                                 int64_t n, int64_t t0, int64_t h0,
+                                                 const scalar_t* zsT, const scalar_t* dOsT,
+                                                 const Store& store) {
+  const int64_t ZS = p.C + kPad;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, tq = lane % 4;
+  const int mt = warp % 4, nt0 = 2 * (warp / 4);
+  const int64_t j0 = h0 + 16 * mt + g;   // this lane's A rows: j0 and j0 + 8
+  const bool recompute = p.u == nullptr;
+  float u[2][4], dh[2][4];
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) u[a][e] = dh[a][e] = 0.f;
+  for (int64_t k0 = 0; k0 < p.C; k0 += 16) {
+    uint32_t a2[4];
+    a2[0] = load_transposed_pair(p.w2, j0, p.Hd, p.Hd, k0 + 2 * tq);
+    a2[1] = load_transposed_pair(p.w2, j0 + 8, p.Hd, p.Hd, k0 + 2 * tq);
+    a2[2] = load_transposed_pair(p.w2, j0, p.Hd, p.Hd, k0 + 2 * tq + 8);
+    a2[3] = load_transposed_pair(p.w2, j0 + 8, p.Hd, p.Hd, k0 + 2 * tq + 8);
+#pragma unroll
+    for (int a = 0; a < 2; ++a) {
+      const scalar_t* bp = dOsT + ((nt0 + a) * 8 + g) * ZS + k0 + 2 * tq;
+      const uint32_t b[2] = {mlp_cuda::shared_pair(bp), mlp_cuda::shared_pair(bp + 8)};
+      mlp_cuda::mma16816(dh[a], a2, b, p.w1);
+    }
+    if (recompute) {
+      uint32_t a1[4];
+      a1[0] = mlp_cuda::load_pair(p.w1, j0, p.Hd, p.C, k0 + 2 * tq);
+      a1[1] = mlp_cuda::load_pair(p.w1, j0 + 8, p.Hd, p.C, k0 + 2 * tq);
+      a1[2] = mlp_cuda::load_pair(p.w1, j0, p.Hd, p.C, k0 + 2 * tq + 8);
+      a1[3] = mlp_cuda::load_pair(p.w1, j0 + 8, p.Hd, p.C, k0 + 2 * tq + 8);
+#pragma unroll
+      for (int a = 0; a < 2; ++a) {
+        const scalar_t* bp = zsT + ((nt0 + a) * 8 + g) * ZS + k0 + 2 * tq;
+        const uint32_t b[2] = {mlp_cuda::shared_pair(bp), mlp_cuda::shared_pair(bp + 8)};
+        mlp_cuda::mma16816(u[a], a1, b, p.w1);
+      }
+    }
+  }
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int jl = 16 * mt + g + 8 * (e >> 1);
+      const int64_t j = h0 + jl;
+      const int tok = (nt0 + a) * 8 + 2 * tq + (e & 1);
+      const int64_t t = t0 + tok;
+      float h = 0.f, du = 0.f;
+      if (j < p.Hd) {
+        float uu;
+        if (recompute) uu = u[a][e] + load_as<float>(p.b1 + j);
+        else uu = t < p.T ? load_as<float>(p.u + n * p.usn + j * p.usc + t * p.ust) : 0.f;
+        const float cdf = normal_cdf(uu);
+        h = uu * cdf;
+        du = dh[a][e] * (cdf + uu * normal_pdf(uu));
+      }
+      store(jl, tok, h, du);
+    }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+mlp_backward_partials_mma_kernel(MlpBackwardArgs<scalar_t, float> p) {
+  static_assert(kThreads == 8 * 32 && kHid == 64 && kCh == 64 && kTokens == 32,
+                "the warp tiling above assumes 8 warps, 64 x 64 blocks and 32-token tiles");
+  RIFORMER_DYNAMIC_SMEM(scalar_t, smem);
+  const int64_t ZS = p.C + kPad;
+  constexpr int TS = kTokens + kPad;
+  scalar_t* const zsT = smem;                    // [kTokens][ZS]
+  scalar_t* const dOsT = zsT + kTokens * ZS;     // [kTokens][ZS]
+  scalar_t* const hs = dOsT + kTokens * ZS;      // [kHid][TS]
+  scalar_t* const dus = hs + kHid * TS;          // [kHid][TS]
+  scalar_t* const xcs = dus + kHid * TS;         // [kCh][TS]
+  scalar_t* const gcs = xcs + kCh * TS;          // [kCh][TS]
+
+  const int64_t split = blockIdx.x;
+  const int64_t n = split / p.splits_per_sample;
+  const int64_t tile0 = (split % p.splits_per_sample) * p.tiles_per_split;
+  int64_t tile1 = tile0 + p.tiles_per_split;
+  if (tile1 > p.tiles) tile1 = p.tiles;
+  const int64_t h0 = int64_t(blockIdx.y) * kHid;
+  const int64_t c0 = int64_t(blockIdx.z) * kCh;
+  const int tid = threadIdx.x;
+  const int lane = tid % 32, warp = tid / 32, g = lane / 4, tq = lane % 4;
+  const int mt = warp % 4, nb = 4 * (warp / 4);   // E / F: m-tile, first of 4 n-tiles
+  const scalar_t* xn = p.x + n * p.sn;
+  const scalar_t* gn = p.g + n * p.sn;
+
+  float e[4][4], f[4][4];   // e: rows j = h0 + 16 mt.., cols c; f: rows c = c0 + 16 mt.., cols j
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int b = 0; b < 4; ++b) e[a][b] = f[a][b] = 0.f;
+  // D (threads 0..63: hidden unit tid of the chunk), sum g and sum g x~ (threads 64..127:
+  // channel tid - 64 of the chunk), in fp32 from the rounded shared values.
+  float red0 = 0.f, red1 = 0.f;
+
+  for (int64_t tile = tile0; tile < tile1; ++tile) {
+    const int64_t t0 = tile * kTokens;
+    __syncthreads();  // the previous tile's shared tiles are fully read
+    load_z_and_do_mma(p, n, t0, zsT, dOsT);
+    const bool tokens_fastest = p.st == 1;
+    for (int i = tid; i < kCh * kTokens; i += kThreads) {
+      const int kl = tokens_fastest ? i / kTokens : i % kCh;
+      const int j = tokens_fastest ? i % kTokens : i / kCh;
+      const int64_t c = c0 + kl, t = t0 + j;
+      float xc = 0.f, gv = 0.f;
+      if (c < p.C && t < p.T) {
+        const int64_t off = c * p.sc + t * p.st;
+        xc = load_as<float>(xn + off) - p.mean[n * p.C + c];
+        gv = load_as<float>(gn + off);
+      }
+      store_rounded(xcs + kl * TS + j, xc);
+      store_rounded(gcs + kl * TS + j, gv);
+    }
+    __syncthreads();  // zsT, dOsT complete
+    hidden_chunk_mma(p, n, t0, h0, zsT, dOsT, [&](int jl, int tok, float h, float du) {
+      store_rounded(hs + jl * TS + tok, h);
+      store_rounded(dus + jl * TS + tok, du);
+    });
+    __syncthreads();  // hs, dus, xcs, gcs complete
+
+#pragma unroll
+    for (int k0 = 0; k0 < kTokens; k0 += 16) {
+      const int r0 = 16 * mt + g;
+      uint32_t ad[4], ag[4];
+      ad[0] = mlp_cuda::shared_pair(dus + r0 * TS + k0 + 2 * tq);
+      ad[1] = mlp_cuda::shared_pair(dus + (r0 + 8) * TS + k0 + 2 * tq);
+      ad[2] = mlp_cuda::shared_pair(dus + r0 * TS + k0 + 2 * tq + 8);
+      ad[3] = mlp_cuda::shared_pair(dus + (r0 + 8) * TS + k0 + 2 * tq + 8);
+      ag[0] = mlp_cuda::shared_pair(gcs + r0 * TS + k0 + 2 * tq);
+      ag[1] = mlp_cuda::shared_pair(gcs + (r0 + 8) * TS + k0 + 2 * tq);
+      ag[2] = mlp_cuda::shared_pair(gcs + r0 * TS + k0 + 2 * tq + 8);
+      ag[3] = mlp_cuda::shared_pair(gcs + (r0 + 8) * TS + k0 + 2 * tq + 8);
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const int col = (nb + b) * 8 + g;
+        const uint32_t bx[2] = {mlp_cuda::shared_pair(xcs + col * TS + k0 + 2 * tq),
+                                mlp_cuda::shared_pair(xcs + col * TS + k0 + 2 * tq + 8)};
+        mlp_cuda::mma16816(e[b], ad, bx, p.w1);
+        const uint32_t bh[2] = {mlp_cuda::shared_pair(hs + col * TS + k0 + 2 * tq),
+                                mlp_cuda::shared_pair(hs + col * TS + k0 + 2 * tq + 8)};
+        mlp_cuda::mma16816(f[b], ag, bh, p.w1);
+      }
+    }
+    if (tid < kHid) {
+      for (int j = 0; j < kTokens; ++j) red0 += mlp_cuda::widen(dus[tid * TS + j]);
+    } else if (tid < kHid + kCh) {
+      const int kl = tid - kHid;
+      for (int j = 0; j < kTokens; ++j) {
+        const float gv = mlp_cuda::widen(gcs[kl * TS + j]);
+        red0 += gv;
+        red1 += gv * mlp_cuda::widen(xcs[kl * TS + j]);
+      }
+    }
+  }
+
+  float* E = p.E + split * p.Hd * p.C;
+  float* F = p.F + split * p.C * p.Hd;
+#pragma unroll
+  for (int b = 0; b < 4; ++b)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t row = 16 * mt + g + 8 * (q >> 1);
+      const int64_t col = (nb + b) * 8 + 2 * tq + (q & 1);
+      const int64_t j = h0 + row, c = c0 + col;          // E[j][c]
+      if (j < p.Hd && c < p.C) E[j * p.C + c] = e[b][q];
+      const int64_t cf = c0 + row, jf = h0 + col;        // F[c][j]
+      if (cf < p.C && jf < p.Hd) F[cf * p.Hd + jf] = f[b][q];
+    }
+  if (tid < kHid) {
+    const int64_t j = h0 + tid;
+    if (blockIdx.z == 0 && j < p.Hd) p.D[split * p.Hd + j] = red0;
+  } else if (tid < kHid + kCh) {
+    const int64_t c = c0 + tid - kHid;
+    if (blockIdx.y == 0 && c < p.C) {
+      p.SG[split * p.C + c] = red0;
+      p.SGx[split * p.C + c] = red1;
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+mlp_backward_dx_mma_kernel(MlpBackwardArgs<scalar_t, float> p) {
+  RIFORMER_DYNAMIC_SMEM(scalar_t, smem);
+  const int64_t ZS = p.C + kPad;
+  constexpr int HS = kHid + kPad;
+  scalar_t* const zsT = smem;                  // [kTokens][ZS]
+  scalar_t* const dOsT = zsT + kTokens * ZS;   // [kTokens][ZS]
+  scalar_t* const duT = dOsT + kTokens * ZS;   // [kTokens][HS]
+
+  const int64_t n = blockIdx.x / p.tiles;
+  const int64_t t0 = (blockIdx.x % p.tiles) * int64_t(kTokens);
+  const int64_t c0 = int64_t(blockIdx.y) * kCh;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tq = lane % 4;
+  const int mt = warp % 4, nt0 = 2 * (warp / 4);
+  const int64_t cr = c0 + 16 * mt + g;   // this lane's A rows (channels): cr and cr + 8
+
+  load_z_and_do_mma(p, n, t0, zsT, dOsT);
+  float dz[2][4];
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dz[a][e] = 0.f;
+  for (int64_t h0 = 0; h0 < p.Hd; h0 += kHid) {
+    __syncthreads();  // zsT, dOsT complete (first chunk) / the previous chunk's duT fully read
+    hidden_chunk_mma(p, n, t0, h0, zsT, dOsT, [&](int jl, int tok, float, float du) {
+      store_rounded(duT + tok * HS + jl, du);
+    });
+    __syncthreads();  // duT complete
+    const int64_t hn = p.Hd - h0 < kHid ? p.Hd - h0 : int64_t(kHid);
+    for (int64_t k0 = 0; k0 < hn; k0 += 16) {
+      uint32_t a[4];
+      a[0] = load_transposed_pair(p.w1, cr, p.C, p.C, h0 + k0 + 2 * tq);
+      a[1] = load_transposed_pair(p.w1, cr + 8, p.C, p.C, h0 + k0 + 2 * tq);
+      a[2] = load_transposed_pair(p.w1, cr, p.C, p.C, h0 + k0 + 2 * tq + 8);
+      a[3] = load_transposed_pair(p.w1, cr + 8, p.C, p.C, h0 + k0 + 2 * tq + 8);
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        const scalar_t* bp = duT + ((nt0 + b) * 8 + g) * HS + k0 + 2 * tq;
+        const uint32_t bb[2] = {mlp_cuda::shared_pair(bp), mlp_cuda::shared_pair(bp + 8)};
+        mlp_cuda::mma16816(dz[b], a, bb, p.w1);
+      }
+    }
+  }
+
+  const scalar_t* xn = p.x + n * p.sn;
+  const scalar_t* gn = p.g + n * p.sn;
+  scalar_t* dxn = p.dx + n * p.sn;
+#pragma unroll
+  for (int b = 0; b < 2; ++b)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t c = cr + 8 * (e >> 1);
+      const int64_t t = t0 + (nt0 + b) * 8 + 2 * tq + (e & 1);
+      if (c >= p.C || t >= p.T) continue;
+      const int64_t nc = n * p.C + c, off = c * p.sc + t * p.st;
+      const float v = p.P[nc] * load_as<float>(gn + off) + p.Q[nc] * dz[b][e] +
+                      p.R[nc] * (load_as<float>(xn + off) - p.mean[nc]) + p.S[nc];
+      store_rounded(dxn + off, v);
+    }
 }
 
 }  // namespace mlp_bwd_cuda

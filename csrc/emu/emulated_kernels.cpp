@@ -173,7 +173,8 @@ int riformer_emu_mlp_forward(int dtype, const void* x, void* out, const int64_t*
 
 namespace {
 
-// dims: N, C, Hd, T, sn, sc, st, usn, usc, ust, tiles_per_split (0: the plan's rule).
+// dims: N, C, Hd, T, sn, sc, st, usn, usc, ust, tiles_per_split (0: the plan's rule), mma
+// (1: the tensor-core kernels; fp16/bf16 with C and Hd multiples of 16).
 // coeffs: A, B, mean, l2, then P, Q, R, S for phase 2 ((N, C) contiguous, statistics dtype).
 // weights: w1 (Hd, C), b1, w2 (C, Hd), b2 (contiguous, x's dtype).
 template <typename scalar_t, typename acc_t>
@@ -212,6 +213,23 @@ riformer::mlp_bwd_cuda::MlpBackwardArgs<scalar_t, acc_t> backward_args(
 
 unsigned ceil_div(int64_t a, int64_t b) { return unsigned((a + b - 1) / b); }
 
+// Whether the tensor-core kernels run (mma != 0), refusing what they cannot run. The mma
+// kernels load weight pairs as 32-bit words or 16-bit halves; the emulator does not check
+// global memory, so the alignment a GPU would fault on is checked here.
+template <typename scalar_t, typename acc_t, typename Args>
+bool use_backward_mma(const Args& p, int64_t mma) {
+  using namespace riformer::mlp_bwd_cuda;
+  if (!mma) return false;
+  if (!(std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2))
+    throw std::invalid_argument("the mma backward kernels take float16 or bfloat16");
+  if (reinterpret_cast<uintptr_t>(p.w1) % 4 || reinterpret_cast<uintptr_t>(p.w2) % 4)
+    throw std::invalid_argument("the mma backward kernels need w1 and w2 4-byte aligned");
+  if (!mma_eligible(p.C, p.Hd))
+    throw std::invalid_argument("the mma backward kernels need C and the hidden size to be "
+                                "multiples of 16");
+  return true;
+}
+
 // partials: E, F, D, SG, SGx (each sized for `riformer_emu_mlp_backward_splits` splits);
 // outs: dw1, db1, dw2, db2, sums.
 template <typename scalar_t, typename acc_t>
@@ -234,8 +252,17 @@ void run_mlp_backward_phase1(const void* x, const void* g, const void* u, const 
   p.db2 = o[3];
   p.sums = o[4];
   const dim3 grid(unsigned(p.N * p.splits_per_sample), ceil_div(p.Hd, kHid), ceil_div(p.C, kCh));
-  emu::launch(mlp_backward_partials_kernel<scalar_t, acc_t>, grid, dim3(kThreads),
-              size_t(partials_smem_bytes(p.C, sizeof(acc_t))), p);
+  bool launched = false;
+  if (use_backward_mma<scalar_t, acc_t>(p, dims[11])) {
+    if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
+      emu::launch(mlp_backward_partials_mma_kernel<scalar_t>, grid, dim3(kThreads),
+                  size_t(partials_mma_smem_bytes(p.C)), p);
+      launched = true;
+    }
+  }
+  if (!launched)
+    emu::launch(mlp_backward_partials_kernel<scalar_t, acc_t>, grid, dim3(kThreads),
+                size_t(partials_smem_bytes(p.C, sizeof(acc_t))), p);
   emu::launch(mlp_backward_weights_kernel<scalar_t, acc_t>,
               dim3(ceil_div(2 * p.Hd * p.C + p.Hd + p.C, kThreads)), dim3(kThreads), 0, p);
   emu::launch(mlp_backward_sums_kernel<scalar_t, acc_t>, dim3(ceil_div(p.N * p.C, kThreads)),
@@ -253,8 +280,15 @@ void run_mlp_backward_dx(const void* x, const void* g, const void* u, const int6
   p.R = static_cast<const acc_t*>(coeffs[6]);
   p.S = static_cast<const acc_t*>(coeffs[7]);
   p.dx = static_cast<scalar_t*>(dx);
-  emu::launch(mlp_backward_dx_kernel<scalar_t, acc_t>,
-              dim3(unsigned(p.N * p.tiles), ceil_div(p.C, kCh)), dim3(kThreads),
+  const dim3 grid(unsigned(p.N * p.tiles), ceil_div(p.C, kCh));
+  if (use_backward_mma<scalar_t, acc_t>(p, dims[11])) {
+    if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
+      emu::launch(mlp_backward_dx_mma_kernel<scalar_t>, grid, dim3(kThreads),
+                  size_t(dx_mma_smem_bytes(p.C)), p);
+      return;
+    }
+  }
+  emu::launch(mlp_backward_dx_kernel<scalar_t, acc_t>, grid, dim3(kThreads),
               size_t(dx_smem_bytes(p.C, sizeof(acc_t))), p);
 }
 
@@ -262,11 +296,20 @@ void run_mlp_backward_dx(const void* x, const void* g, const void* u, const int6
 
 extern "C" {
 
-// Dynamic shared memory of the larger of the two backward kernels that use it.
-int64_t riformer_emu_mlp_backward_smem_bytes(int64_t C, int dtype) {
+// Dynamic shared memory of the larger of the two backward kernels that use it, FFMA (mma = 0)
+// or tensor-core (mma = 1); -1 when the mma kernels cannot run the shape or dtype.
+int64_t riformer_emu_mlp_backward_smem_bytes(int64_t C, int64_t Hd, int dtype, int mma) {
   using namespace riformer::mlp_bwd_cuda;
-  const int64_t acc = dtype == kF64 ? 8 : 4;
-  const int64_t a = partials_smem_bytes(C, acc), b = dx_smem_bytes(C, acc);
+  int64_t a, b;
+  if (mma) {
+    if ((dtype != kF16 && dtype != kBF16) || !mma_eligible(C, Hd)) return -1;
+    a = partials_mma_smem_bytes(C);
+    b = dx_mma_smem_bytes(C);
+  } else {
+    const int64_t acc = dtype == kF64 ? 8 : 4;
+    a = partials_smem_bytes(C, acc);
+    b = dx_smem_bytes(C, acc);
+  }
   return a > b ? a : b;
 }
 

@@ -56,7 +56,7 @@ def _supports(block, x: torch.Tensor) -> str | None:
         return (f"C={c} in {x.dtype} needs {smem} bytes of shared memory per CTA (the MLP kernel "
                 f"keeps z for all C channels of its token tile), over {cuda_emu.MAX_DYNAMIC_SMEM}")
     if training:
-        smem = cuda_emu.mlp_backward_smem_bytes(c, x.dtype)
+        smem = cuda_emu.mlp_backward_smem_bytes(c, x.dtype, block.mlp.fc1.weight.shape[0])
         if smem > cuda_emu.MAX_DYNAMIC_SMEM:
             return (f"training at C={c} in {x.dtype}: the backward kernels need {smem} bytes of "
                     f"shared memory per CTA (z and l2 g of all C channels of a token tile), over "

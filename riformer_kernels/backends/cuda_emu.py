@@ -315,7 +315,8 @@ def _backward_library():
     with _lock:
         if not _backward_ready:
             i64, ptr, cstr, sz = ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
-            lib.riformer_emu_mlp_backward_smem_bytes.argtypes = [i64, ctypes.c_int]
+            lib.riformer_emu_mlp_backward_smem_bytes.argtypes = [i64, i64, ctypes.c_int,
+                                                                 ctypes.c_int]
             lib.riformer_emu_mlp_backward_smem_bytes.restype = i64
             lib.riformer_emu_mlp_backward_splits.argtypes = [i64, i64, i64]
             lib.riformer_emu_mlp_backward_splits.restype = i64
@@ -327,9 +328,29 @@ def _backward_library():
     return lib
 
 
-def mlp_backward_smem_bytes(c: int, dtype: torch.dtype) -> int:
-    """Dynamic shared memory per CTA of the backward kernels (the larger of phase 1 and 2)."""
-    return _backward_library().riformer_emu_mlp_backward_smem_bytes(c, _DTYPE_CODES[dtype])
+def mlp_backward_kernel(c: int, hidden: int, dtype: torch.dtype, kernel: str = 'auto') -> str:
+    """Which backward kernels run: 'mma' (tensor cores; fp16/bf16 with C and hidden multiples
+    of 16) where they can under 'auto', else 'ffma'."""
+    if kernel not in MLP_KERNELS:
+        raise ValueError(f"unknown MLP backward kernel {kernel!r}; choose one of {MLP_KERNELS}")
+    can_mma = _backward_library().riformer_emu_mlp_backward_smem_bytes(
+        c, hidden, _DTYPE_CODES[dtype], 1) >= 0
+    if kernel == 'mma' and not can_mma:
+        raise ValueError(f"the mma backward kernels take float16/bfloat16 with C and the hidden "
+                         f"size multiples of 16, not {dtype} with C={c}, hidden={hidden}")
+    if kernel == 'auto':
+        return 'mma' if can_mma else 'ffma'
+    return kernel
+
+
+def mlp_backward_smem_bytes(c: int, dtype: torch.dtype, hidden: int | None = None,
+                            kernel: str = 'auto') -> int:
+    """Dynamic shared memory per CTA of the backward kernels `kernel` picks (the larger of
+    phase 1 and phase 2)."""
+    hidden = 4 * c if hidden is None else hidden
+    which = mlp_backward_kernel(c, hidden, dtype, kernel)
+    return _backward_library().riformer_emu_mlp_backward_smem_bytes(
+        c, hidden, _DTYPE_CODES[dtype], int(which == 'mma'))
 
 
 def mlp_backward_splits(n: int, tokens: int, tiles_per_split: int = 0) -> int:
@@ -343,7 +364,7 @@ def _token_stride(t: torch.Tensor) -> int:
     return t.stride(3) if t.shape[3] > 1 else t.stride(2)
 
 
-def _check_backward_inputs(what, g, x, coeffs: dict, weights: dict, u):
+def _check_backward_inputs(what, g, x, coeffs: dict, weights: dict, u, kernel):
     """Checks shared by both backward wrappers; returns (g, x, hidden, u) with g in x's
     layout and u in a layout the kernels read (or None)."""
     _check_x(x, what)
@@ -394,20 +415,30 @@ def _check_backward_inputs(what, g, x, coeffs: dict, weights: dict, u):
                              f"{(n, hd, h, w)} {x.dtype} on {x.device}")
         if layout(u) is None:
             u = u.contiguous(memory_format=torch.channels_last)
-    smem = mlp_backward_smem_bytes(c, x.dtype)
+    which = mlp_backward_kernel(c, hd, x.dtype, kernel)
+    smem = mlp_backward_smem_bytes(c, x.dtype, hd, which)
     if smem > MAX_DYNAMIC_SMEM:
         raise ValueError(f"{what}: C={c} in {x.dtype} needs {smem} bytes of shared memory per "
                          f"CTA (z and l2 g of all C channels of a 32-token tile), more than the "
                          f"{MAX_DYNAMIC_SMEM} a CTA can have")
-    return g, x, hd, u
+    return g, x, hd, u, which
 
 
-def _backward_dims(x, hd, u, tiles_per_split=0):
+def _backward_weights(weights, which):
+    keep = [t.contiguous() for t in (weights['w1'], weights['b1'], weights['w2'], weights['b2'])]
+    if which == 'mma':
+        # The mma kernels read W1 pairs as 32-bit words: a view starting at an odd element would
+        # be a misaligned load on the device (the emulator does not check global memory).
+        keep[0], keep[2] = (t if t.data_ptr() % 4 == 0 else t.clone() for t in (keep[0], keep[2]))
+    return keep
+
+
+def _backward_dims(x, hd, u, which, tiles_per_split=0):
     n, c, h, w = x.shape
     st = x.stride(3) if layout(x) == 'channels_last' else 1
     us = (u.stride(0), u.stride(1), _token_stride(u)) if u is not None else (0, 0, 0)
-    return (ctypes.c_int64 * 11)(n, c, hd, h * w, x.stride(0), x.stride(1), st, *us,
-                                 tiles_per_split)
+    return (ctypes.c_int64 * 12)(n, c, hd, h * w, x.stride(0), x.stride(1), st, *us,
+                                 tiles_per_split, int(which == 'mma'))
 
 
 def _nan(*shape, dtype):
@@ -415,7 +446,7 @@ def _nan(*shape, dtype):
 
 
 def mlp_backward_weights_and_sums(g, x, mean, A, B, l2, w1, b1, w2, b2, u=None,
-                                  tiles_per_split: int = 0):
+                                  tiles_per_split: int = 0, kernel: str = 'auto'):
     """Phase 1 of the block's backward (docs/design.md section 3) by
     csrc/cuda/mlp_backward_kernels.cuh: (dw1 (Hd, C), db1 (Hd,), dw2 (C, Hd), db2 (C,),
     sums (5, N, C)), all in the statistics dtype, db2 = sum_t l2 g (the l2 factor included, as
@@ -423,11 +454,12 @@ def mlp_backward_weights_and_sums(g, x, mean, A, B, l2, w1, b1, w2, b2, u=None,
 
     g, x: (N, C, H, W) in x's dtype (g is read in x's layout; copied there if it differs).
     mean, A, B, l2: (N, C), statistics dtype. u: the saved pre-activation (N, Hd, H, W) or None
-    (recompute it). tiles_per_split > 0 overrides the split plan (tests)."""
+    (recompute it). tiles_per_split > 0 overrides the split plan (tests). kernel: 'auto' (mma
+    where `mlp_backward_kernel` allows, else ffma), 'ffma' or 'mma'."""
     what = 'mlp_backward_weights_and_sums'
     weights = {'w1': w1, 'b1': b1, 'w2': w2, 'b2': b2}
-    g, x, hd, u = _check_backward_inputs(what, g, x, {'mean': mean, 'A': A, 'B': B, 'l2': l2},
-                                         weights, u)
+    g, x, hd, u, which = _check_backward_inputs(
+        what, g, x, {'mean': mean, 'A': A, 'B': B, 'l2': l2}, weights, u, kernel)
     if not isinstance(tiles_per_split, int) or tiles_per_split < 0:
         raise ValueError(f"{what}: tiles_per_split must be an int >= 0, got {tiles_per_split!r}")
     n, c, h, w = x.shape
@@ -443,25 +475,26 @@ def mlp_backward_weights_and_sums(g, x, mean, A, B, l2, w1, b1, w2, b2, u=None,
     partials = [_nan(splits, hd, c, dtype=sd), _nan(splits, c, hd, dtype=sd),
                 _nan(splits, hd, dtype=sd), _nan(splits, c, dtype=sd), _nan(splits, c, dtype=sd)]
     keep_c = [t.contiguous() for t in (A, B, mean, l2)]
-    keep_w = [t.contiguous() for t in (weights['w1'], b1, weights['w2'], b2)]
+    keep_w = _backward_weights(weights, which)
     ptrs_c = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep_c])
     ptrs_w = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep_w])
     ptrs_p = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in partials])
     ptrs_o = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in outs])
     _call(_backward_library().riformer_emu_mlp_backward_phase1, _DTYPE_CODES[x.dtype],
           x.data_ptr(), g.data_ptr(), u.data_ptr() if u is not None else None,
-          _backward_dims(x, hd, u, tiles_per_split), ptrs_c, ptrs_w, ptrs_p, ptrs_o)
+          _backward_dims(x, hd, u, which, tiles_per_split), ptrs_c, ptrs_w, ptrs_p, ptrs_o)
     return tuple(outs)
 
 
-def mlp_backward_dx(g, x, mean, A, B, l2, w1, b1, w2, b2, P, Q, R, S, u=None) -> torch.Tensor:
+def mlp_backward_dx(g, x, mean, A, B, l2, w1, b1, w2, b2, P, Q, R, S, u=None,
+                    kernel: str = 'auto') -> torch.Tensor:
     """Phase 2: dx = P g + Q dz + R (x - m) + S, dz = W1^T ((W2^T l2 g) GELU'(u)) recomputed
     per token tile (u too, unless given); in x's dtype and layout. P, Q, R, S: (N, C),
-    statistics dtype (fold.backward_coefficients)."""
+    statistics dtype (fold.backward_coefficients). kernel: as for phase 1."""
     what = 'mlp_backward_dx'
     weights = {'w1': w1, 'b1': b1, 'w2': w2, 'b2': b2}
     coeffs = {'mean': mean, 'A': A, 'B': B, 'l2': l2, 'P': P, 'Q': Q, 'R': R, 'S': S}
-    g, x, hd, u = _check_backward_inputs(what, g, x, coeffs, weights, u)
+    g, x, hd, u, which = _check_backward_inputs(what, g, x, coeffs, weights, u, kernel)
     dx = torch.empty_like(x)
     dx.fill_(float('nan'))   # poisoned: an element the kernel fails to write stays NaN
     if dx.stride() != x.stride():
@@ -469,10 +502,10 @@ def mlp_backward_dx(g, x, mean, A, B, l2, w1, b1, w2, b2, P, Q, R, S, u=None) ->
     if x.numel() == 0:
         return dx
     keep_c = [t.contiguous() for t in (A, B, mean, l2, P, Q, R, S)]
-    keep_w = [t.contiguous() for t in (weights['w1'], b1, weights['w2'], b2)]
+    keep_w = _backward_weights(weights, which)
     ptrs_c = (ctypes.c_void_p * 8)(*[t.data_ptr() for t in keep_c])
     ptrs_w = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep_w])
     _call(_backward_library().riformer_emu_mlp_backward_dx, _DTYPE_CODES[x.dtype], x.data_ptr(),
-          g.data_ptr(), u.data_ptr() if u is not None else None, _backward_dims(x, hd, u),
+          g.data_ptr(), u.data_ptr() if u is not None else None, _backward_dims(x, hd, u, which),
           ptrs_c, ptrs_w, dx.data_ptr())
     return dx
