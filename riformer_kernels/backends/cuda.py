@@ -10,7 +10,8 @@ With RIFORMER_CUDA_EMULATE=1 set before riformer_kernels is imported, it is a
 * moments: the two-stage split moments kernels (per-(n,c) mean and variance; `merge` is the
   identity, as for the cpu kernel set);
 * mlp_forward: the fused MLP forward kernel (csrc/cuda/mlp_forward_kernels.cuh); the output's
-  moments, when the next block asks for them, come from one more moments launch on the output.
+  moments, when the next block asks for them, come from its epilogue (per-tile partials of the
+  stored values, merged by the moments merge kernel), and u is saved when recompute=False.
 
 Training is declined in `supports` until the CUDA backward exists (issue 12). `auto` never
 picks the emulated kernels (dispatch.AUTO_ORDER has no `cuda` for CPU tensors): it is a test
@@ -63,14 +64,8 @@ def _moments(x: torch.Tensor) -> Partials:
 
 
 def _mlp_forward(x, cf, l2, w1, b1, w2, b2, save_u: bool, emit_moments: bool):
-    if save_u:
-        raise NotImplementedError(f"the cuda kernels do not save u: {BACKWARD_MISSING}")
-    out = cuda_emu.mlp_forward(x, cf.A, cf.B, cf.a, cf.b, l2, w1, b1, w2, b2)
-    if emit_moments:
-        mean, var = cuda_emu.moments(out)
-    else:
-        mean = var = out.new_empty((0,), dtype=cuda_emu.stats_dtype(out.dtype))
-    return out, mean, var, None
+    return tuple(cuda_emu.mlp_forward(x, cf.A, cf.B, cf.a, cf.b, l2, w1, b1, w2, b2,
+                                      save_u=save_u, emit_moments=emit_moments))
 
 
 def _no_backward(*_args):

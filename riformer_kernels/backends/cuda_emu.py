@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -33,7 +34,7 @@ from ..atomic import replacing
 
 ENV_FLAG = 'RIFORMER_CUDA_EMULATE'
 ENABLED = os.environ.get(ENV_FLAG, '0') not in ('', '0')
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / 'csrc'
@@ -137,7 +138,8 @@ def library():
             lib.riformer_emu_moments.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ctypes.c_int,
                                                  ctypes.c_int, ptr, ptr, cstr, ctypes.c_size_t]
             lib.riformer_emu_mlp_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
-                                                     ctypes.c_int, cstr, ctypes.c_size_t]
+                                                     ctypes.c_int, ptr, ptr, ptr, cstr,
+                                                     ctypes.c_size_t]
             lib.riformer_emu_mlp_smem_bytes.argtypes = [i64, i64, ctypes.c_int, ctypes.c_int]
             lib.riformer_emu_mlp_smem_bytes.restype = i64
             lib.riformer_emu_set_seed.argtypes = [ctypes.c_uint64]
@@ -239,10 +241,24 @@ def mlp_smem_bytes(c: int, dtype: torch.dtype, hidden: int | None = None,
                                                  int(which == 'mma'))
 
 
-def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto') -> torch.Tensor:
+class MlpForward(NamedTuple):
+    """What `mlp_forward` returns: the output; its per-(n,c) mean and population variance
+    (statistics dtype; empty unless emit_moments); the saved pre-activation u (N, Hd, H, W)
+    channels_last in x's dtype (None unless save_u)."""
+    out: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor
+    u: torch.Tensor | None
+
+
+def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto', save_u: bool = False,
+                emit_moments: bool = False) -> MlpForward:
     """out = a x + b + l2 (W2 GELU(W1 (A x + B) + b1) + b2) by csrc/cuda/mlp_forward_kernels.cuh.
 
     kernel: 'auto' (mma where `mlp_kernel` allows, else ffma), 'ffma' or 'mma'.
+    save_u: also return u = W1 (A x + B) + b1, rounded to x's dtype.
+    emit_moments: also return out's moments, reduced by the kernel's epilogue from the stored
+    values (per-tile partials) and merged by the moments merge kernel.
 
     x: (N, C, H, W), NCHW or channels_last (other strides are copied); the output has x's
     layout. A, B, a, b, l2: (N, C) in the statistics dtype (fp64 for fp64 x, else fp32).
@@ -280,13 +296,22 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto') -> torc
     if smem > MAX_DYNAMIC_SMEM:
         raise ValueError(f"mlp_forward: C={c} needs {smem} bytes of shared memory per CTA, more "
                          f"than the {MAX_DYNAMIC_SMEM} a CTA can have")
+    for name, flag in (('save_u', save_u), ('emit_moments', emit_moments)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"mlp_forward: {name} must be a bool, got {type(flag).__name__}")
     out = torch.empty_like(x)
     out.fill_(float('nan'))   # poisoned: an element the kernel fails to write stays NaN
     if out.stride() != x.stride():
         raise ValueError(f"mlp_forward: output strides {out.stride()} differ from the input's "
                          f"{x.stride()}")
+    # Poisoned like out; u is (N, Hd, H, W) with the hidden index fastest (the kernel writes
+    # (N, T, Hd)), the layout the Triton backend saves it in too.
+    u = (torch.full((n, h, w, hd), float('nan'), dtype=x.dtype).permute(0, 3, 1, 2)
+         if save_u else None)
+    mean, var = (torch.full((n, c) if emit_moments else (0,), float('nan'), dtype=sd)
+                 for _ in range(2))
     if x.numel() == 0:
-        return out
+        return MlpForward(out, mean, var, u)
     keep = [t.contiguous() for t in (A, B, a, b, l2, w1, b1, w2, b2)]
     if which == 'mma':
         # The mma kernel reads weight pairs as 32-bit words: a view starting at an odd element
@@ -297,5 +322,7 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto') -> torc
     ptrs_c = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in keep[:5]])
     ptrs_w = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep[5:]])
     _call(library().riformer_emu_mlp_forward, _DTYPE_CODES[x.dtype], x.data_ptr(),
-          out.data_ptr(), dims, ptrs_c, ptrs_w, int(which == 'mma'))
-    return out
+          out.data_ptr(), dims, ptrs_c, ptrs_w, int(which == 'mma'),
+          u.data_ptr() if save_u else None, mean.data_ptr() if emit_moments else None,
+          var.data_ptr() if emit_moments else None)
+    return MlpForward(out, mean, var, u)
