@@ -142,6 +142,24 @@ int riformer_emu_abi_version() { return 3; }
 
 void riformer_emu_set_seed(uint64_t seed) { riformer::emu::set_seed(seed); }
 
+// Global-memory byte counting (riformer::emu::count_global_bytes): on = 1 clears the log and
+// counts every later launch; entry i of the log as its kernel name and six counts (read and
+// write requests, per-CTA distinct, per-launch distinct).
+void riformer_emu_count_bytes(int on) { riformer::emu::count_global_bytes(on != 0); }
+int64_t riformer_emu_bytes_log_size() {
+  return int64_t(riformer::emu::global_bytes_log().size());
+}
+int riformer_emu_bytes_log_entry(int64_t i, char* name, size_t len, uint64_t* counts) {
+  const auto& log = riformer::emu::global_bytes_log();
+  if (i < 0 || size_t(i) >= log.size()) return 1;
+  const auto& e = log[size_t(i)];
+  report(e.kernel.c_str(), name, len);
+  const uint64_t c[6] = {e.read_requests, e.write_requests, e.read_per_cta,
+                         e.write_per_cta, e.read_distinct, e.write_distinct};
+  for (int k = 0; k < 6; ++k) counts[k] = c[k];
+  return 0;
+}
+
 // Bytes of dynamic shared memory of the FFMA (mma = 0) or mma (mma = 1) MLP kernel; -1 when
 // the mma kernel cannot run the shape or dtype.
 int64_t riformer_emu_mlp_smem_bytes(int64_t C, int64_t Hd, int dtype, int mma) {

@@ -59,13 +59,15 @@ def _prepare_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def _moments(x: torch.Tensor) -> Partials:
-    mean, var = cuda_emu.moments(x)
+    mean, var = cuda_emu.moments_op(x)
     return Partials(mean, var, 0)
 
 
 def _mlp_forward(x, cf, l2, w1, b1, w2, b2, save_u: bool, emit_moments: bool):
-    return tuple(cuda_emu.mlp_forward(x, cf.A, cf.B, cf.a, cf.b, l2, w1, b1, w2, b2,
-                                      save_u=save_u, emit_moments=emit_moments))
+    w1, w2 = (w.reshape(w.shape[0], -1) for w in (w1, w2))
+    out, mean, var, u = cuda_emu.mlp_forward_op(x, cf.A, cf.B, cf.a, cf.b, l2, w1, b1, w2, b2,
+                                                save_u, emit_moments)
+    return out, mean, var, (u if save_u else None)
 
 
 def _no_backward(*_args):

@@ -19,6 +19,7 @@ allocate the outputs NaN-poisoned and pass data pointers, sizes and strides to t
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -143,6 +144,10 @@ def library():
             lib.riformer_emu_mlp_smem_bytes.argtypes = [i64, i64, ctypes.c_int, ctypes.c_int]
             lib.riformer_emu_mlp_smem_bytes.restype = i64
             lib.riformer_emu_set_seed.argtypes = [ctypes.c_uint64]
+            lib.riformer_emu_count_bytes.argtypes = [ctypes.c_int]
+            lib.riformer_emu_bytes_log_size.restype = i64
+            lib.riformer_emu_bytes_log_entry.argtypes = [i64, cstr, ctypes.c_size_t,
+                                                         ctypes.POINTER(ctypes.c_uint64)]
             _lib = lib
         return _lib
 
@@ -165,6 +170,48 @@ def set_seed(seed: int) -> None:
     lib = library()
     with _lock:
         lib.riformer_emu_set_seed(int(seed))
+
+
+class LaunchBytes(NamedTuple):
+    """Global-memory bytes of one emulated launch, in three models (csrc/emu/cuda_emu.h,
+    LaunchBytes): every request; distinct bytes per CTA, summed; distinct bytes of the launch
+    (the DRAM model the Triton counter uses)."""
+    kernel: str
+    read_requests: int
+    write_requests: int
+    read_per_cta: int
+    write_per_cta: int
+    read_distinct: int
+    write_distinct: int
+
+
+class _ByteLog(list):
+    """Filled with a LaunchBytes per launch when the `counting_global_bytes` block ends."""
+
+
+@contextlib.contextmanager
+def counting_global_bytes():
+    """Count the global-memory traffic of every emulated launch inside the block:
+
+        with cuda_emu.counting_global_bytes() as log:
+            cuda_emu.mlp_forward(...)
+        sum(e.read_distinct + e.write_distinct for e in log)
+
+    Global: every access that is neither shared memory nor the thread's own stack."""
+    lib = library()
+    log = _ByteLog()
+    with _lock:
+        lib.riformer_emu_count_bytes(1)
+    try:
+        yield log
+    finally:
+        with _lock:
+            lib.riformer_emu_count_bytes(0)
+            name = ctypes.create_string_buffer(512)
+            counts = (ctypes.c_uint64 * 6)()
+            for i in range(lib.riformer_emu_bytes_log_size()):
+                lib.riformer_emu_bytes_log_entry(i, name, len(name), counts)
+                log.append(LaunchBytes(name.value.decode(errors='replace'), *counts))
 
 
 def _check_x(x, what: str) -> None:
@@ -326,3 +373,49 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto', save_u:
           u.data_ptr() if save_u else None, mean.data_ptr() if emit_moments else None,
           var.data_ptr() if emit_moments else None)
     return MlpForward(out, mean, var, u)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops: what the `cuda` kernel set calls, so torch.compile / torch.export see opaque ops
+# with fake implementations, and the bytes-moved counter counts their kernels (through the
+# emulator) instead of the wrappers' host-side allocations.
+
+def _out_like(x: torch.Tensor) -> torch.Tensor:
+    fmt = torch.channels_last if layout(x) == 'channels_last' else torch.contiguous_format
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+@torch.library.custom_op('riformer_cuda_emu::moments', mutates_args=())
+def moments_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moments` as a custom op."""
+    return moments(x)
+
+
+@moments_op.register_fake
+def _(x):
+    n, c = x.shape[:2]
+    sd = stats_dtype(x.dtype)
+    return x.new_empty((n, c), dtype=sd), x.new_empty((n, c), dtype=sd)
+
+
+@torch.library.custom_op('riformer_cuda_emu::mlp_forward', mutates_args=())
+def mlp_forward_op(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, a: torch.Tensor,
+                   b: torch.Tensor, l2: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                   w2: torch.Tensor, b2: torch.Tensor, save_u: bool, emit_moments: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`mlp_forward` (kernel 'auto') as a custom op: (out, mean, var, u), u empty unless
+    save_u, mean/var empty unless emit_moments."""
+    r = mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, save_u=save_u, emit_moments=emit_moments)
+    u = r.u if save_u else x.new_empty((0,))
+    return r.out, r.mean, r.var, u
+
+
+@mlp_forward_op.register_fake
+def _(x, A, B, a, b, l2, w1, b1, w2, b2, save_u, emit_moments):
+    n, c, h, w = x.shape
+    hd = w1.shape[0]
+    sd = stats_dtype(x.dtype)
+    mean, var = (x.new_empty((n, c) if emit_moments else (0,), dtype=sd) for _ in range(2))
+    u = (torch.empty((n, hd, h, w), dtype=x.dtype, device=x.device,
+                     memory_format=torch.channels_last) if save_u else x.new_empty((0,)))
+    return _out_like(x), mean, var, u
