@@ -13,6 +13,12 @@
   every byte a kernel needs crosses DRAM at least once per launch, and re-reads inside a launch
   (weights shared by all programs, an x tile re-read in the epilogue) are cache hits. Only the
   latter enters `total`.
+* CUDA kernels run by the SIMT emulator (the `cuda` backend under RIFORMER_CUDA_EMULATE=1): the
+  emulator counts every global load and store of every launch (`cuda_emu.counting_global_bytes`),
+  with the same DRAM model: `cuda_read` / `cuda_write` are the distinct bytes each launch
+  touches (entering `total`), `cuda_*_requests` every access, and `cuda_*_per_cta` the distinct
+  bytes of each CTA summed over CTAs (re-reads by other CTAs counted again: an L1-only bound).
+  Ops of the `riformer_cuda_emu` namespace are not counted at the op level: their kernels are.
 * Ops of other namespaces (for example compiled extension ops) are opaque: their tensor inputs
   and outputs are counted like aten ops, as `opaque_read` / `opaque_write`. Ops of the
   `riformer_triton` namespace are not counted at the op level: their kernels are.
@@ -33,7 +39,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-INSTRUMENTED_NAMESPACES = ('riformer_triton',)
+INSTRUMENTED_NAMESPACES = ('riformer_triton', 'riformer_cuda_emu')
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -156,9 +162,31 @@ def _instrument_triton(counter: _Counter):
         interpreter.GridExecutor.__call__ = orig_call
 
 
+@contextlib.contextmanager
+def _instrument_cuda_emu(counter: _Counter):
+    """Count the emulated CUDA launches, when the emulated library is loaded in this process."""
+    import sys
+    emu = sys.modules.get('riformer_kernels.backends.cuda_emu')
+    if emu is None or emu._lib is None:
+        yield
+        return
+    with emu.counting_global_bytes() as log:
+        yield
+    for e in log:
+        for key, val in (('cuda_read', e.read_distinct), ('cuda_write', e.write_distinct),
+                         ('cuda_read_requests', e.read_requests),
+                         ('cuda_write_requests', e.write_requests),
+                         ('cuda_read_per_cta', e.read_per_cta),
+                         ('cuda_write_per_cta', e.write_per_cta)):
+            counter.counts[key] += val
+        counter.counts['cuda_launches'] += 1
+        counter.launches.append((f'cuda:{e.kernel}', e.read_distinct, e.write_distinct))
+
+
 KEYS = ('aten_read', 'aten_write', 'aten_ops', 'opaque_read', 'opaque_write', 'opaque_ops',
         'triton_read', 'triton_write', 'triton_read_requests', 'triton_write_requests',
-        'triton_launches')
+        'triton_launches', 'cuda_read', 'cuda_write', 'cuda_read_requests',
+        'cuda_write_requests', 'cuda_read_per_cta', 'cuda_write_per_cta', 'cuda_launches')
 
 
 def measure_bytes(fn, *args, **kwargs) -> dict:
@@ -166,16 +194,18 @@ def measure_bytes(fn, *args, **kwargs) -> dict:
 
     Keys: aten_read, aten_write, aten_ops, opaque_read, opaque_write, opaque_ops, triton_read,
     triton_write (distinct addresses per launch), triton_read_requests, triton_write_requests
-    (all accesses), triton_launches, total (aten + opaque + distinct triton bytes), by_op
-    (op name -> bytes), launches (per Triton launch, in order: (kernel, distinct bytes read,
-    distinct bytes written)), result (fn's return value).
+    (all accesses), triton_launches, the same cuda_* keys for emulated CUDA launches (plus
+    cuda_read_per_cta / cuda_write_per_cta), total (aten + opaque + distinct triton and cuda
+    bytes), by_op (op name -> bytes), launches (per Triton or CUDA launch, in order: (kernel,
+    distinct bytes read, distinct bytes written)), result (fn's return value).
     """
     counter = _Counter()
-    with _instrument_triton(counter), _DispatchCounter(counter):
+    with _instrument_triton(counter), _instrument_cuda_emu(counter), _DispatchCounter(counter):
         result = fn(*args, **kwargs)
     out = {k: int(counter.counts.get(k, 0)) for k in KEYS}
     out['total'] = sum(out[k] for k in ('aten_read', 'aten_write', 'opaque_read',
-                                        'opaque_write', 'triton_read', 'triton_write'))
+                                        'opaque_write', 'triton_read', 'triton_write',
+                                        'cuda_read', 'cuda_write'))
     out['by_op'] = dict(counter.by_op)
     out['launches'] = list(counter.launches)
     out['result'] = result
@@ -199,7 +229,7 @@ def block_table(n=8, c=64, hw=(56, 56), dtype=torch.float32, backends=('referenc
             with rk.use_backend(backend):
                 m = measure_bytes(blocks[0], x)
                 rows.append((backend, 'forward', m['total'] / unit, m))
-                if backend in ('triton', 'cpu'):     # the kernel sets chain statistics
+                if backend in ('triton', 'cpu', 'cuda'):     # the kernel sets chain statistics
                     blocks[0].chain_statistics = True    # as a model's stage sets it
                     y = blocks[0](x)
                     blocks[0].chain_statistics = False

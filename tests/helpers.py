@@ -1,8 +1,9 @@
 """Helpers the tests share. Tolerances live in the tests that use them, with their reasons.
 
 This module also decides where the Triton kernel tests run (`KERNEL_DEVICE`) and switches the
-Triton interpreter on for CPU runs; tests/conftest.py imports it before anything else imports
-riformer_kernels, because the @triton.jit kernels read TRITON_INTERPRET when they are defined.
+Triton interpreter and the CUDA emulator on for CPU runs; tests/conftest.py imports it before
+anything else imports riformer_kernels, because the @triton.jit kernels read TRITON_INTERPRET
+when they are defined and the `cuda` backend reads RIFORMER_CUDA_EMULATE at import.
 """
 import copy
 import os
@@ -27,6 +28,11 @@ def _kernel_test_device() -> torch.device:
 KERNEL_DEVICE = _kernel_test_device()
 if KERNEL_DEVICE.type == 'cpu':
     os.environ.setdefault('TRITON_INTERPRET', '1')
+    # Likewise the CUDA kernels: without a GPU the `cuda` backend runs the csrc/cuda sources
+    # through the SIMT emulator on CPU tensors (read when riformer_kernels is imported).
+    os.environ.setdefault('RIFORMER_CUDA_EMULATE', '1')
+# Whether the `cuda` kernel set runs emulated in this test session.
+CUDA_EMULATED = os.environ.get('RIFORMER_CUDA_EMULATE', '0') not in ('', '0')
 # Whether the Triton kernels are interpreted (numpy on the host) rather than compiled for a GPU.
 INTERPRETER = os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 # Compiled kernels on a CUDA device: what the GPU-only tests (marker `gpu`) need.

@@ -1,5 +1,6 @@
 """benchmarks/bytes_moved.py: the byte counter itself, then the fused block against its targets."""
 import os
+import shutil
 import sys
 
 import pytest
@@ -86,3 +87,47 @@ def test_fused_block_forward_bytes_against_targets():
     assert unchained['total'] / unit <= 3.2 + 0.35
     assert chained['total'] / unit <= 2.2 + 0.35
     assert eager['total'] / unit >= 30
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA kernels under the SIMT emulator: the emulator counts their global loads and stores
+
+def _emulated_mlp_case(dtype, channels_last):
+    from riformer_kernels.backends import cuda_emu
+    g = torch.Generator().manual_seed(7)
+    n, c, hd, h, w = 2, 32, 128, 6, 7        # T = 42: two token tiles, the second partial
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    coeffs = [torch.randn(n, c, generator=g).to(sd) for _ in range(5)]
+    weights = [torch.randn(*s, generator=g).to(dtype) * 0.1
+               for s in ((hd, c), (hd,), (c, hd), (c,))]
+    return cuda_emu, x, coeffs, weights
+
+
+@pytest.mark.skipif(shutil.which('g++') is None, reason='the emulated CUDA build needs g++')
+@pytest.mark.parametrize('dtype,channels_last', [(torch.float32, False), (torch.float16, True)])
+def test_emulated_cuda_mlp_forward_moves_exactly_its_operands(dtype, channels_last):
+    cuda_emu, x, coeffs, weights = _emulated_mlp_case(dtype, channels_last)
+    cuda_emu.library()
+    m = measure_bytes(cuda_emu.mlp_forward_op, x, *coeffs, *weights, False, True)
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    n, c = x.shape[:2]
+    tiles = -(-x.shape[2] * x.shape[3] // 32)
+    acc = 4                                   # fp32 statistics
+    # The MLP kernel reads x, the five (N, C) coefficients and the weights once each (DRAM
+    # model: distinct bytes per launch) and writes out, the (N, tiles, C) partial moments (3
+    # values each) and the (N, C) shifts; the merge reads partials and shifts, writes mean, var.
+    mlp, merge = m['launches']
+    assert 'mlp_forward' in mlp[0] and 'moments_merge' in merge[0]
+    assert mlp[1:] == (nbytes([x, *coeffs, *weights]),
+                       nbytes([x]) + n * tiles * c * 3 * acc + n * c * acc)
+    assert merge[1:] == (n * tiles * c * 3 * acc + n * c * acc, 2 * n * c * acc)
+    # Nothing else is counted: the wrapper's host-side allocations and poisoning are not aten
+    # traffic (the op's namespace is instrumented), and requests >= per-CTA >= distinct.
+    assert m['aten_read'] == m['aten_write'] == m['opaque_read'] == 0
+    assert m['total'] == m['cuda_read'] + m['cuda_write']
+    assert m['cuda_read_requests'] >= m['cuda_read_per_cta'] >= m['cuda_read']
+    # Weights are re-read by every CTA: per CTA they count once per CTA.
+    assert m['cuda_read_per_cta'] > m['cuda_read']

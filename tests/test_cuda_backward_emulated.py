@@ -8,30 +8,28 @@ Two levels:
   of phase 1 (dW1, db1, dW2, db2, the five per-(n,c) sums) and phase 2 (dx), on shapes that hit
   the edges (odd C, H*W = 1, N = 1, a partial last token tile, several channel chunks, a partial
   hidden chunk, splits of several tiles, saved u);
-* the `cuda` kernel set through the pipeline, in a subprocess with RIFORMER_CUDA_EMULATE=1 (it
-  must be set before riformer_kernels is imported): every gradient of a block, both forms,
+* the `cuda` kernel set through the pipeline (RIFORMER_CUDA_EMULATE=1, which tests/helpers.py
+  sets where there is no GPU): every gradient of a block, both forms, both memory modes,
   against the float64 reference; drop path with a dropped sample; fp16/bf16 within twice the
-  reference's own error over several draws; bitwise determinism.
+  reference's own error over several draws; bitwise determinism; torch.compile(fullgraph).
 
 Every output the wrappers return starts as NaN (and so does the phase-1 scratch), and rel_err
 refuses non-finite values, so an element a kernel fails to write fails the test. Inputs are
 random draws, never zeros or ones. Shapes are small: the emulator runs every thread as a fiber.
 Skips only when g++ is missing.
 """
-import json
-import os
-import subprocess
-import sys
-import textwrap
+import copy
 
+import helpers
 import pytest
 import torch
+from helpers import make_block, random_input, rel_err
 
-from helpers import rel_err
+import riformer_kernels as rk
+import riformer_kernels.block as block_module
 from riformer_kernels import fold
 from riformer_kernels.backends import cuda_emu
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(cuda_emu.compiler() is None,
                                 reason='g++ not found: the emulated CUDA build compiles with it')
 
@@ -273,123 +271,154 @@ def test_backward_wrappers_reject_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------
-# the `cuda` kernel set through the pipeline (subprocess: RIFORMER_CUDA_EMULATE before import)
+# the `cuda` kernel set through the pipeline (helpers.py sets RIFORMER_CUDA_EMULATE=1 on CPU-only
+# machines before riformer_kernels is imported, so the backend runs emulated in this process)
 
-BLOCK_SCRIPT = textwrap.dedent('''
-    import copy, json, sys
-    import torch
-    sys.path.insert(0, 'tests')
-    import helpers, riformer_kernels as rk
-    import riformer_kernels.block as block_module
-    from riformer_kernels.backends import cuda_emu
+needs_emulated_backend = pytest.mark.skipif(
+    not helpers.CUDA_EMULATED,
+    reason='the cuda backend runs the emulated kernels only with RIFORMER_CUDA_EMULATE=1 '
+           '(helpers.py sets it where there is no GPU)')
 
-    def errors(got, truth):
-        assert set(got) == set(truth), (sorted(got), sorted(truth))
-        return {k: helpers.rel_err(got[k], truth[k]) for k in truth}
 
-    torch.manual_seed(1234)   # the test session's seed is not inherited
-    res = {'blocks': []}
-    for dtype in (torch.float32, torch.float64):
-        for deploy in (False, True):
-            for shape, cl in [((2, 16, 5, 7), False), ((1, 16, 3, 5), True),
-                              ((2, 5, 3, 3), False), ((2, 10, 1, 1), True),
-                              ((1, 80, 3, 3), False)]:
-                if dtype == torch.float64 and shape[1] == 80:
-                    continue   # the fp64 oracle path: the small shapes suffice
-                block = helpers.make_block(shape[1], deploy=deploy, dtype=dtype).train()
-                x = helpers.random_input(shape, dtype, channels_last=cl)
-                g = helpers.random_input(shape, dtype)
-                out_ref, truth = helpers.run_block(copy.deepcopy(block).double(), x.double(),
-                                                   'reference', g.double())
-                out, got = helpers.run_block(block, x, 'cuda', g)
-                res['blocks'].append([str(dtype), deploy, list(shape), cl,
-                                      helpers.rel_err(out, out_ref), errors(got, truth),
-                                      got['x'].is_contiguous(memory_format=torch.channels_last)
-                                      == cl])
+def _grads(block, x, g, backend, recompute=True):
+    block = copy.deepcopy(block)
+    block.recompute = recompute
+    return helpers.run_block(block, x, backend, g)
 
-    # Drop path with a dropped sample: fixed factors (sample 1 dropped in both branches), the
-    # torch backend in fp64 with the same factors as the truth.
-    def draw(n, drop_prob, dtype, device):
-        return torch.tensor([2.0, 0.0, 2.0], dtype=dtype, device=device)
-    block_module.drop_path_factors = draw
-    block = helpers.make_block(16, dtype=torch.float32, drop_path=0.5).train()
-    x = helpers.random_input((3, 16, 4, 4), torch.float32)
-    g = helpers.random_input(x.shape, torch.float32)
-    out_ref, truth = helpers.run_block(copy.deepcopy(block).double(), x.double(), 'torch',
+
+def _check_every_gradient(got, truth, tol, what):
+    assert set(got) == set(truth), (sorted(got), sorted(truth))
+    for k in truth:
+        err = rel_err(got[k], truth[k])
+        assert err <= tol, (what, k, err)
+
+
+BLOCK_CASES = [  # (shape, channels_last)
+    ((2, 16, 5, 7), False),   # T = 35: a partial second token tile
+    ((1, 16, 3, 5), True),    # N = 1
+    ((2, 5, 3, 3), False),    # odd C (the FFMA kernels)
+    ((2, 10, 1, 1), True),    # H*W = 1
+    ((1, 80, 3, 3), False),   # two channel chunks, hidden 320 = five chunks
+]
+
+
+@needs_emulated_backend
+@pytest.mark.parametrize('recompute', [True, False], ids=['recompute', 'save-u'])
+@pytest.mark.parametrize('deploy', [False, True], ids=['training-form', 'deploy-form'])
+@pytest.mark.parametrize('shape,channels_last', BLOCK_CASES,
+                         ids=lambda v: 'x'.join(map(str, v)) if isinstance(v, tuple) else
+                         ('cl' if v else 'nchw'))
+def test_block_fp32_gradients_match_fp64_reference(shape, channels_last, deploy, recompute):
+    block = make_block(shape[1], deploy=deploy, dtype=torch.float32).train()
+    x = random_input(shape, torch.float32, channels_last=channels_last)
+    g = random_input(shape, torch.float32)
+    out, got = _grads(block, x, g, 'cuda', recompute)
+    out_ref, truth = helpers.run_block(copy.deepcopy(block).double(), x.double(), 'reference',
                                        g.double())
-    out, got = helpers.run_block(block, x, 'cuda', g)
-    res['drop'] = [helpers.rel_err(out, out_ref), errors(got, truth),
-                   bool(torch.equal(out[1], x[1])),
-                   helpers.rel_err(got['x'][1], g[1].double()) == 0.0]
+    assert rel_err(out, out_ref) <= 1e-5
+    _check_every_gradient(got, truth, FP32_TOL, (shape, channels_last, deploy, recompute))
+    assert ('norm_reparam.weight' in got) == deploy
+    # dx keeps x's memory format
+    assert got['x'].is_contiguous(memory_format=torch.channels_last) == channels_last or \
+        shape[2] * shape[3] == 1
 
-    # fp16/bf16: every gradient within twice the reference's own error in that dtype.
-    res['half'] = []
-    for dtype in (torch.float16, torch.bfloat16):
-        for seed in (1234, 1, 2, 3):
-            torch.manual_seed(seed)
-            block = helpers.make_block(32, dtype=dtype).train()
-            x = helpers.random_input((2, 32, 4, 5), dtype, channels_last=seed % 2 == 1)
-            g = helpers.random_input(x.shape, dtype)
-            _, truth = helpers.run_block(copy.deepcopy(block).double(), x.double(), 'reference',
-                                         g.double())
-            _, ref = helpers.run_block(block, x, 'reference', g)
-            _, got = helpers.run_block(block, x, 'cuda', g)
-            res['half'].append([str(dtype), seed, {k: [helpers.rel_err(got[k], truth[k]),
-                                                       helpers.rel_err(ref[k], truth[k])]
-                                                   for k in truth}])
 
-    # Bitwise determinism of every gradient: twice, and with another scheduling seed.
-    block = helpers.make_block(80, dtype=torch.float32).train()
-    x = helpers.random_input((2, 80, 5, 7), torch.float32)
-    g = helpers.random_input(x.shape, torch.float32)
+@needs_emulated_backend
+@pytest.mark.parametrize('recompute', [True, False], ids=['recompute', 'save-u'])
+@pytest.mark.parametrize('deploy', [False, True], ids=['training-form', 'deploy-form'])
+def test_block_fp64_gradients_match_reference(deploy, recompute):
+    block = make_block(5, deploy=deploy, dtype=torch.float64).train()
+    x = random_input((2, 5, 3, 3), torch.float64, channels_last=True)
+    g = random_input(x.shape, torch.float64)
+    _, got = _grads(block, x, g, 'cuda', recompute)
+    _, truth = helpers.run_block(block, x, 'reference', g)
+    _check_every_gradient(got, truth, FP64_TOL, (deploy, recompute))
+
+
+def _fixed_drop_path(monkeypatch, factors):
+    """Both draws of a block return these per-sample factors (dropped samples get 0)."""
+    def draw(n, drop_prob, dtype, device):
+        return torch.tensor(factors, dtype=dtype, device=device)
+    monkeypatch.setattr(block_module, 'drop_path_factors', draw)
+
+
+@needs_emulated_backend
+@pytest.mark.parametrize('recompute', [True, False], ids=['recompute', 'save-u'])
+def test_block_drop_path_with_a_dropped_sample(monkeypatch, recompute):
+    # The drop-path factors reach the kernels only through l1 / l2 (the pipeline folds them in,
+    # fold.per_sample_scale); sample 1 is dropped in both branches. Truth: the torch backend in
+    # fp64 with the same factors (the reference draws its own masks).
+    _fixed_drop_path(monkeypatch, [2.0, 0.0, 2.0])
+    block = make_block(16, dtype=torch.float32, drop_path=0.5).train()
+    x = random_input((3, 16, 4, 4), torch.float32)
+    g = random_input(x.shape, torch.float32)
+    out, got = _grads(block, x, g, 'cuda', recompute)
+    out_ref, truth = _grads(copy.deepcopy(block).double(), x.double(), g.double(), 'torch')
+    assert rel_err(out, out_ref) <= 1e-5
+    _check_every_gradient(got, truth, FP32_TOL, recompute)
+    # the dropped sample's branches vanish: out = x there, and dx = g exactly (P = 1 and
+    # Q dz, R, S are 0 when l1 = l2 = 0)
+    assert torch.equal(out[1], x[1])
+    assert torch.equal(got['x'][1], g[1])
+
+
+@needs_emulated_backend
+@pytest.mark.parametrize('seed', [1234, 1, 2, 3])
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_block_half_gradients_within_twice_the_reference_error(dtype, seed):
+    # C = 32: the tensor-core kernels (forward and backward); odd seeds channels_last, and
+    # recompute=False on seed 1.
+    torch.manual_seed(seed)
+    block = make_block(32, dtype=dtype).train()
+    x = random_input((2, 32, 4, 5), dtype, channels_last=seed % 2 == 1)
+    g = random_input(x.shape, dtype)
+    _, truth = helpers.run_block(copy.deepcopy(block).double(), x.double(), 'reference',
+                                 g.double())
+    _, ref = helpers.run_block(block, x, 'reference', g)
+    _, got = _grads(block, x, g, 'cuda', recompute=seed != 1)
+    for k in truth:
+        ref_err, err = rel_err(ref[k], truth[k]), rel_err(got[k], truth[k])
+        assert err <= 2 * ref_err, (k, err, ref_err)
+
+
+@needs_emulated_backend
+@pytest.mark.parametrize('recompute', [True, False], ids=['recompute', 'save-u'])
+def test_block_gradients_bitwise_deterministic(recompute):
+    # Every gradient twice, and once with another emulator scheduling seed: the same bits.
+    block = make_block(80, dtype=torch.float32).train()
+    x = random_input((2, 80, 5, 7), torch.float32)
+    g = random_input(x.shape, torch.float32)
     runs = []
     for seed in (3, 3, 4242):
         cuda_emu.set_seed(seed)
-        runs.append(helpers.run_block(block, x, 'cuda', g)[1])
-    res['deterministic'] = {k: all(torch.equal(r[k], runs[0][k]) for r in runs) for k in runs[0]}
-    print(json.dumps(res))
-''')
+        runs.append(_grads(block, x, g, 'cuda', recompute)[1])
+    cuda_emu.set_seed(5)
+    assert len(runs[0]) == 13
+    for k in runs[0]:
+        assert all(torch.equal(r[k], runs[0][k]) for r in runs[1:]), k
 
 
-@pytest.fixture(scope='module')
-def block_results():
-    env = dict(os.environ, RIFORMER_CUDA_EMULATE='1')
-    r = subprocess.run([sys.executable, '-c', BLOCK_SCRIPT], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def test_block_gradients_against_fp64_reference(block_results):
-    blocks = block_results['blocks']
-    assert len(blocks) == 18
-    for dtype, deploy, shape, cl, out_err, errs, layout_kept in blocks:
-        tol = FP32_TOL if dtype == 'torch.float32' else FP64_TOL
-        assert out_err <= (1e-5 if dtype == 'torch.float32' else 1e-11), (dtype, shape, out_err)
-        # every parameter of the form and x
-        assert 'x' in errs and 'mlp.fc1.weight' in errs and 'layer_scale_1' in errs
-        assert ('norm_reparam.weight' in errs) == deploy
-        for k, err in errs.items():
-            assert err <= tol, (dtype, deploy, shape, cl, k, err)
-        assert layout_kept, (dtype, shape, cl)
-
-
-def test_block_drop_path_with_a_dropped_sample(block_results):
-    out_err, errs, out_is_x, dx_is_g = block_results['drop']
-    assert out_err <= 1e-5
-    for k, err in errs.items():
-        assert err <= FP32_TOL, (k, err)
-    # the dropped sample's branches vanish: out = x there, and dx = g exactly
-    assert out_is_x and dx_is_g
-
-
-def test_block_half_gradients_within_twice_the_reference_error(block_results):
-    assert len(block_results['half']) == 8
-    for dtype, seed, errs in block_results['half']:
-        for k, (err, ref_err) in errs.items():
-            assert err <= 2 * ref_err, (dtype, seed, k, err, ref_err)
-
-
-def test_block_gradients_bitwise_deterministic(block_results):
-    det = block_results['deterministic']
-    assert len(det) == 13 and all(det.values()), det
+@needs_emulated_backend
+@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
+                   reason="dispatch under torch.compile traces the cuda kernel set's availability "
+                          "and supports, which stat the sources (cuda_emu.build_availability) and "
+                          "query shared-memory sizes through ctypes; both need pure-Python "
+                          "answers before fullgraph can trace a cuda block (the kernels "
+                          "themselves are custom ops with fakes)")
+def test_torch_compile_fullgraph_trains_like_eager():
+    # Every emulated kernel is a custom op with a fake implementation: once dispatch traces,
+    # fullgraph compiles, and the compiled step's output and gradients equal eager's.
+    block = make_block(16, dtype=torch.float32).train()
+    x = random_input((2, 16, 5, 7), torch.float32)
+    g = random_input(x.shape, torch.float32)
+    out_e, grads_e = helpers.run_block(block, x, 'cuda', g)
+    cblock = copy.deepcopy(block)
+    xc = x.clone().requires_grad_(True)
+    compiled = torch.compile(cblock, fullgraph=True, backend='aot_eager')
+    with rk.use_backend('cuda'):
+        out_c = compiled(xc)
+    out_c.backward(g)
+    assert torch.equal(out_c.detach(), out_e)
+    assert torch.equal(xc.grad, grads_e['x'])
+    for n, p in cblock.named_parameters():
+        assert torch.equal(p.grad, grads_e[n]), n

@@ -34,6 +34,7 @@
 #include <cuda_fp16.h>
 #endif
 
+#include "../common/block_math.h"
 #include "ptx.cuh"
 
 namespace riformer {
@@ -69,6 +70,14 @@ struct MlpForwardArgs {
   const scalar_t* b1;    // (Hd)
   const scalar_t* w2;    // (C, Hd) row-major
   const scalar_t* b2;    // (C)
+  // Optional outputs (nullptr: not wanted; uniform over the launch, so the branches on them
+  // are uniform too):
+  scalar_t* u;           // (N, T, Hd): u = W1 z + b1 before GELU, for a backward that reads
+                         // it instead of recomputing (recompute=False); hidden index fastest
+  Moments<acc_t>* part;  // (N, tiles, C): moments of the CTA's stored out values of channel c,
+                         // taken around shift[n, c] (chained statistics, merged by
+                         // moments_kernels::moments_merge)
+  acc_t* shift;          // (N, C): a*x[n,c,0] + b + l2*b2, written by the tiles-0 CTAs
 };
 
 // Dynamic shared memory as a typed pointer. Under the emulator the declaration must be the
@@ -115,6 +124,79 @@ __device__ __forceinline__ float gelu_exact(float u) {
 }
 __device__ __forceinline__ double gelu_exact(double u) {
   return 0.5 * u * (1.0 + erf(u * 0.70710678118654752440));
+}
+
+// The value a store of v leaves in memory, back in the accumulation type: the output moments
+// are those of the values the next block reads (rounded to the storage dtype).
+__device__ __forceinline__ float stored_value(float v, const float*) { return v; }
+__device__ __forceinline__ double stored_value(double v, const double*) { return v; }
+__device__ __forceinline__ float stored_value(float v, const __half*) {
+  return __half2float(__float2half_rn(v));
+}
+__device__ __forceinline__ float stored_value(float v, const __nv_bfloat16*) {
+  return __bfloat162float(__float2bfloat16_rn(v));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output moments from the epilogue (chained statistics, docs/design.md section 4)
+//
+// Every CTA reduces the stored values of each of its channels over its (at most kTokens) valid
+// tokens into Moments (count, mean, M2) and writes them to part[(n, tile, c)]; the moments
+// merge kernel (moments_kernels.cuh) folds the tiles of each (n, c) in a fixed order. The
+// partials are taken around a per-(n, c) shift that every CTA of the sample computes
+// identically without seeing the others' outputs, shift = a x[n,c,0] + b + l2 b2 (the output
+// at token 0 with the MLP term left out): it removes the residual's and the biases' common
+// offset, so tile means of large-offset data keep their precision, as the moments kernels'
+// shift by the first element does. The tiles-0 CTAs write it for the merge.
+
+template <typename acc_t, typename Args>
+__device__ __forceinline__ acc_t out_shift(const Args& p, int64_t n, int64_t c) {
+  const int64_t nc = n * p.C + c;
+  return p.a[nc] * load_as<acc_t>(p.x + n * p.sn + c * p.sc) + p.b[nc] +
+         p.l2[nc] * load_as<acc_t>(p.b2 + c);
+}
+
+// Sum over the `lanes` consecutive lanes (a power of two dividing 32) that share a channel: an
+// xor butterfly, which leaves every lane of the group the same sum in the same order.
+template <int lanes, typename acc_t>
+__device__ __forceinline__ acc_t group_sum(acc_t v) {
+#pragma unroll
+  for (int off = 1; off < lanes; off *= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// The tile's moments of one channel from each lane's R values (valid(i): value i is a real
+// token; a function, not a bool array, so that no predicate array stays live across the
+// shuffles: ptxas spilled 16 live predicates of the mma epilogue to local memory):
+// the sum around the shift gives the tile mean, then M2 around that mean (two passes in
+// registers, as the moments kernels do). count: valid tokens of the tile (>= 1). Every lane of
+// the group must call it (the shuffles are warp collectives), real channel or not.
+template <int lanes, int R, typename acc_t, typename Valid>
+__device__ __forceinline__ Moments<acc_t> tile_moments(const acc_t (&v)[R], const Valid& valid,
+                                                       acc_t shift, acc_t count) {
+  acc_t s1 = acc_t(0);
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+    if (valid(i)) s1 += v[i] - shift;
+  s1 = group_sum<lanes>(s1);
+  const acc_t d = s1 / count;
+  acc_t s2 = acc_t(0);
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+    if (valid(i)) {
+      const acc_t e = (v[i] - shift) - d;
+      s2 += e * e;
+    }
+  s2 = group_sum<lanes>(s2);
+  return Moments<acc_t>{count, d, s2};
+}
+
+// Field by field, so the store is three plain 4- or 8-byte stores on every compiler.
+template <typename acc_t>
+__device__ __forceinline__ void store_moments(Moments<acc_t>* dst, const Moments<acc_t>& m) {
+  dst->n = m.n;
+  dst->mean = m.mean;
+  dst->m2 = m.m2;
 }
 
 inline int64_t smem_bytes(int64_t C, int64_t acc_size) {
@@ -198,9 +280,14 @@ mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
       // chunk is always defined.
       const acc_t bias = live[r] ? load_as<acc_t>(p.b1 + j) : acc_t(0);
 #pragma unroll
-      for (int q = 0; q < kRT; ++q)
-        hs[(rg * kRows + r) * kTokens + tg * kRT + q] =
-            live[r] ? gelu_exact(u[r][q] + bias) : acc_t(0);
+      for (int q = 0; q < kRT; ++q) {
+        const acc_t uv = u[r][q] + bias;
+        hs[(rg * kRows + r) * kTokens + tg * kRT + q] = live[r] ? gelu_exact(uv) : acc_t(0);
+        // Saved u is written by the first output slice only (the others recompute the same).
+        const int64_t t = t0 + tg * kRT + q;
+        if (p.u != nullptr && blockIdx.y == 0 && live[r] && t < p.T)
+          store_rounded(p.u + (n * p.T + t) * p.Hd + j, uv);
+      }
     }
     __syncthreads();  // hs complete before any thread reads other threads' rows
 
@@ -227,18 +314,36 @@ mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
   }
 
   scalar_t* on = p.out + n * p.sn;
+  const int64_t tile = blockIdx.x % p.tiles;
+  const acc_t count = acc_t(p.T - t0 < kTokens ? p.T - t0 : int64_t(kTokens));
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
+    // No early exit for channels past C: the moments' shuffles need every lane.
     const int64_t c = c0 + rg * kRows + r;
-    if (c >= p.C) continue;
-    const acc_t a = p.a[n * p.C + c], b = p.b[n * p.C + c], l2 = p.l2[n * p.C + c];
-    const acc_t b2 = load_as<acc_t>(p.b2 + c);
+    const bool live = c < p.C;
+    const int64_t nc = n * p.C + c;
+    const acc_t a = live ? p.a[nc] : acc_t(0), b = live ? p.b[nc] : acc_t(0);
+    const acc_t l2 = live ? p.l2[nc] : acc_t(0);
+    const acc_t b2 = live ? load_as<acc_t>(p.b2 + c) : acc_t(0);
+    auto valid = [&](int q) { return live && t0 + tg * kRT + q < p.T; };
+    acc_t v[kRT];
 #pragma unroll
     for (int q = 0; q < kRT; ++q) {
-      const int64_t t = t0 + tg * kRT + q;
-      if (t >= p.T) continue;
-      const acc_t xv = load_as<acc_t>(xn + c * p.sc + t * p.st);
-      store_rounded(on + c * p.sc + t * p.st, a * xv + b + l2 * (acc[r][q] + b2));
+      v[q] = acc_t(0);
+      if (valid(q)) {
+        const int64_t t = t0 + tg * kRT + q;
+        const acc_t xv = load_as<acc_t>(xn + c * p.sc + t * p.st);
+        v[q] = stored_value(a * xv + b + l2 * (acc[r][q] + b2), on);
+        store_rounded(on + c * p.sc + t * p.st, v[q]);
+      }
+    }
+    if (p.part != nullptr) {
+      const acc_t s = live ? out_shift<acc_t>(p, n, c) : acc_t(0);
+      const Moments<acc_t> m = tile_moments<kTokenGroups>(v, valid, s, count);
+      if (live && tg == 0) {
+        store_moments(p.part + (n * p.tiles + tile) * p.C + c, m);
+        if (tile == 0) p.shift[nc] = s;
+      }
     }
   }
 }
@@ -348,8 +453,11 @@ mlp_forward_mma_kernel(MlpForwardArgs<scalar_t, float> p) {
         const int64_t j = h0 + jl;
         const int tok = nt * 8 + 2 * tq + (e & 1);
         // Rows past Hd (a partial last chunk) are written as 0 and never reach GEMM2.
-        const float h = j < p.Hd ? gelu_exact(u[nt][e] + load_as<float>(p.b1 + j)) : 0.f;
-        store_rounded(hsT + tok * HS + jl, h);
+        const float uv = j < p.Hd ? u[nt][e] + load_as<float>(p.b1 + j) : 0.f;
+        store_rounded(hsT + tok * HS + jl, j < p.Hd ? gelu_exact(uv) : 0.f);
+        // Saved u: written by the first output slice only (the others recompute the same).
+        if (p.u != nullptr && blockIdx.y == 0 && j < p.Hd && t0 + tok < p.T)
+          store_rounded(p.u + (n * p.T + t0 + tok) * p.Hd + j, uv);
       }
     __syncthreads();  // hsT complete: GEMM2 reads every warp's rows
 
@@ -371,18 +479,41 @@ mlp_forward_mma_kernel(MlpForwardArgs<scalar_t, float> p) {
   }
 
   scalar_t* on = p.out + n * p.sn;
+  const int64_t tile = blockIdx.x % p.tiles;
+  const float count = float(p.T - t0 < kTokens ? p.T - t0 : int64_t(kTokens));
+  // The lane's two output rows (half 0: c0 + 16 warp + g, half 1: 8 rows further), each with
+  // 8 tokens (4 n-tiles x 2, value i = 2 nt + k); the 4 lanes of a quad (same g) hold the
+  // row's other tokens.
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
+  for (int half = 0; half < 2; ++half) {
+    const int64_t c = c0 + 16 * warp + g + 8 * half;
+    const bool live = c < p.C;
+    const int64_t nc = n * p.C + c;
+    const float a = live ? p.a[nc] : 0.f, b = live ? p.b[nc] : 0.f;
+    const float l2 = live ? p.l2[nc] : 0.f;
+    const float b2 = live ? load_as<float>(p.b2 + c) : 0.f;
+    auto token = [&](int i) { return t0 + (i / 2) * 8 + 2 * tq + (i % 2); };
+    auto valid = [&](int i) { return live && token(i) < p.T; };
+    float v[8];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t c = c0 + 16 * warp + g + 8 * (e >> 1);
-      const int64_t t = t0 + nt * 8 + 2 * tq + (e & 1);
-      if (c >= p.C || t >= p.T) continue;
-      const float xv = load_as<float>(xn + c * p.sc + t * p.st);
-      const float v = p.a[n * p.C + c] * xv + p.b[n * p.C + c] +
-                      p.l2[n * p.C + c] * (acc[nt][e] + load_as<float>(p.b2 + c));
-      store_rounded(on + c * p.sc + t * p.st, v);
+    for (int i = 0; i < 8; ++i) {
+      v[i] = 0.f;
+      if (valid(i)) {
+        const int64_t t = token(i);
+        const float xv = load_as<float>(xn + c * p.sc + t * p.st);
+        v[i] = stored_value(a * xv + b + l2 * (acc[i / 2][2 * half + i % 2] + b2), on);
+        store_rounded(on + c * p.sc + t * p.st, v[i]);
+      }
     }
+    if (p.part != nullptr) {
+      const float s = live ? out_shift<float>(p, n, c) : 0.f;
+      const Moments<float> m = tile_moments<4>(v, valid, s, count);
+      if (live && tq == 0) {
+        store_moments(p.part + (n * p.tiles + tile) * p.C + c, m);
+        if (tile == 0) p.shift[nc] = s;
+      }
+    }
+  }
 }
 
 }  // namespace mlp_cuda

@@ -64,7 +64,7 @@ void moments_cuda_impl(const at::Tensor& x, bool channels_last,
 
   moments_merge<scalar_t, acc_t><<<static_cast<unsigned>(plan.merge_blocks), kMaxThreads,
                                    0, stream>>>(X, T, part, rows, C, K, channels_last,
-                                   mean.mutable_data_ptr<acc_t>(),
+                                   nullptr, mean.mutable_data_ptr<acc_t>(),
                                    var.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

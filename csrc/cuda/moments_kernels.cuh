@@ -156,13 +156,16 @@ moments_partial_cl(const scalar_t* __restrict__ x, int64_t T, int64_t C,
 
 // Stage 2: one warp per (n, c). Chunk k of row (n, c) is at
 // part[base(n, c) + k * kstride]; NCHW: base = row*K, kstride = 1;
-// channels_last: base = n*K*C + c, kstride = C. x is read for the rows' shifts only.
+// channels_last: base = n*K*C + c, kstride = C. The partials are taken around a per-row
+// shift, added back here: shifts[row] when given (the fused MLP's epilogue partials, which are
+// laid out [N, K, C]: channels_last = true), else the row's first element of x (row_shift);
+// x is read for that only.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
 moments_merge(const scalar_t* __restrict__ x, int64_t T,
               const Moments<acc_t>* __restrict__ part, int64_t rows, int64_t C,
-              int64_t K, bool channels_last, acc_t* __restrict__ mean,
-              acc_t* __restrict__ var) {
+              int64_t K, bool channels_last, const acc_t* __restrict__ shifts,
+              acc_t* __restrict__ mean, acc_t* __restrict__ var) {
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / kWarp) +
                       threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -175,7 +178,10 @@ moments_merge(const scalar_t* __restrict__ x, int64_t T,
     acc = chan_merge<acc_t>(acc, part[base + k * kstride]);
   acc = warp_merge<acc_t>(acc);
   if (lane == 0) {
-    mean[row] = row_shift<scalar_t, acc_t>(x, n, c, C, T, channels_last) + acc.mean;
+    const acc_t shift = shifts != nullptr ? shifts[row]
+                                          : row_shift<scalar_t, acc_t>(x, n, c, C, T,
+                                                                       channels_last);
+    mean[row] = shift + acc.mean;
     var[row] = population_var<acc_t>(acc);
   }
 }

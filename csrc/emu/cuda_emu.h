@@ -44,6 +44,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <unordered_map>
 #include <bit>
 #include <cmath>
 #include <cstddef>
@@ -293,6 +294,19 @@ struct Reader {
   uint16_t tid;
 };
 
+// Global-memory bytes of one launch (count_global_bytes). Three models, from most to least
+// traffic: `requests`, every byte every load/store asked for (what the load/store units see);
+// `per_cta`, the distinct bytes of each CTA summed over CTAs (an L1-only model: re-reads inside
+// a CTA hit, re-reads by other CTAs do not); `distinct`, the distinct bytes of the whole launch
+// (the DRAM model of the Triton counter: every byte a launch needs crosses DRAM once, re-reads
+// are L2 hits).
+struct LaunchBytes {
+  std::string kernel;
+  uint64_t read_requests = 0, write_requests = 0;
+  uint64_t read_per_cta = 0, write_per_cta = 0;
+  uint64_t read_distinct = 0, write_distinct = 0;
+};
+
 struct State {
   // Address ranges the hooks check; spans are 0 outside a launch so the hooks do nothing.
   uintptr_t s_lo = 0, s_span = 0;  // static shared (the program's TLS block)
@@ -329,6 +343,13 @@ struct State {
   // Scheduling trace: the order in which fibers were resumed (for tests of the randomisation).
   std::vector<uint16_t> trace;
   bool keep_trace = false;
+
+  // Global-memory traffic (count_global_bytes): byte ranges [lo, hi) touched by the current
+  // block, folded into the launch's sets at the block's end.
+  bool count_bytes = false, in_counter = false;
+  std::vector<std::pair<uintptr_t, uintptr_t>> blk_rd, blk_wr, launch_rd, launch_wr;
+  uint64_t req_rd = 0, req_wr = 0, cta_rd = 0, cta_wr = 0;
+  std::vector<LaunchBytes> bytes_log;
 };
 
 inline State g;
@@ -344,6 +365,17 @@ RIFORMER_EMU_FN void set_seed(uint64_t seed) {
 // Record the fiber resume order of the next launches (read back with last_trace()).
 RIFORMER_EMU_FN void keep_trace(bool on) { detail::g.keep_trace = on; }
 RIFORMER_EMU_FN const std::vector<uint16_t>& last_trace() { return detail::g.trace; }
+// Count the global-memory bytes of the next launches (a log entry per launch; switching on
+// clears the log). Global means: not shared memory and not the running thread's own stack
+// (locals, spilled registers, the kernel's by-value parameters); cp.async sources count as
+// reads.
+RIFORMER_EMU_FN void count_global_bytes(bool on) {
+  detail::g.count_bytes = on;
+  if (on) detail::g.bytes_log.clear();
+}
+RIFORMER_EMU_FN const std::vector<detail::LaunchBytes>& global_bytes_log() {
+  return detail::g.bytes_log;
+}
 
 namespace detail {
 
@@ -595,11 +627,87 @@ RIFORMER_EMU_FN bool in_shared(const void* p) {
   return a - g.s_lo < g.s_span || a - g.d_lo < g.d_span;
 }
 
-// The hooks' fast path: two unsigned compares for every non-shared access.
+// Whether the instrumented code at pc is the emulator's or the standard library's rather than
+// the kernel's. The emulator's own functions are not instrumented, but the std:: templates they
+// use (vectors of the shadow and scheduler state) are compiled with the hooks like everything
+// in the translation unit, and their accesses to the heap are not kernel traffic. Decided by
+// the mangled name of the function containing pc, once per access site.
+RIFORMER_EMU_NOSAN inline bool emulator_code(const void* pc) {
+  static std::unordered_map<uintptr_t, bool> cache;
+  const auto key = reinterpret_cast<uintptr_t>(pc);
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  load_symbols();
+  bool internal = false;
+  auto it = syms.by_addr.upper_bound(key);
+  if (it != syms.by_addr.begin()) {
+    --it;
+    if (key < it->first + std::max<uintptr_t>(it->second.first, 1)) {
+      const std::string& m = it->second.second;
+      for (const char* prefix : {"_ZNSt", "_ZNKSt", "_ZSt", "_ZZNSt", "_ZNSa", "_ZN9__gnu_cxx",
+                                 "_ZNK9__gnu_cxx", "_Znw", "_Zdl", "_Zna", "_Zda"})
+        internal |= m.rfind(prefix, 0) == 0;
+      internal |= m.find("8riformer3emu") != std::string::npos;
+    }
+  }
+  cache.emplace(key, internal);
+  return internal;
+}
+
+// A global access of n bytes at a by the running thread (count_global_bytes is on). Adjacent
+// accesses extend the last range, so a streaming loop costs one entry.
+RIFORMER_EMU_NOSAN inline void count_global(uintptr_t a, size_t n, int kind, const void* pc) {
+  const auto stack = reinterpret_cast<uintptr_t>(g.cur->stack);
+  // The counter's own containers and the classification's map call the hooks again: a flag
+  // keeps them out.
+  if (a - stack < kStackBytes || g.in_counter) return;
+  struct Reentry {
+    RIFORMER_EMU_NOSAN Reentry() { g.in_counter = true; }
+    RIFORMER_EMU_NOSAN ~Reentry() { g.in_counter = false; }
+  } reentry;
+  // threadIdx, blockIdx, blockDim and gridDim read the emulator's state (g and its threads):
+  // on the device they are special registers.
+  const auto state = reinterpret_cast<uintptr_t>(&g);
+  const auto threads = reinterpret_cast<uintptr_t>(g.threads.data());
+  if (a - state < sizeof(State) || a - threads < g.threads.size() * sizeof(Thread)) return;
+  if (pc != nullptr && emulator_code(pc)) return;
+  const bool rd = kind != kWrite, wr = kind != kRead;   // an atomic is both
+  if (rd) {
+    g.req_rd += n;
+    if (!g.blk_rd.empty() && g.blk_rd.back().second == a) g.blk_rd.back().second += n;
+    else g.blk_rd.emplace_back(a, a + n);
+  }
+  if (wr) {
+    g.req_wr += n;
+    if (!g.blk_wr.empty() && g.blk_wr.back().second == a) g.blk_wr.back().second += n;
+    else g.blk_wr.emplace_back(a, a + n);
+  }
+}
+
+// Sorts and merges byte ranges in place; returns the bytes they cover.
+RIFORMER_EMU_NOSAN inline uint64_t merge_ranges(std::vector<std::pair<uintptr_t, uintptr_t>>& r) {
+  std::sort(r.begin(), r.end());
+  size_t k = 0;
+  uint64_t bytes = 0;
+  for (size_t i = 0; i < r.size(); ++i) {
+    if (k > 0 && r[i].first <= r[k - 1].second) {
+      r[k - 1].second = std::max(r[k - 1].second, r[i].second);
+    } else {
+      r[k++] = r[i];
+    }
+  }
+  r.resize(k);
+  for (const auto& e : r) bytes += e.second - e.first;
+  return bytes;
+}
+
+// The hooks' fast path: two unsigned compares for every non-shared access (three when
+// counting global bytes).
 RIFORMER_EMU_FN void hook(const void* p, size_t n, int kind, const void* pc) {
   auto a = reinterpret_cast<uintptr_t>(p);
   if (__builtin_expect(a - g.s_lo < g.s_span || a - g.d_lo < g.d_span, 0)) {
     if (g.in_fiber) access(a, n, kind, pc);
+  } else if (__builtin_expect(g.count_bytes, 0) && g.in_fiber) {
+    count_global(a, n, kind, pc);
   }
 }
 
@@ -1216,7 +1324,10 @@ RIFORMER_EMU_NOSAN inline void cp_async_issue(void* dst, const void* src, int by
   access(a, size_t(bytes), kWrite, pc);
   PendingCopy c{static_cast<unsigned char*>(dst), {}, bytes};
   std::memset(c.data, 0, sizeof c.data);  // bytes past src_bytes are zero-filled, as in PTX
-  if (src_bytes > 0) std::memcpy(c.data, src, size_t(std::min(src_bytes, bytes)));
+  if (src_bytes > 0) {
+    std::memcpy(c.data, src, size_t(std::min(src_bytes, bytes)));
+    if (g.count_bytes) count_global(reinterpret_cast<uintptr_t>(src), size_t(std::min(src_bytes, bytes)), kRead, nullptr);
+  }
   t.cp_open.push_back(c);
   mark_pending(a, size_t(bytes));
 }
@@ -1328,12 +1439,36 @@ RIFORMER_EMU_NOSAN void launch(void (*kernel)(P...), dim3 grid, dim3 block, size
   g.d_span = kMaxDynamicSmem;
   g.s_span = tls.first ? tls.second : 0;
   g.failed = false;
+  g.blk_rd.clear();
+  g.blk_wr.clear();
+  g.launch_rd.clear();
+  g.launch_wr.clear();
+  g.req_rd = g.req_wr = g.cta_rd = g.cta_wr = 0;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         g.block_idx = {x, y, z};
         run_block();
+        if (g.count_bytes) {
+          g.cta_rd += merge_ranges(g.blk_rd);
+          g.cta_wr += merge_ranges(g.blk_wr);
+          g.launch_rd.insert(g.launch_rd.end(), g.blk_rd.begin(), g.blk_rd.end());
+          g.launch_wr.insert(g.launch_wr.end(), g.blk_wr.begin(), g.blk_wr.end());
+          g.blk_rd.clear();
+          g.blk_wr.clear();
+        }
       }
+  if (g.count_bytes) {
+    LaunchBytes lb;
+    lb.kernel = g.kernel_name;
+    lb.read_requests = g.req_rd;
+    lb.write_requests = g.req_wr;
+    lb.read_per_cta = g.cta_rd;
+    lb.write_per_cta = g.cta_wr;
+    lb.read_distinct = merge_ranges(g.launch_rd);
+    lb.write_distinct = merge_ranges(g.launch_wr);
+    g.bytes_log.push_back(std::move(lb));
+  }
 }
 
 }  // namespace riformer::emu

@@ -61,13 +61,14 @@ void run_moments(const void* x, int64_t N, int64_t C, int64_t T, bool channels_l
     emu::launch(moments_partial_cl<scalar_t, acc_t>, dim3(unsigned(plan.blocks)),
                 dim3(plan.threads_x, plan.threads_y), 0, X, T, C, plan.K, plan.CG, part.data());
   emu::launch(moments_merge<scalar_t, acc_t>, dim3(unsigned(plan.merge_blocks)),
-              dim3(kMaxThreads), 0, X, T, static_cast<const Moments<acc_t>*>(part.data()), N * C, C, plan.K, channels_last,
+              dim3(kMaxThreads), 0, X, T, static_cast<const Moments<acc_t>*>(part.data()), N * C,
+              C, plan.K, channels_last, static_cast<const acc_t*>(nullptr),
               static_cast<acc_t*>(mean), static_cast<acc_t*>(var));
 }
 
 template <typename scalar_t, typename acc_t>
 void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* const* coeffs,
-                     const void* const* weights, bool mma) {
+                     const void* const* weights, bool mma, void* u, void* mean, void* var) {
   using namespace riformer;
   using namespace riformer::mlp_cuda;
   MlpForwardArgs<scalar_t, acc_t> p;
@@ -90,6 +91,25 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
   p.b1 = static_cast<const scalar_t*>(weights[1]);
   p.w2 = static_cast<const scalar_t*>(weights[2]);
   p.b2 = static_cast<const scalar_t*>(weights[3]);
+  p.u = static_cast<scalar_t*>(u);
+  // Epilogue partials and shifts, poisoned (NaN) so a partial no CTA wrote shows in the merge.
+  const bool moments = mean != nullptr;
+  std::vector<Moments<acc_t>> part(moments ? size_t(p.N * p.tiles * p.C) : 0);
+  std::vector<acc_t> shift(moments ? size_t(p.N * p.C) : 0);
+  std::memset(static_cast<void*>(part.data()), 0xff, part.size() * sizeof(Moments<acc_t>));
+  std::memset(static_cast<void*>(shift.data()), 0xff, shift.size() * sizeof(acc_t));
+  p.part = moments ? part.data() : nullptr;
+  p.shift = moments ? shift.data() : nullptr;
+  auto merge = [&] {
+    if (!moments) return;
+    using namespace riformer::moments_kernels;
+    const int64_t rows = p.N * p.C, warps = kMaxThreads / kWarp;
+    emu::launch(moments_merge<scalar_t, acc_t>, dim3(unsigned((rows + warps - 1) / warps)),
+                dim3(kMaxThreads), 0, static_cast<const scalar_t*>(nullptr), p.T,
+                static_cast<const Moments<acc_t>*>(part.data()), rows, p.C, p.tiles, true,
+                static_cast<const acc_t*>(shift.data()), static_cast<acc_t*>(mean),
+                static_cast<acc_t*>(var));
+  };
   const dim3 grid(unsigned(p.N * p.tiles), unsigned((p.C + kOutTile - 1) / kOutTile));
   if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
     if (mma) {
@@ -102,12 +122,14 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
                                     "multiples of 16");
       emu::launch(mlp_forward_mma_kernel<scalar_t>, grid, dim3(kThreads),
                   size_t(mma_smem_bytes(p.C, sizeof(scalar_t))), p);
+      merge();
       return;
     }
   }
   if (mma) throw std::invalid_argument("the mma MLP kernel takes float16 or bfloat16");
   emu::launch(mlp_forward_kernel<scalar_t, acc_t>, grid, dim3(kThreads),
               size_t(smem_bytes(p.C, sizeof(acc_t))), p);
+  merge();
 }
 
 
@@ -116,9 +138,27 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
 extern "C" {
 
 // Bumped whenever a signature below changes; cuda_emu.py refuses a library of another version.
-int riformer_emu_abi_version() { return 2; }
+int riformer_emu_abi_version() { return 3; }
 
 void riformer_emu_set_seed(uint64_t seed) { riformer::emu::set_seed(seed); }
+
+// Global-memory byte counting (riformer::emu::count_global_bytes): on = 1 clears the log and
+// counts every later launch; entry i of the log as its kernel name and six counts (read and
+// write requests, per-CTA distinct, per-launch distinct).
+void riformer_emu_count_bytes(int on) { riformer::emu::count_global_bytes(on != 0); }
+int64_t riformer_emu_bytes_log_size() {
+  return int64_t(riformer::emu::global_bytes_log().size());
+}
+int riformer_emu_bytes_log_entry(int64_t i, char* name, size_t len, uint64_t* counts) {
+  const auto& log = riformer::emu::global_bytes_log();
+  if (i < 0 || size_t(i) >= log.size()) return 1;
+  const auto& e = log[size_t(i)];
+  report(e.kernel.c_str(), name, len);
+  const uint64_t c[6] = {e.read_requests, e.write_requests, e.read_per_cta,
+                         e.write_per_cta, e.read_distinct, e.write_distinct};
+  for (int k = 0; k < 6; ++k) counts[k] = c[k];
+  return 0;
+}
 
 // Bytes of dynamic shared memory of the FFMA (mma = 0) or mma (mma = 1) MLP kernel; -1 when
 // the mma kernel cannot run the shape or dtype.
@@ -147,16 +187,18 @@ int riformer_emu_moments(int dtype, const void* x, int64_t N, int64_t C, int64_t
 
 // dims: N, C, Hd, T, sn, sc, st. coeffs: A, B, a, b, l2 ((N, C) contiguous, statistics dtype).
 // weights: w1 (Hd, C), b1, w2 (C, Hd), b2, contiguous, in x's dtype.
-// mma = 1: the tensor-core kernel (float16/bfloat16 only).
+// mma = 1: the tensor-core kernel (float16/bfloat16 only). u: (N, T, Hd) saved pre-activation
+// or null; mean, var: (N, C) moments of out in the statistics dtype, or null (not computed).
 int riformer_emu_mlp_forward(int dtype, const void* x, void* out, const int64_t* dims,
                              const void* const* coeffs, const void* const* weights, int mma,
-                             char* err, size_t errlen) {
+                             void* u, void* mean, void* var, char* err, size_t errlen) {
   return guarded([&] {
+    const bool m = mma != 0;
     switch (dtype) {
-      case kF32: run_mlp_forward<float, float>(x, out, dims, coeffs, weights, mma != 0); break;
-      case kF64: run_mlp_forward<double, double>(x, out, dims, coeffs, weights, mma != 0); break;
-      case kF16: run_mlp_forward<__half, float>(x, out, dims, coeffs, weights, mma != 0); break;
-      case kBF16: run_mlp_forward<__nv_bfloat16, float>(x, out, dims, coeffs, weights, mma != 0); break;
+      case kF32: run_mlp_forward<float, float>(x, out, dims, coeffs, weights, m, u, mean, var); break;
+      case kF64: run_mlp_forward<double, double>(x, out, dims, coeffs, weights, m, u, mean, var); break;
+      case kF16: run_mlp_forward<__half, float>(x, out, dims, coeffs, weights, m, u, mean, var); break;
+      case kBF16: run_mlp_forward<__nv_bfloat16, float>(x, out, dims, coeffs, weights, m, u, mean, var); break;
       default: throw std::invalid_argument("riformer_emu_mlp_forward: unknown dtype code");
     }
   }, err, errlen);

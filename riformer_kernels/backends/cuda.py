@@ -10,13 +10,15 @@ With RIFORMER_CUDA_EMULATE=1 set before riformer_kernels is imported, it is a
 * moments: the two-stage split moments kernels (per-(n,c) mean and variance; `merge` is the
   identity, as for the cpu kernel set);
 * mlp_forward: the fused MLP forward kernel (csrc/cuda/mlp_forward_kernels.cuh); the output's
-  moments, when the next block asks for them, come from one more moments launch on the output.
+  moments, when the next block asks for them, come from its epilogue (per-tile partials of the
+  stored values, merged by the moments merge kernel), and u is saved when recompute=False.
 
-* backward (training, recompute=True): csrc/cuda/mlp_backward_kernels.cuh -- phase 1 (the MLP
-  weight gradients and the five per-(n,c) sums, from per-split partials reduced in a fixed
-  order: bitwise deterministic) and phase 2 (dx, recomputing dz per token tile).
+* backward (training): csrc/cuda/mlp_backward_kernels.cuh -- phase 1 (the MLP weight
+  gradients and the five per-(n,c) sums, from per-split partials reduced in a fixed order:
+  bitwise deterministic; u read from the forward's saved u with recompute=False, else
+  recomputed) and phase 2 (dx, recomputing dz per token tile).
 
-Training with recompute=False is declined until the forward saves u. `auto` never
+`auto` never
 picks the emulated kernels (dispatch.AUTO_ORDER has no `cuda` for CPU tensors): it is a test
 vehicle, orders of magnitude slower than the cpu kernels; ask for it with use_backend('cuda').
 """
@@ -25,12 +27,11 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..dispatch import Backend, recompute_for, register_backend
+from ..dispatch import Backend, register_backend
 from ..pipeline import KernelSet, Partials, Phase1, register_kernel_set
 from . import cuda_emu
 
 BACKWARD_MISSING = "the cuda backward is issue 12"
-SAVE_U_MISSING = "the cuda MLP forward does not save u (the hidden pre-activation) yet"
 
 
 def _is_training_call(block, x: torch.Tensor) -> bool:
@@ -45,9 +46,6 @@ def _supports(block, x: torch.Tensor) -> str | None:
     if x.dtype not in cuda_emu.SUPPORTED_DTYPES:
         return f"the cuda kernels take float32/float64/float16/bfloat16, not {x.dtype}"
     training = _is_training_call(block, x)
-    if training and not recompute_for(block):
-        return (f"training with recompute=False is not supported: {SAVE_U_MISSING}; use "
-                f"recompute=True (the default)")
     if block.mlp.fc1.weight.shape[0] < 1:
         return "the MLP has no hidden units"
     c = x.shape[1]
@@ -70,19 +68,15 @@ def _prepare_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def _moments(x: torch.Tensor) -> Partials:
-    mean, var = cuda_emu.moments(x)
+    mean, var = cuda_emu.moments_op(x)
     return Partials(mean, var, 0)
 
 
 def _mlp_forward(x, cf, l2, w1, b1, w2, b2, save_u: bool, emit_moments: bool):
-    if save_u:
-        raise NotImplementedError(f"the cuda kernels do not save u: {BACKWARD_MISSING}")
-    out = cuda_emu.mlp_forward(x, cf.A, cf.B, cf.a, cf.b, l2, w1, b1, w2, b2)
-    if emit_moments:
-        mean, var = cuda_emu.moments(out)
-    else:
-        mean = var = out.new_empty((0,), dtype=cuda_emu.stats_dtype(out.dtype))
-    return out, mean, var, None
+    w1, w2 = (w.reshape(w.shape[0], -1) for w in (w1, w2))
+    out, mean, var, u = cuda_emu.mlp_forward_op(x, cf.A, cf.B, cf.a, cf.b, l2, w1, b1, w2, b2,
+                                                save_u, emit_moments)
+    return out, mean, var, (u if save_u else None)
 
 
 def _grad_in_x_layout(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -96,15 +90,15 @@ def _grad_in_x_layout(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _backward_weights_and_sums(g, sv) -> Phase1:
     g = _grad_in_x_layout(g, sv.x)
-    dw1, db1, dw2, db2, sums = cuda_emu.mlp_backward_weights_and_sums(
+    dw1, db1, dw2, db2, sums = cuda_emu.mlp_backward_weights_and_sums_op(
         g, sv.x, sv.mean, sv.A, sv.B, sv.l2, sv.w1, sv.b1, sv.w2, sv.b2, sv.u)
     return Phase1(sums, db2, (dw1, db1, dw2), (g,))
 
 
 def _backward_dx(g, sv, p1: Phase1, bc):
     (g,) = p1.carry
-    dx = cuda_emu.mlp_backward_dx(g, sv.x, sv.mean, sv.A, sv.B, sv.l2, sv.w1, sv.b1, sv.w2,
-                                  sv.b2, bc.P, bc.Q, bc.R, bc.S, sv.u)
+    dx = cuda_emu.mlp_backward_dx_op(g, sv.x, sv.mean, sv.A, sv.B, sv.l2, sv.w1, sv.b1, sv.w2,
+                                     sv.b2, bc.P, bc.Q, bc.R, bc.S, sv.u)
     return dx, p1.weights
 
 

@@ -19,6 +19,7 @@ allocate the outputs NaN-poisoned and pass data pointers, sizes and strides to t
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -26,6 +27,7 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -33,7 +35,7 @@ from ..atomic import replacing
 
 ENV_FLAG = 'RIFORMER_CUDA_EMULATE'
 ENABLED = os.environ.get(ENV_FLAG, '0') not in ('', '0')
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / 'csrc'
@@ -137,10 +139,15 @@ def library():
             lib.riformer_emu_moments.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ctypes.c_int,
                                                  ctypes.c_int, ptr, ptr, cstr, ctypes.c_size_t]
             lib.riformer_emu_mlp_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
-                                                     ctypes.c_int, cstr, ctypes.c_size_t]
+                                                     ctypes.c_int, ptr, ptr, ptr, cstr,
+                                                     ctypes.c_size_t]
             lib.riformer_emu_mlp_smem_bytes.argtypes = [i64, i64, ctypes.c_int, ctypes.c_int]
             lib.riformer_emu_mlp_smem_bytes.restype = i64
             lib.riformer_emu_set_seed.argtypes = [ctypes.c_uint64]
+            lib.riformer_emu_count_bytes.argtypes = [ctypes.c_int]
+            lib.riformer_emu_bytes_log_size.restype = i64
+            lib.riformer_emu_bytes_log_entry.argtypes = [i64, cstr, ctypes.c_size_t,
+                                                         ctypes.POINTER(ctypes.c_uint64)]
             _lib = lib
         return _lib
 
@@ -163,6 +170,48 @@ def set_seed(seed: int) -> None:
     lib = library()
     with _lock:
         lib.riformer_emu_set_seed(int(seed))
+
+
+class LaunchBytes(NamedTuple):
+    """Global-memory bytes of one emulated launch, in three models (csrc/emu/cuda_emu.h,
+    LaunchBytes): every request; distinct bytes per CTA, summed; distinct bytes of the launch
+    (the DRAM model the Triton counter uses)."""
+    kernel: str
+    read_requests: int
+    write_requests: int
+    read_per_cta: int
+    write_per_cta: int
+    read_distinct: int
+    write_distinct: int
+
+
+class _ByteLog(list):
+    """Filled with a LaunchBytes per launch when the `counting_global_bytes` block ends."""
+
+
+@contextlib.contextmanager
+def counting_global_bytes():
+    """Count the global-memory traffic of every emulated launch inside the block:
+
+        with cuda_emu.counting_global_bytes() as log:
+            cuda_emu.mlp_forward(...)
+        sum(e.read_distinct + e.write_distinct for e in log)
+
+    Global: every access that is neither shared memory nor the thread's own stack."""
+    lib = library()
+    log = _ByteLog()
+    with _lock:
+        lib.riformer_emu_count_bytes(1)
+    try:
+        yield log
+    finally:
+        with _lock:
+            lib.riformer_emu_count_bytes(0)
+            name = ctypes.create_string_buffer(512)
+            counts = (ctypes.c_uint64 * 6)()
+            for i in range(lib.riformer_emu_bytes_log_size()):
+                lib.riformer_emu_bytes_log_entry(i, name, len(name), counts)
+                log.append(LaunchBytes(name.value.decode(errors='replace'), *counts))
 
 
 def _check_x(x, what: str) -> None:
@@ -239,10 +288,24 @@ def mlp_smem_bytes(c: int, dtype: torch.dtype, hidden: int | None = None,
                                                  int(which == 'mma'))
 
 
-def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto') -> torch.Tensor:
+class MlpForward(NamedTuple):
+    """What `mlp_forward` returns: the output; its per-(n,c) mean and population variance
+    (statistics dtype; empty unless emit_moments); the saved pre-activation u (N, Hd, H, W)
+    channels_last in x's dtype (None unless save_u)."""
+    out: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor
+    u: torch.Tensor | None
+
+
+def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto', save_u: bool = False,
+                emit_moments: bool = False) -> MlpForward:
     """out = a x + b + l2 (W2 GELU(W1 (A x + B) + b1) + b2) by csrc/cuda/mlp_forward_kernels.cuh.
 
     kernel: 'auto' (mma where `mlp_kernel` allows, else ffma), 'ffma' or 'mma'.
+    save_u: also return u = W1 (A x + B) + b1, rounded to x's dtype.
+    emit_moments: also return out's moments, reduced by the kernel's epilogue from the stored
+    values (per-tile partials) and merged by the moments merge kernel.
 
     x: (N, C, H, W), NCHW or channels_last (other strides are copied); the output has x's
     layout. A, B, a, b, l2: (N, C) in the statistics dtype (fp64 for fp64 x, else fp32).
@@ -280,13 +343,22 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto') -> torc
     if smem > MAX_DYNAMIC_SMEM:
         raise ValueError(f"mlp_forward: C={c} needs {smem} bytes of shared memory per CTA, more "
                          f"than the {MAX_DYNAMIC_SMEM} a CTA can have")
+    for name, flag in (('save_u', save_u), ('emit_moments', emit_moments)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"mlp_forward: {name} must be a bool, got {type(flag).__name__}")
     out = torch.empty_like(x)
     out.fill_(float('nan'))   # poisoned: an element the kernel fails to write stays NaN
     if out.stride() != x.stride():
         raise ValueError(f"mlp_forward: output strides {out.stride()} differ from the input's "
                          f"{x.stride()}")
+    # Poisoned like out; u is (N, Hd, H, W) with the hidden index fastest (the kernel writes
+    # (N, T, Hd)), the layout the Triton backend saves it in too.
+    u = (torch.full((n, h, w, hd), float('nan'), dtype=x.dtype).permute(0, 3, 1, 2)
+         if save_u else None)
+    mean, var = (torch.full((n, c) if emit_moments else (0,), float('nan'), dtype=sd)
+                 for _ in range(2))
     if x.numel() == 0:
-        return out
+        return MlpForward(out, mean, var, u)
     keep = [t.contiguous() for t in (A, B, a, b, l2, w1, b1, w2, b2)]
     if which == 'mma':
         # The mma kernel reads weight pairs as 32-bit words: a view starting at an odd element
@@ -297,8 +369,56 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto') -> torc
     ptrs_c = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in keep[:5]])
     ptrs_w = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep[5:]])
     _call(library().riformer_emu_mlp_forward, _DTYPE_CODES[x.dtype], x.data_ptr(),
-          out.data_ptr(), dims, ptrs_c, ptrs_w, int(which == 'mma'))
-    return out
+          out.data_ptr(), dims, ptrs_c, ptrs_w, int(which == 'mma'),
+          u.data_ptr() if save_u else None, mean.data_ptr() if emit_moments else None,
+          var.data_ptr() if emit_moments else None)
+    return MlpForward(out, mean, var, u)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops: what the `cuda` kernel set calls, so torch.compile / torch.export see opaque ops
+# with fake implementations, and the bytes-moved counter counts their kernels (through the
+# emulator) instead of the wrappers' host-side allocations.
+
+def _out_like(x: torch.Tensor) -> torch.Tensor:
+    fmt = torch.channels_last if layout(x) == 'channels_last' else torch.contiguous_format
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+@torch.library.custom_op('riformer_cuda_emu::moments', mutates_args=())
+def moments_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moments` as a custom op."""
+    return moments(x)
+
+
+@moments_op.register_fake
+def _(x):
+    n, c = x.shape[:2]
+    sd = stats_dtype(x.dtype)
+    return x.new_empty((n, c), dtype=sd), x.new_empty((n, c), dtype=sd)
+
+
+@torch.library.custom_op('riformer_cuda_emu::mlp_forward', mutates_args=())
+def mlp_forward_op(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, a: torch.Tensor,
+                   b: torch.Tensor, l2: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                   w2: torch.Tensor, b2: torch.Tensor, save_u: bool, emit_moments: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`mlp_forward` (kernel 'auto') as a custom op: (out, mean, var, u), u empty unless
+    save_u, mean/var empty unless emit_moments."""
+    r = mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, save_u=save_u, emit_moments=emit_moments)
+    u = r.u if save_u else x.new_empty((0,))
+    return r.out, r.mean, r.var, u
+
+
+@mlp_forward_op.register_fake
+def _(x, A, B, a, b, l2, w1, b1, w2, b2, save_u, emit_moments):
+    n, c, h, w = x.shape
+    hd = w1.shape[0]
+    sd = stats_dtype(x.dtype)
+    mean, var = (x.new_empty((n, c) if emit_moments else (0,), dtype=sd) for _ in range(2))
+    u = (torch.empty((n, hd, h, w), dtype=x.dtype, device=x.device,
+                     memory_format=torch.channels_last) if save_u else x.new_empty((0,)))
+    return _out_like(x), mean, var, u
 
 
 # =============================================================================================
@@ -509,3 +629,41 @@ def mlp_backward_dx(g, x, mean, A, B, l2, w1, b1, w2, b2, P, Q, R, S, u=None,
           g.data_ptr(), u.data_ptr() if u is not None else None, _backward_dims(x, hd, u, which),
           ptrs_c, ptrs_w, dx.data_ptr())
     return dx
+
+
+# Custom ops of the backward, as the forward's above: what the `cuda` kernel set calls, so
+# torch.compile sees opaque ops with fake implementations and the bytes-moved counter counts the
+# kernels, not the wrappers' allocations and poisoning.
+
+@torch.library.custom_op('riformer_cuda_emu::mlp_backward_weights_and_sums', mutates_args=())
+def mlp_backward_weights_and_sums_op(
+        g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+        l2: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+        u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor]:
+    """`mlp_backward_weights_and_sums` (kernel 'auto') as a custom op."""
+    return mlp_backward_weights_and_sums(g, x, mean, A, B, l2, w1, b1, w2, b2, u=u)
+
+
+@mlp_backward_weights_and_sums_op.register_fake
+def _(g, x, mean, A, B, l2, w1, b1, w2, b2, u):
+    n, c = x.shape[:2]
+    hd = w1.shape[0]
+    sd = stats_dtype(x.dtype)
+    return (x.new_empty((hd, c), dtype=sd), x.new_empty((hd,), dtype=sd),
+            x.new_empty((c, hd), dtype=sd), x.new_empty((c,), dtype=sd),
+            x.new_empty((5, n, c), dtype=sd))
+
+
+@torch.library.custom_op('riformer_cuda_emu::mlp_backward_dx', mutates_args=())
+def mlp_backward_dx_op(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, A: torch.Tensor,
+                       B: torch.Tensor, l2: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                       w2: torch.Tensor, b2: torch.Tensor, P: torch.Tensor, Q: torch.Tensor,
+                       R: torch.Tensor, S: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+    """`mlp_backward_dx` (kernel 'auto') as a custom op."""
+    return mlp_backward_dx(g, x, mean, A, B, l2, w1, b1, w2, b2, P, Q, R, S, u=u)
+
+
+@mlp_backward_dx_op.register_fake
+def _(g, x, mean, A, B, l2, w1, b1, w2, b2, P, Q, R, S, u):
+    return _out_like(x)
