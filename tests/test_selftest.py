@@ -2,6 +2,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from riformer_kernels import pipeline, selftest
 import riformer_kernels as rk
@@ -14,6 +15,15 @@ def test_selftest_passes_here(capsys):
     assert selftest.main(['--quick', '--device', 'cpu']) == 0
     out = capsys.readouterr().out
     assert ' 0 failed' in out and 'FAIL' not in out
+
+
+@pytest.mark.skipif(not rk.available_backends()['cuda'].usable or torch.cuda.is_available(),
+                    reason="the cuda backend on CPU tensors is the emulated one "
+                           "(RIFORMER_CUDA_EMULATE=1, which tests/helpers.py sets without a GPU)")
+def test_selftest_runs_the_emulated_cuda_forward_and_backward(capsys):
+    assert selftest.main(['--quick', '--device', 'cpu', '--emulated']) == 0
+    out = capsys.readouterr().out
+    assert out.count('ok   cuda') == 3 and ' 0 failed' in out and 'FAIL' not in out
 
 
 @needs_cpu
