@@ -238,11 +238,18 @@ def test_backward_kernel_choice_and_mma_refusals():
 
 
 def test_split_plan_depends_on_the_shape_only():
-    # 256 target splits: small problems get one tile per split; larger ones several tiles,
-    # never a split across two samples.
-    assert cuda_emu.mlp_backward_splits(2, 35) == 4          # 2 tiles per sample
-    assert cuda_emu.mlp_backward_splits(64, 3136) == 64 * 4   # 98 tiles, 25 per split
-    assert cuda_emu.mlp_backward_splits(2, 72, 2) == 4
+    # Partials at most half of |x| where the parallelism allows (at least 528 phase-1 CTAs);
+    # never a split across two samples. S12 stage 1 (N = 64, C = 64, 56 x 56, 98 tiles): 32
+    # tiles per split, 4 splits per sample; stage 2 (C = 128, 28 x 28, 25 tiles): one split per
+    # sample; a single small sample: one tile per split, for parallelism.
+    f32 = torch.float32
+    assert cuda_emu.mlp_backward_splits(64, 3136, 64, 256, f32) == 64 * 4
+    assert cuda_emu.mlp_backward_splits(64, 784, 128, 512, f32) == 64
+    assert cuda_emu.mlp_backward_splits(2, 35, 16, 64, f32) == 4
+    assert cuda_emu.mlp_backward_splits(2, 72, 8, 32, f32, 2) == 4   # override: 2 tiles each
+    # bf16 inputs with fp32 partials would want 64 tiles per split; the 528-CTA floor caps it at
+    # 47 (64 * 98 tiles * 4 CTAs per split / 528), so 3 splits per sample
+    assert cuda_emu.mlp_backward_splits(64, 3136, 64, 256, torch.bfloat16) == 64 * 3
 
 
 def test_backward_wrappers_reject_bad_input():

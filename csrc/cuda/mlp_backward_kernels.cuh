@@ -39,7 +39,7 @@
 //
 // Determinism: no atomics at all. Every output element is produced by one thread that adds its
 // terms in a fixed order (tiles ascending inside a split, splits ascending, hidden units
-// ascending); the split plan (`plan_splits`) depends only on the shape, never on the SM count or
+// ascending); the split plan (`plan_splits`) depends only on the shape and dtype, never on the SM count or
 // the schedule, so two runs -- on any GPU, with any number of CTAs resident per SM -- give
 // bitwise-equal gradients. This is the two-stage partials scheme (as TransformerEngine/Apex do
 // for dgamma); a serial split-K turnstile would need no scratch but orders CTAs through a
@@ -90,9 +90,11 @@ static_assert((kHid / kBR) * kBG == kThreads, "E / F tile covers the 64 x 64 blo
 // dz slice (kCh x kTokens): each thread 2 channels x 4 tokens.
 constexpr int kDR = kCh * kHTG / kThreads;         // 2
 static_assert(kDR * (kThreads / kHTG) == kCh, "dz tile covers the channel slice");
-// A split holds at most this many splits in total, unless there are more samples (every
-// sample has at least one split); see plan_splits.
-constexpr int64_t kTargetSplits = 256;
+// The split plan's two aims (see plan_splits): at least this many phase-1 CTAs where the shape
+// has the tiles for them (a GPU wants several CTAs per SM; 4 x 132, an H100's SM count, as a
+// fixed constant, not a device query), and partials no larger than this fraction of |x|.
+constexpr int64_t kMinPartialCtas = 528;
+constexpr int64_t kScratchPerInputNum = 1, kScratchPerInputDen = 2;   // 1/2
 
 template <typename scalar_t, typename acc_t>
 struct MlpBackwardArgs {
@@ -136,13 +138,26 @@ struct SplitPlan {
   int64_t tiles, tiles_per_split, splits_per_sample;
 };
 
-// A function of the shape only (never of the device), so the reduction order -- and with it
-// every rounding -- is the same on every GPU. tiles_per_split > 0 overrides the rule (tests).
-inline SplitPlan plan_splits(int64_t N, int64_t T, int64_t tiles_per_split = 0) {
+// A function of the shape and dtypes only (never of the device), so the reduction order -- and
+// with it every rounding -- is the same on every GPU. A split's partials are 2 Hd C + Hd + 2 C
+// accumulation-type values; tiles_per_split >= 2 Hd acc / (32 r scalar) keeps them under
+// r = 1/2 of the x bytes the split covers (C cancels), unless that leaves fewer than
+// kMinPartialCtas CTAs: then parallelism wins. Splits never cross a sample (the partials are
+// per sample), so a sample of few tiles still costs one split: for C >= 320 at S12's late
+// stages the partials exceed |x| (docs/kernels.md). tiles_per_split > 0 overrides (tests).
+inline SplitPlan plan_splits(int64_t N, int64_t T, int64_t C, int64_t Hd, int64_t scalar_size,
+                             int64_t acc_size, int64_t tiles_per_split = 0) {
   SplitPlan p;
   p.tiles = (T + kTokens - 1) / kTokens;
   int64_t tps = tiles_per_split;
-  if (tps <= 0) tps = (N * p.tiles + kTargetSplits - 1) / kTargetSplits;
+  if (tps <= 0) {
+    const int64_t bytes_rule =
+        (2 * Hd * acc_size * kScratchPerInputDen + kTokens * scalar_size * kScratchPerInputNum - 1) /
+        (kTokens * scalar_size * kScratchPerInputNum);
+    const int64_t ctas_per_split = ((Hd + kHid - 1) / kHid) * ((C + kCh - 1) / kCh);
+    const int64_t parallel_rule = N * p.tiles * ctas_per_split / kMinPartialCtas;
+    tps = bytes_rule < parallel_rule ? bytes_rule : parallel_rule;
+  }
   if (tps < 1) tps = 1;
   if (tps > p.tiles) tps = p.tiles;
   p.tiles_per_split = tps;

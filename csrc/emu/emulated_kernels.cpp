@@ -238,7 +238,7 @@ riformer::mlp_bwd_cuda::MlpBackwardArgs<scalar_t, acc_t> backward_args(
   p.usn = dims[7];
   p.usc = dims[8];
   p.ust = dims[9];
-  const SplitPlan plan = plan_splits(p.N, p.T, dims[10]);
+  const SplitPlan plan = plan_splits(p.N, p.T, p.C, p.Hd, sizeof(scalar_t), sizeof(acc_t), dims[10]);
   p.tiles = plan.tiles;
   p.tiles_per_split = plan.tiles_per_split;
   p.splits_per_sample = plan.splits_per_sample;
@@ -355,9 +355,11 @@ int64_t riformer_emu_mlp_backward_smem_bytes(int64_t C, int64_t Hd, int dtype, i
   return a > b ? a : b;
 }
 
-// Number of splits (partial slots) phase 1 uses for N samples of T tokens.
-int64_t riformer_emu_mlp_backward_splits(int64_t N, int64_t T, int64_t tiles_per_split) {
-  const auto plan = riformer::mlp_bwd_cuda::plan_splits(N, T, tiles_per_split);
+// Number of splits (partial slots) phase 1 uses for this shape and dtype.
+int64_t riformer_emu_mlp_backward_splits(int64_t N, int64_t T, int64_t C, int64_t Hd, int dtype,
+                                         int64_t tiles_per_split) {
+  const int64_t scalar = dtype == kF64 ? 8 : dtype == kF32 ? 4 : 2, acc = dtype == kF64 ? 8 : 4;
+  const auto plan = riformer::mlp_bwd_cuda::plan_splits(N, T, C, Hd, scalar, acc, tiles_per_split);
   return N * plan.splits_per_sample;
 }
 

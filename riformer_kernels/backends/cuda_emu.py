@@ -438,7 +438,8 @@ def _backward_library():
             lib.riformer_emu_mlp_backward_smem_bytes.argtypes = [i64, i64, ctypes.c_int,
                                                                  ctypes.c_int]
             lib.riformer_emu_mlp_backward_smem_bytes.restype = i64
-            lib.riformer_emu_mlp_backward_splits.argtypes = [i64, i64, i64]
+            lib.riformer_emu_mlp_backward_splits.argtypes = [i64, i64, i64, i64, ctypes.c_int,
+                                                             i64]
             lib.riformer_emu_mlp_backward_splits.restype = i64
             lib.riformer_emu_mlp_backward_phase1.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
                                                              ptr, ptr, ptr, cstr, sz]
@@ -473,9 +474,11 @@ def mlp_backward_smem_bytes(c: int, dtype: torch.dtype, hidden: int | None = Non
         c, hidden, _DTYPE_CODES[dtype], int(which == 'mma'))
 
 
-def mlp_backward_splits(n: int, tokens: int, tiles_per_split: int = 0) -> int:
-    """How many partial slots phase 1 writes (a function of the shape only)."""
-    return _backward_library().riformer_emu_mlp_backward_splits(n, tokens, tiles_per_split)
+def mlp_backward_splits(n: int, tokens: int, c: int, hidden: int, dtype: torch.dtype,
+                        tiles_per_split: int = 0) -> int:
+    """How many partial slots phase 1 writes (a function of the shape and dtype only)."""
+    return _backward_library().riformer_emu_mlp_backward_splits(
+        n, tokens, c, hidden, _DTYPE_CODES[dtype], tiles_per_split)
 
 
 def _token_stride(t: torch.Tensor) -> int:
@@ -590,7 +593,7 @@ def mlp_backward_weights_and_sums(g, x, mean, A, B, l2, w1, b1, w2, b2, u=None,
         for o in outs:
             o.zero_()   # sums over no tokens
         return tuple(outs)
-    splits = mlp_backward_splits(n, h * w, tiles_per_split)
+    splits = mlp_backward_splits(n, h * w, c, hd, x.dtype, tiles_per_split)
     # Scratch, poisoned too: a partial phase 1 fails to write reaches every output it feeds.
     partials = [_nan(splits, hd, c, dtype=sd), _nan(splits, c, hd, dtype=sd),
                 _nan(splits, hd, dtype=sd), _nan(splits, c, dtype=sd), _nan(splits, c, dtype=sd)]
