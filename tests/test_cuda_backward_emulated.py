@@ -107,7 +107,9 @@ KERNEL_CASES = [  # (N, C, hidden, H, W, tiles_per_split)
     (2, 5, 20, 3, 3, 0),     # odd C, fewer hidden units than a chunk
     (1, 80, 72, 6, 7, 0),    # two channel chunks (the second partial), a partial hidden chunk
     (2, 16, 64, 1, 1, 0),    # H*W = 1
-    (2, 8, 32, 9, 8, 2),     # T = 72: 3 tiles, splits of 2 tiles and 1 tile per sample
+    (2, 8, 32, 9, 8, 2),     # T = 72: 3 tiles a sample, splits of 2: the middle one spans two
+    (3, 16, 64, 5, 7, 3),    # 2 tiles a sample, splits of 3 tiles across sample boundaries
+    (4, 8, 32, 3, 3, 3),     # one tile a sample: a split holds three whole samples
 ]
 
 
@@ -143,9 +145,10 @@ def test_backward_kernels_read_saved_u(u_layout):
             assert rel_err(a, b) > 1e-3, name
 
 
-HALF_KERNEL_CASES = [  # (N, C, hidden, H, W): both kernels; then FFMA-only shapes
-    (2, 16, 64, 5, 7),
-    (1, 80, 96, 3, 3),     # two channel chunks, a partial hidden chunk of whole k-steps
+HALF_KERNEL_CASES = [  # (N, C, hidden, H, W, tiles_per_split)
+    (2, 16, 64, 5, 7, 0),
+    (1, 80, 96, 3, 3, 0),  # two channel chunks, a partial hidden chunk of whole k-steps
+    (3, 16, 64, 5, 7, 3),  # splits across sample boundaries (several flushes per CTA)
 ]
 
 
@@ -157,7 +160,8 @@ def test_backward_kernels_half_within_twice_reference_error(case, seed, dtype, k
     # The reference's own error: the same computation in torch ops in `dtype` (autograd of the
     # half formula); the kernels accumulate in fp32 from the same half inputs (the mma kernels
     # round their GEMM operands to `dtype` first, as the reference does).
-    args = _inputs(*case, dtype, channels_last=bool(seed % 2), seed=seed)
+    *shape, tps = case
+    args = _inputs(*shape, dtype, channels_last=bool(seed % 2), seed=seed)
     truth = _truth(*args)
     x, g, coeffs, weights, pqrs = args
     mean, A, B, l2 = (t.to(dtype)[:, :, None, None] for t in coeffs)
@@ -172,7 +176,7 @@ def test_backward_kernels_half_within_twice_reference_error(case, seed, dtype, k
            torch.stack([g.sum((2, 3)), (g * xc).sum((2, 3)), z.grad.sum((2, 3)),
                         (z.grad * xc).sum((2, 3)), (g * o).sum((2, 3))]),
            P * g + Q * z.grad + R * xc + S)
-    got = _run(*args, kernel=kernel)
+    got = _run(*args, kernel=kernel, tiles_per_split=tps)
     for name, a, r, t in zip(NAMES, got, ref, truth):
         err, ref_err = rel_err(a, t), rel_err(r.detach(), t)
         assert err <= 2 * ref_err, (name, err, ref_err)
@@ -184,7 +188,7 @@ def test_backward_kernels_bitwise_deterministic():
     # No atomics; every output summed by one thread in a fixed order: two runs, and a run with
     # another emulator scheduling seed, give the same bits. Two channel chunks, several hidden
     # chunks and splits of several tiles, so the reductions have many terms.
-    args = _inputs(2, 80, 136, 9, 8, torch.float32, channels_last=False)
+    args = _inputs(2, 80, 136, 9, 8, torch.float32, channels_last=False)   # splits span samples
     cuda_emu.set_seed(1)
     first = _run(*args, tiles_per_split=2)
     again = _run(*args, tiles_per_split=2)
@@ -199,9 +203,9 @@ def test_backward_mma_kernels_deterministic_and_read_saved_u():
     # The tensor-core kernels: the same fixed orders (two runs and another scheduling seed give
     # the same bits), and recompute=False reads u (checked against the truth, and against
     # another u).
-    args = _inputs(1, 80, 96, 9, 8, torch.bfloat16, channels_last=True)
+    args = _inputs(2, 80, 96, 9, 8, torch.bfloat16, channels_last=True)
     cuda_emu.set_seed(1)
-    first = _run(*args, tiles_per_split=2, kernel='mma')
+    first = _run(*args, tiles_per_split=2, kernel='mma')   # the middle split spans two samples
     cuda_emu.set_seed(977)
     other_seed = _run(*args, tiles_per_split=2, kernel='mma')
     cuda_emu.set_seed(5)
@@ -238,18 +242,19 @@ def test_backward_kernel_choice_and_mma_refusals():
 
 
 def test_split_plan_depends_on_the_shape_only():
-    # Partials at most half of |x| where the parallelism allows (at least 528 phase-1 CTAs);
-    # never a split across two samples. S12 stage 1 (N = 64, C = 64, 56 x 56, 98 tiles): 32
-    # tiles per split, 4 splits per sample; stage 2 (C = 128, 28 x 28, 25 tiles): one split per
-    # sample; a single small sample: one tile per split, for parallelism.
+    # Splits are runs of tiles of the flattened (sample, tile) order. Partials at most half of
+    # |x| (2 Hd acc / (32 r scalar) tiles a split) where at least 528 phase-1 CTAs remain:
+    # S12 stage 1 (N = 64, C = 64, 56 x 56, 98 tiles a sample): 32 tiles a split; stage 2
+    # (C = 128, 28 x 28, 25 tiles): 64 wanted, capped at 48 by the CTA floor; stage 4 (C = 512,
+    # 7 x 7, 2 tiles): 256 wanted, 62 allowed; a small problem: one tile a split.
     f32 = torch.float32
-    assert cuda_emu.mlp_backward_splits(64, 3136, 64, 256, f32) == 64 * 4
-    assert cuda_emu.mlp_backward_splits(64, 784, 128, 512, f32) == 64
+    assert cuda_emu.mlp_backward_splits(64, 3136, 64, 256, f32) == -(-64 * 98 // 32)
+    assert cuda_emu.mlp_backward_splits(64, 784, 128, 512, f32) == -(-64 * 25 // 48)
+    assert cuda_emu.mlp_backward_splits(64, 49, 512, 2048, f32) == -(-64 * 2 // 62)
     assert cuda_emu.mlp_backward_splits(2, 35, 16, 64, f32) == 4
-    assert cuda_emu.mlp_backward_splits(2, 72, 8, 32, f32, 2) == 4   # override: 2 tiles each
-    # bf16 inputs with fp32 partials would want 64 tiles per split; the 528-CTA floor caps it at
-    # 47 (64 * 98 tiles * 4 CTAs per split / 528), so 3 splits per sample
-    assert cuda_emu.mlp_backward_splits(64, 3136, 64, 256, torch.bfloat16) == 64 * 3
+    assert cuda_emu.mlp_backward_splits(2, 72, 8, 32, f32, 2) == 3   # override: 6 tiles / 2
+    # bf16 inputs with fp32 partials want 64 tiles a split at stage 1; the CTA floor allows 47
+    assert cuda_emu.mlp_backward_splits(64, 3136, 64, 256, torch.bfloat16) == -(-64 * 98 // 47)
 
 
 def test_backward_wrappers_reject_bad_input():

@@ -13,37 +13,40 @@
 //   sum_t g[c,t] o[c,t] = sum_j W2[c,j] F[c,j] + b2[c] sum_t g[c,t]
 //
 // (z = A x~ + (A m + B), so du z^T splits into the centred product E and the bias D.) Phase 1
-// therefore never forms dz: per token tile it runs four GEMM shapes (u, dh, E, F), not five,
-// and the five per-(n,c) sums and every weight gradient follow from per-sample E, F, D and the
-// two g sums by O(N Hd C) reductions.
+// therefore never forms dz: per token tile it runs four GEMM shapes (u, dh, E, F), not five.
+// E, F, D are per sample; at the end of each sample a CTA folds them into sample-independent
+// weight partials (A, A m + B, l2 applied) and reduces its share of the three per-(n,c) sums
+// over its 64 hidden units, so splits may span samples and the scratch does not grow with N.
 //
 // Kernels, in launch order:
 //   1. mlp_backward_partials_kernel, grid (splits, ceil(Hd/kHid), ceil(C/kCh)): a split is a
-//      run of token tiles of ONE sample (never straddling samples, so its partials are
-//      per-sample); the CTA (split, hidden chunk, channel chunk) recomputes u and dh of its 64
-//      hidden units for each tile (the u / dh GEMMs read all C channels of z and dO from shared
-//      memory; with ceil(C/64) channel chunks they are recomputed that many times, as the
-//      forward recomputes its hidden activation per output slice), keeps its 64 x 64 blocks of E
-//      and F in registers across the split's tiles, and writes them once into the split's slot
-//      of the partials buffer; D (by the channel-chunk-0 CTAs) and sum g, sum g x~ (by the
-//      hidden-chunk-0 CTAs) likewise. With recompute=False u is read from the saved u instead of
-//      being recomputed.
+//      run of tiles of the flattened (sample, tile) order (plan_splits); the CTA (split, hidden
+//      chunk, channel chunk) recomputes u and dh of its 64 hidden units for each tile (the u /
+//      dh GEMMs read all C channels of z and dO from shared memory; with ceil(C/64) channel
+//      chunks they are recomputed that many times, as the forward recomputes its hidden
+//      activation per output slice), accumulates its 64 x 64 blocks of E and F in registers,
+//      and at each sample's last tile in the split "flushes": E A + D (A m + B) and l2 F into
+//      the split's dW1 / dW2 partials (a read-modify-write by the owning thread after the
+//      first flush), D into db1's, and, through shared memory, its hidden chunk's share of
+//      sum dz, sum dz x~ and sum_j W2 F (plus sum g, sum g x~ from the hidden-chunk-0 CTAs)
+//      into the (split, sample) pair's slot. With recompute=False u is read from the saved u.
 //   2. mlp_backward_weights_kernel, one thread per element of dW1, dW2, db1, db2: sums its
 //      element over the splits in ascending order.
-//   3. mlp_backward_sums_kernel, one thread per (n, c): the five sums of sample n, splits
-//      ascending, then hidden units ascending.
+//   3. mlp_backward_sums_kernel, one thread per (n, c): the five sums of sample n, its pairs
+//      ascending, each pair's hidden chunks ascending.
 //   4. (after riformer_kernels.fold.backward_coefficients, in torch ops)
 //      mlp_backward_dx_kernel, grid (N * tiles, ceil(C/kCh)): recomputes u, dh, du per hidden
 //      chunk and accumulates dz = W1^T du for its 64 channels in registers, then writes
 //      dx = P g + Q dz + R (x - m) + S.
 //
-// Determinism: no atomics at all. Every output element is produced by one thread that adds its
-// terms in a fixed order (tiles ascending inside a split, splits ascending, hidden units
-// ascending); the split plan (`plan_splits`) depends only on the shape and dtype, never on the SM count or
-// the schedule, so two runs -- on any GPU, with any number of CTAs resident per SM -- give
-// bitwise-equal gradients. This is the two-stage partials scheme (as TransformerEngine/Apex do
-// for dgamma); a serial split-K turnstile would need no scratch but orders CTAs through a
-// global semaphore.
+// Determinism: no atomics at all. Every partial element is written by one thread of one CTA
+// (its read-modify-writes in tile order), every output element is produced by one thread that
+// adds its terms in a fixed order (splits ascending, pairs ascending, hidden chunks and units
+// ascending); the split plan (`plan_splits`) depends only on the shape and dtype, never on the
+// SM count or the schedule, so two runs -- on any GPU, with any number of CTAs resident per SM
+// -- give bitwise-equal gradients. This is the two-stage partials scheme (as
+// TransformerEngine/Apex do for dgamma); a serial split-K turnstile would need no scratch but
+// orders CTAs through a global semaphore.
 //
 // dz between the phases: recomputed in phase 2, never stored. Storing it would cost phase 1 a
 // fifth GEMM (dz = W1^T du, which the sums above avoid) plus a write of |x| and a read of |x|;
@@ -106,7 +109,9 @@ struct MlpBackwardArgs {
   int64_t sn, sc, st;     // x, g, dx strides (elements)
   int64_t usn, usc, ust;  // saved u strides: sample, hidden unit, token
   int64_t tiles;          // token tiles per sample: ceil(T / kTokens)
-  int64_t tiles_per_split, splits_per_sample;
+  int64_t tiles_per_split;  // a split: this many consecutive tiles of the flattened (n, tile)
+  int64_t splits;           // order; it may span samples
+  int64_t hchunks;          // ceil(Hd / kHid): grid.y of phase 1
   const acc_t* A;         // (N, C) contiguous, statistics dtype
   const acc_t* B;
   const acc_t* mean;
@@ -119,12 +124,18 @@ struct MlpBackwardArgs {
   const scalar_t* b1;     // (Hd)
   const scalar_t* w2;     // (C, Hd) row-major
   const scalar_t* b2;     // (C)
-  // partials, split s at offset s * (size of one): E (Hd, C), F (C, Hd), D (Hd), SG, SGx (C)
-  acc_t* E;
-  acc_t* F;
-  acc_t* D;
-  acc_t* SG;
-  acc_t* SGx;
+  // Partials. Per split s: dw1p (Hd, C) = sum over the split's samples of E A + D (A m + B),
+  // dw2p (C, Hd) = sum of l2 F, db1p (Hd) = sum of D. Per (split, sample) pair -- index
+  // s + n, see pair_range -- sgp, sgxp (C): sum g, sum g x~; and per (pair, hidden chunk)
+  // sdzp, sdzxp, sgop (C): that chunk's share of sum dz, sum dz x~, sum_j W2 F.
+  acc_t* dw1p;
+  acc_t* dw2p;
+  acc_t* db1p;
+  acc_t* sgp;
+  acc_t* sgxp;
+  acc_t* sdzp;
+  acc_t* sdzxp;
+  acc_t* sgop;
   // reduced outputs (accumulation dtype): dw1 (Hd, C), db1 (Hd), dw2 (C, Hd), db2 (C),
   // sums (5, N, C): sum g, sum g x~, sum dz, sum dz x~, sum g o
   acc_t* dw1;
@@ -135,34 +146,43 @@ struct MlpBackwardArgs {
 };
 
 struct SplitPlan {
-  int64_t tiles, tiles_per_split, splits_per_sample;
+  int64_t tiles, tiles_per_split, splits;
 };
 
 // A function of the shape and dtypes only (never of the device), so the reduction order -- and
-// with it every rounding -- is the same on every GPU. A split's partials are 2 Hd C + Hd + 2 C
-// accumulation-type values; tiles_per_split >= 2 Hd acc / (32 r scalar) keeps them under
-// r = 1/2 of the x bytes the split covers (C cancels), unless that leaves fewer than
-// kMinPartialCtas CTAs: then parallelism wins. Splits never cross a sample (the partials are
-// per sample), so a sample of few tiles still costs one split: for C >= 320 at S12's late
-// stages the partials exceed |x| (docs/kernels.md). tiles_per_split > 0 overrides (tests).
+// with it every rounding -- is the same on every GPU. A split is a run of tiles_per_split tiles
+// of the flattened (sample, tile) order and may span samples; its weight partials are
+// 2 Hd C + Hd accumulation-type values, so tiles_per_split >= 2 Hd acc / (32 r scalar) keeps
+// them under r = 1/2 of the x bytes the split covers (C cancels), unless that leaves fewer than
+// kMinPartialCtas CTAs: then parallelism wins. tiles_per_split > 0 overrides (tests).
 inline SplitPlan plan_splits(int64_t N, int64_t T, int64_t C, int64_t Hd, int64_t scalar_size,
                              int64_t acc_size, int64_t tiles_per_split = 0) {
   SplitPlan p;
   p.tiles = (T + kTokens - 1) / kTokens;
+  const int64_t total = N * p.tiles;
   int64_t tps = tiles_per_split;
   if (tps <= 0) {
     const int64_t bytes_rule =
         (2 * Hd * acc_size * kScratchPerInputDen + kTokens * scalar_size * kScratchPerInputNum - 1) /
         (kTokens * scalar_size * kScratchPerInputNum);
     const int64_t ctas_per_split = ((Hd + kHid - 1) / kHid) * ((C + kCh - 1) / kCh);
-    const int64_t parallel_rule = N * p.tiles * ctas_per_split / kMinPartialCtas;
+    const int64_t parallel_rule = total * ctas_per_split / kMinPartialCtas;
     tps = bytes_rule < parallel_rule ? bytes_rule : parallel_rule;
   }
   if (tps < 1) tps = 1;
-  if (tps > p.tiles) tps = p.tiles;
+  if (tps > total) tps = total;
   p.tiles_per_split = tps;
-  p.splits_per_sample = (p.tiles + tps - 1) / tps;
+  p.splits = (total + tps - 1) / tps;
   return p;
+}
+
+// The (split, sample) pairs of sample n: splits s0 .. s1 - 1 overlap it, and pair (s, n) is
+// slot s + n (along the flattened tile order each step to a new pair moves s or n or both, so
+// s + n is increasing: distinct slots, some unused, never read). pairs = splits + N slots.
+__host__ __device__ inline void pair_range(int64_t n, int64_t tiles, int64_t tiles_per_split,
+                                           int64_t* s0, int64_t* s1) {
+  *s0 = n * tiles / tiles_per_split;
+  *s1 = ((n + 1) * tiles - 1) / tiles_per_split + 1;
 }
 
 // Shared memory of phase 1: zs, dOs [C][kTokens] (all channels: the u / dh GEMMs reduce over
@@ -282,32 +302,41 @@ mlp_backward_partials_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
   acc_t* const gcs = xcs + kCh * kTokens;          // [kCh][kTokens]: g of the chunk
   acc_t* const hs = gcs + kCh * kTokens;           // [kHid][kTokens]
   acc_t* const dus = hs + kHid * kTokens;          // [kHid][kTokens]
+  // At a sample's end (flush) the tile arrays are free again and hold the W-weighted blocks
+  // the per-(n, c) sums reduce over: we[j][c] = W1[j,c] E[j,c] over xcs + gcs, wf[c][j] =
+  // W2[c,j] F[c,j] over hs + dus (kHid * kCh elements each), ds[j] = D[j] over zs.
+  acc_t* const we = xcs;
+  acc_t* const wf = hs;
+  acc_t* const ds = zs;
+  static_assert(2 * kCh * kTokens == kHid * kCh && 2 * kHid * kTokens == kCh * kHid,
+                "the flush blocks fit the tile arrays they reuse");
 
   const int64_t split = blockIdx.x;
-  const int64_t n = split / p.splits_per_sample;
-  const int64_t tile0 = (split % p.splits_per_sample) * p.tiles_per_split;
-  int64_t tile1 = tile0 + p.tiles_per_split;
-  if (tile1 > p.tiles) tile1 = p.tiles;
+  const int64_t gt0 = split * p.tiles_per_split;
+  int64_t gt1 = gt0 + p.tiles_per_split;
+  if (gt1 > p.N * p.tiles) gt1 = p.N * p.tiles;
   const int64_t h0 = int64_t(blockIdx.y) * kHid;
   const int64_t c0 = int64_t(blockIdx.z) * kCh;
   const int tid = threadIdx.x;
-  const scalar_t* xn = p.x + n * p.sn;
-  const scalar_t* gn = p.g + n * p.sn;
 
   // E / F block mapping: hidden units jg*4 .. +3 of the chunk, channels cg*4 .. +3 of the chunk.
   const int jg = tid / kBG, cg = tid % kBG;
   acc_t e[kBR][kBR], f[kBR][kBR];   // e[j][c] = E[h0+.., c0+..], f[c][j] = F[c0+.., h0+..]
-  acc_t d[kBR], sg[kBR], sgx[kBR];
+  acc_t d[kBR], sg[kBR], sgx[kBR];  // of the current sample
 #pragma unroll
   for (int a = 0; a < kBR; ++a) {
     d[a] = sg[a] = sgx[a] = acc_t(0);
 #pragma unroll
     for (int b = 0; b < kBR; ++b) e[a][b] = f[a][b] = acc_t(0);
   }
+  bool first_flush = true;
 
-  for (int64_t tile = tile0; tile < tile1; ++tile) {
-    const int64_t t0 = tile * kTokens;
-    // The previous tile's shared tiles are fully read before they are overwritten.
+  for (int64_t gt = gt0; gt < gt1; ++gt) {
+    const int64_t n = gt / p.tiles;
+    const int64_t t0 = (gt % p.tiles) * kTokens;
+    const scalar_t* xn = p.x + n * p.sn;
+    const scalar_t* gn = p.g + n * p.sn;
+    // The previous tile's (or flush's) shared arrays are fully read before they are overwritten.
     __syncthreads();
     load_z_and_do(p, n, t0, zs, dOs);
     // This chunk's centred x and g, channel-major; 0 outside (channel >= C or token >= T).
@@ -350,98 +379,127 @@ mlp_backward_partials_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
         sgx[a] += gv[a] * xv[a];
       }
     }
-  }
 
-  // One slot per split; every element of it is written by exactly one thread of one CTA.
-  acc_t* E = p.E + split * p.Hd * p.C;
-  acc_t* F = p.F + split * p.C * p.Hd;
+    if (gt + 1 < gt1 && (gt + 1) % p.tiles != 0) continue;
+    // Flush: the sample's E, F, D fold into the split's weight partials (each element owned by
+    // one thread: a read-modify-write after the first flush, in tile order), and its per-(n, c)
+    // shares go to the (split, sample) pair's slot.
+    const int64_t pair = split + n;
+    __syncthreads();  // every thread is done with this tile's shared arrays
 #pragma unroll
-  for (int a = 0; a < kBR; ++a) {
-    const int64_t j = h0 + jg * kBR + a;
+    for (int a = 0; a < kBR; ++a) {
+      const int64_t j = h0 + jg * kBR + a;
 #pragma unroll
-    for (int b = 0; b < kBR; ++b) {
-      const int64_t c = c0 + cg * kBR + b;
-      if (j < p.Hd && c < p.C) {
-        E[j * p.C + c] = e[a][b];
-        F[c * p.Hd + j] = f[b][a];
+      for (int b = 0; b < kBR; ++b) {
+        const int64_t c = c0 + cg * kBR + b;
+        const bool valid = j < p.Hd && c < p.C;
+        acc_t w1e = acc_t(0), w2f = acc_t(0);
+        if (valid) {
+          const int64_t nc = n * p.C + c;
+          // dW1 = E A + D (A m + B): A m + B is z at x = m
+          const acc_t v1 = p.A[nc] * e[a][b] + (p.A[nc] * p.mean[nc] + p.B[nc]) * d[a];
+          const acc_t v2 = p.l2[nc] * f[b][a];
+          acc_t* q1 = p.dw1p + (split * p.Hd + j) * p.C + c;
+          acc_t* q2 = p.dw2p + (split * p.C + c) * p.Hd + j;
+          *q1 = first_flush ? v1 : *q1 + v1;
+          *q2 = first_flush ? v2 : *q2 + v2;
+          w1e = load_as<acc_t>(p.w1 + j * p.C + c) * e[a][b];
+          w2f = load_as<acc_t>(p.w2 + c * p.Hd + j) * f[b][a];
+        }
+        we[(jg * kBR + a) * kCh + cg * kBR + b] = w1e;
+        wf[(cg * kBR + b) * kHid + jg * kBR + a] = w2f;
+      }
+      if (cg == 0) {
+        ds[jg * kBR + a] = j < p.Hd ? d[a] : acc_t(0);
+        if (blockIdx.z == 0 && j < p.Hd) {
+          acc_t* q = p.db1p + split * p.Hd + j;
+          *q = first_flush ? d[a] : *q + d[a];
+        }
+      }
+      const int64_t c = c0 + cg * kBR + a;
+      if (blockIdx.y == 0 && jg == 0 && c < p.C) {
+        p.sgp[pair * p.C + c] = sg[a];
+        p.sgxp[pair * p.C + c] = sgx[a];
       }
     }
-    // D depends on the hidden unit only, g's sums on the channel only: one CTA row writes each.
-    if (blockIdx.z == 0 && cg == 0 && j < p.Hd) p.D[split * p.Hd + j] = d[a];
-    const int64_t c = c0 + cg * kBR + a;
-    if (blockIdx.y == 0 && jg == 0 && c < p.C) {
-      p.SG[split * p.C + c] = sg[a];
-      p.SGx[split * p.C + c] = sgx[a];
+    __syncthreads();  // we, wf, ds complete
+    if (tid < kCh && c0 + tid < p.C) {
+      const int64_t c = c0 + tid;
+      const int64_t hn = p.Hd - h0 < kHid ? p.Hd - h0 : int64_t(kHid);
+      acc_t sdz = acc_t(0), sdzx = acc_t(0), sgo = acc_t(0);
+      for (int64_t j = 0; j < hn; ++j) {
+        sdz += load_as<acc_t>(p.w1 + (h0 + j) * p.C + c) * ds[j];
+        sdzx += we[j * kCh + tid];
+        sgo += wf[tid * kHid + j];
+      }
+      const int64_t slot = (pair * p.hchunks + blockIdx.y) * p.C + c;
+      p.sdzp[slot] = sdz;
+      p.sdzxp[slot] = sdzx;
+      p.sgop[slot] = sgo;
+    }
+    first_flush = false;
+#pragma unroll
+    for (int a = 0; a < kBR; ++a) {
+      d[a] = sg[a] = sgx[a] = acc_t(0);
+#pragma unroll
+      for (int b = 0; b < kBR; ++b) e[a][b] = f[a][b] = acc_t(0);
     }
   }
 }
 
 // Elements in order: dW1 (Hd * C), dW2 (C * Hd), db1 (Hd), db2 (C); one thread each, splits
-// ascending (samples ascending, then the sample's splits). The loops walk samples and splits
-// separately: no 64-bit division per term (which spilled at sm_90 in fp64).
+// ascending (db2: samples ascending, then the sample's pairs).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
 mlp_backward_weights_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t HC = p.Hd * p.C;
-  const int64_t sps = p.splits_per_sample;
   acc_t acc = acc_t(0);
   if (i < HC) {
-    const int64_t j = i / p.C, k = i % p.C;
-    for (int64_t n = 0; n < p.N; ++n) {
-      const int64_t nk = n * p.C + k;
-      // dW1 = E A + D (A m + B): A m + B is z at x = m
-      const acc_t a = p.A[nk], zm = p.A[nk] * p.mean[nk] + p.B[nk];
-      for (int64_t s = n * sps; s < (n + 1) * sps; ++s)
-        acc += a * p.E[s * HC + i] + zm * p.D[s * p.Hd + j];
-    }
+    for (int64_t s = 0; s < p.splits; ++s) acc += p.dw1p[s * HC + i];
     p.dw1[i] = acc;
   } else if (i < 2 * HC) {
-    const int64_t q = i - HC, c = q / p.Hd;
-    for (int64_t n = 0; n < p.N; ++n) {
-      const acc_t l2 = p.l2[n * p.C + c];
-      for (int64_t s = n * sps; s < (n + 1) * sps; ++s) acc += l2 * p.F[s * HC + q];
-    }
+    const int64_t q = i - HC;
+    for (int64_t s = 0; s < p.splits; ++s) acc += p.dw2p[s * HC + q];
     p.dw2[q] = acc;
   } else if (i < 2 * HC + p.Hd) {
     const int64_t j = i - 2 * HC;
-    for (int64_t s = 0; s < p.N * sps; ++s) acc += p.D[s * p.Hd + j];
+    for (int64_t s = 0; s < p.splits; ++s) acc += p.db1p[s * p.Hd + j];
     p.db1[j] = acc;
   } else if (i < 2 * HC + p.Hd + p.C) {
     const int64_t c = i - 2 * HC - p.Hd;
     for (int64_t n = 0; n < p.N; ++n) {
-      const acc_t l2 = p.l2[n * p.C + c];
-      for (int64_t s = n * sps; s < (n + 1) * sps; ++s) acc += l2 * p.SG[s * p.C + c];
+      int64_t s0, s1;
+      pair_range(n, p.tiles, p.tiles_per_split, &s0, &s1);
+      acc_t sg = acc_t(0);
+      for (int64_t s = s0; s < s1; ++s) sg += p.sgp[(s + n) * p.C + c];
+      acc += p.l2[n * p.C + c] * sg;
     }
     p.db2[c] = acc;
   }
 }
 
-// One thread per (n, c): the five sums of docs/design.md section 3 from sample n's partials.
+// One thread per (n, c): the five sums of docs/design.md section 3 from sample n's pairs
+// (ascending), each pair's hidden chunks ascending.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
 mlp_backward_sums_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= p.N * p.C) return;
   const int64_t n = i / p.C, c = i % p.C;
-  const int64_t s0 = n * p.splits_per_sample, s1 = s0 + p.splits_per_sample;
-  const int64_t HC = p.Hd * p.C;
+  int64_t s0, s1;
+  pair_range(n, p.tiles, p.tiles_per_split, &s0, &s1);
   acc_t sg = acc_t(0), sgx = acc_t(0), sdz = acc_t(0), sdzx = acc_t(0), sgo = acc_t(0);
   for (int64_t s = s0; s < s1; ++s) {
-    sg += p.SG[s * p.C + c];
-    sgx += p.SGx[s * p.C + c];
-  }
-  for (int64_t j = 0; j < p.Hd; ++j) {
-    acc_t dj = acc_t(0), ejc = acc_t(0), fcj = acc_t(0);
-    for (int64_t s = s0; s < s1; ++s) {
-      dj += p.D[s * p.Hd + j];
-      ejc += p.E[s * HC + j * p.C + c];
-      fcj += p.F[s * HC + c * p.Hd + j];
+    const int64_t pair = s + n;
+    sg += p.sgp[pair * p.C + c];
+    sgx += p.sgxp[pair * p.C + c];
+    for (int64_t hc = 0; hc < p.hchunks; ++hc) {
+      const int64_t slot = (pair * p.hchunks + hc) * p.C + c;
+      sdz += p.sdzp[slot];
+      sdzx += p.sdzxp[slot];
+      sgo += p.sgop[slot];
     }
-    const acc_t w1 = load_as<acc_t>(p.w1 + j * p.C + c);
-    sdz += w1 * dj;
-    sdzx += w1 * ejc;
-    sgo += load_as<acc_t>(p.w2 + c * p.Hd + j) * fcj;
   }
   const int64_t NC = p.N * p.C;
   p.sums[i] = sg;
@@ -541,8 +599,13 @@ constexpr int kPad = 8;
 
 inline bool mma_eligible(int64_t C, int64_t Hd) { return C % 16 == 0 && Hd % 16 == 0; }
 
+// Half elements of the phase-1 mma kernel's tiles, rounded up to a multiple of 8 (16 bytes) so
+// the fp32 flush blocks after them are aligned.
+__host__ __device__ inline int64_t mma_half_elems(int64_t C) {
+  return (2 * kTokens * (C + kPad) + 4 * 64 * (kTokens + kPad) + 7) / 8 * 8;
+}
 inline int64_t partials_mma_smem_bytes(int64_t C) {
-  return (2 * kTokens * (C + kPad) + 4 * 64 * (kTokens + kPad)) * 2;
+  return mma_half_elems(C) * 2 + (2 * kHid * kCh + kHid) * 4;
 }
 inline int64_t dx_mma_smem_bytes(int64_t C) {
   return (2 * kTokens * (C + kPad) + kTokens * (kHid + kPad)) * 2;
@@ -649,8 +712,10 @@ __device__ __forceinline__ void hidden_chunk_mma(const MlpBackwardArgs<scalar_t,
     }
 }
 
+// minBlocksPerSM = 1 explicitly: with the bare bound ptxas (CUDA 13.0, sm_80) capped this kernel
+// at 128 registers and spilled 32 bytes once the per-sample flush was added.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 mlp_backward_partials_mma_kernel(MlpBackwardArgs<scalar_t, float> p) {
   static_assert(kThreads == 8 * 32 && kHid == 64 && kCh == 64 && kTokens == 32,
                 "the warp tiling above assumes 8 warps, 64 x 64 blocks and 32-token tiles");
@@ -663,31 +728,37 @@ mlp_backward_partials_mma_kernel(MlpBackwardArgs<scalar_t, float> p) {
   scalar_t* const dus = hs + kHid * TS;          // [kHid][TS]
   scalar_t* const xcs = dus + kHid * TS;         // [kCh][TS]
   scalar_t* const gcs = xcs + kCh * TS;          // [kCh][TS]
+  // fp32 flush blocks after the half arrays (see partials_mma_smem_bytes): we[j][c] =
+  // W1[j,c] E[j,c], wf[c][j] = W2[c,j] F[c,j], ds[j] = D[j].
+  float* const we = reinterpret_cast<float*>(smem + mma_half_elems(p.C));
+  float* const wf = we + kHid * kCh;
+  float* const ds = wf + kCh * kHid;
 
   const int64_t split = blockIdx.x;
-  const int64_t n = split / p.splits_per_sample;
-  const int64_t tile0 = (split % p.splits_per_sample) * p.tiles_per_split;
-  int64_t tile1 = tile0 + p.tiles_per_split;
-  if (tile1 > p.tiles) tile1 = p.tiles;
+  const int64_t gt0 = split * p.tiles_per_split;
+  int64_t gt1 = gt0 + p.tiles_per_split;
+  if (gt1 > p.N * p.tiles) gt1 = p.N * p.tiles;
   const int64_t h0 = int64_t(blockIdx.y) * kHid;
   const int64_t c0 = int64_t(blockIdx.z) * kCh;
   const int tid = threadIdx.x;
   const int lane = tid % 32, warp = tid / 32, g = lane / 4, tq = lane % 4;
   const int mt = warp % 4, nb = 4 * (warp / 4);   // E / F: m-tile, first of 4 n-tiles
-  const scalar_t* xn = p.x + n * p.sn;
-  const scalar_t* gn = p.g + n * p.sn;
 
   float e[4][4], f[4][4];   // e: rows j = h0 + 16 mt.., cols c; f: rows c = c0 + 16 mt.., cols j
 #pragma unroll
   for (int a = 0; a < 4; ++a)
 #pragma unroll
     for (int b = 0; b < 4; ++b) e[a][b] = f[a][b] = 0.f;
-  // D (threads 0..63: hidden unit tid of the chunk), sum g and sum g x~ (threads 64..127:
-  // channel tid - 64 of the chunk), in fp32 from the rounded shared values.
+  // Of the current sample: D (threads 0..63: hidden unit tid of the chunk), sum g and sum g x~
+  // (threads 64..127: channel tid - 64 of the chunk), in fp32 from the rounded shared values.
   float red0 = 0.f, red1 = 0.f;
+  bool first_flush = true;
 
-  for (int64_t tile = tile0; tile < tile1; ++tile) {
-    const int64_t t0 = tile * kTokens;
+  for (int64_t gt = gt0; gt < gt1; ++gt) {
+    const int64_t n = gt / p.tiles;
+    const int64_t t0 = (gt % p.tiles) * kTokens;
+    const scalar_t* xn = p.x + n * p.sn;
+    const scalar_t* gn = p.g + n * p.sn;
     __syncthreads();  // the previous tile's shared tiles are fully read
     load_z_and_do_mma(p, n, t0, zsT, dOsT);
     const bool tokens_fastest = p.st == 1;
@@ -744,30 +815,72 @@ mlp_backward_partials_mma_kernel(MlpBackwardArgs<scalar_t, float> p) {
         red1 += gv * mlp_cuda::widen(xcs[kl * TS + j]);
       }
     }
-  }
 
-  float* E = p.E + split * p.Hd * p.C;
-  float* F = p.F + split * p.C * p.Hd;
-#pragma unroll
-  for (int b = 0; b < 4; ++b)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t row = 16 * mt + g + 8 * (q >> 1);
-      const int64_t col = (nb + b) * 8 + 2 * tq + (q & 1);
-      const int64_t j = h0 + row, c = c0 + col;          // E[j][c]
-      if (j < p.Hd && c < p.C) E[j * p.C + c] = e[b][q];
-      const int64_t cf = c0 + row, jf = h0 + col;        // F[c][j]
-      if (cf < p.C && jf < p.Hd) F[cf * p.Hd + jf] = f[b][q];
+    if (gt + 1 < gt1 && (gt + 1) % p.tiles != 0) continue;
+    // Flush (as in the FFMA kernel): D first, since the dW1 fold needs D of every row.
+    const int64_t pair = split + n;
+    if (tid < kHid) {
+      const int64_t j = h0 + tid;
+      ds[tid] = j < p.Hd ? red0 : 0.f;
+      if (blockIdx.z == 0 && j < p.Hd) {
+        float* q = p.db1p + split * p.Hd + j;
+        *q = first_flush ? red0 : *q + red0;
+      }
+    } else if (tid < kHid + kCh) {
+      const int64_t c = c0 + tid - kHid;
+      if (blockIdx.y == 0 && c < p.C) {
+        p.sgp[pair * p.C + c] = red0;
+        p.sgxp[pair * p.C + c] = red1;
+      }
     }
-  if (tid < kHid) {
-    const int64_t j = h0 + tid;
-    if (blockIdx.z == 0 && j < p.Hd) p.D[split * p.Hd + j] = red0;
-  } else if (tid < kHid + kCh) {
-    const int64_t c = c0 + tid - kHid;
-    if (blockIdx.y == 0 && c < p.C) {
-      p.SG[split * p.C + c] = red0;
-      p.SGx[split * p.C + c] = red1;
+    __syncthreads();  // ds complete
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int row = 16 * mt + g + 8 * (q >> 1);
+        const int col = (nb + b) * 8 + 2 * tq + (q & 1);
+        const int64_t j = h0 + row, c = c0 + col;          // E[j][c]
+        float w1e = 0.f;
+        if (j < p.Hd && c < p.C) {
+          const int64_t nc = n * p.C + c;
+          const float v = p.A[nc] * e[b][q] + (p.A[nc] * p.mean[nc] + p.B[nc]) * ds[row];
+          float* q1 = p.dw1p + (split * p.Hd + j) * p.C + c;
+          *q1 = first_flush ? v : *q1 + v;
+          w1e = load_as<float>(p.w1 + j * p.C + c) * e[b][q];
+        }
+        we[row * kCh + col] = w1e;
+        const int64_t cf = c0 + row, jf = h0 + col;        // F[c][j]
+        float w2f = 0.f;
+        if (cf < p.C && jf < p.Hd) {
+          const float v = p.l2[n * p.C + cf] * f[b][q];
+          float* q2 = p.dw2p + (split * p.C + cf) * p.Hd + jf;
+          *q2 = first_flush ? v : *q2 + v;
+          w2f = load_as<float>(p.w2 + cf * p.Hd + jf) * f[b][q];
+        }
+        wf[row * kHid + col] = w2f;
+      }
+    __syncthreads();  // we, wf complete
+    if (tid < kCh && c0 + tid < p.C) {
+      const int64_t c = c0 + tid;
+      const int64_t hn = p.Hd - h0 < kHid ? p.Hd - h0 : int64_t(kHid);
+      float sdz = 0.f, sdzx = 0.f, sgo = 0.f;
+      for (int64_t j = 0; j < hn; ++j) {
+        sdz += load_as<float>(p.w1 + (h0 + j) * p.C + c) * ds[j];
+        sdzx += we[j * kCh + tid];
+        sgo += wf[tid * kHid + j];
+      }
+      const int64_t slot = (pair * p.hchunks + blockIdx.y) * p.C + c;
+      p.sdzp[slot] = sdz;
+      p.sdzxp[slot] = sdzx;
+      p.sgop[slot] = sgo;
     }
+    first_flush = false;
+    red0 = red1 = 0.f;
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int b = 0; b < 4; ++b) e[a][b] = f[a][b] = 0.f;
   }
 }
 

@@ -241,7 +241,8 @@ riformer::mlp_bwd_cuda::MlpBackwardArgs<scalar_t, acc_t> backward_args(
   const SplitPlan plan = plan_splits(p.N, p.T, p.C, p.Hd, sizeof(scalar_t), sizeof(acc_t), dims[10]);
   p.tiles = plan.tiles;
   p.tiles_per_split = plan.tiles_per_split;
-  p.splits_per_sample = plan.splits_per_sample;
+  p.splits = plan.splits;
+  p.hchunks = (p.Hd + kHid - 1) / kHid;
   p.A = static_cast<const acc_t*>(coeffs[0]);
   p.B = static_cast<const acc_t*>(coeffs[1]);
   p.mean = static_cast<const acc_t*>(coeffs[2]);
@@ -272,7 +273,8 @@ bool use_backward_mma(const Args& p, int64_t mma) {
   return true;
 }
 
-// partials: E, F, D, SG, SGx (each sized for `riformer_emu_mlp_backward_splits` splits);
+// partials (see MlpBackwardArgs): dw1p, dw2p, db1p (per split: `riformer_emu_mlp_backward_splits`
+// of them), sgp, sgxp (per pair: splits + N), sdzp, sdzxp, sgop (per pair and hidden chunk);
 // outs: dw1, db1, dw2, db2, sums.
 template <typename scalar_t, typename acc_t>
 void run_mlp_backward_phase1(const void* x, const void* g, const void* u, const int64_t* dims,
@@ -282,18 +284,21 @@ void run_mlp_backward_phase1(const void* x, const void* g, const void* u, const 
   using namespace riformer::mlp_bwd_cuda;
   auto p = backward_args<scalar_t, acc_t>(x, g, u, dims, coeffs, weights);
   acc_t* const* part = reinterpret_cast<acc_t* const*>(partials);
-  p.E = part[0];
-  p.F = part[1];
-  p.D = part[2];
-  p.SG = part[3];
-  p.SGx = part[4];
+  p.dw1p = part[0];
+  p.dw2p = part[1];
+  p.db1p = part[2];
+  p.sgp = part[3];
+  p.sgxp = part[4];
+  p.sdzp = part[5];
+  p.sdzxp = part[6];
+  p.sgop = part[7];
   acc_t* const* o = reinterpret_cast<acc_t* const*>(outs);
   p.dw1 = o[0];
   p.db1 = o[1];
   p.dw2 = o[2];
   p.db2 = o[3];
   p.sums = o[4];
-  const dim3 grid(unsigned(p.N * p.splits_per_sample), ceil_div(p.Hd, kHid), ceil_div(p.C, kCh));
+  const dim3 grid(unsigned(p.splits), unsigned(p.hchunks), ceil_div(p.C, kCh));
   bool launched = false;
   if (use_backward_mma<scalar_t, acc_t>(p, dims[11])) {
     if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
@@ -359,8 +364,7 @@ int64_t riformer_emu_mlp_backward_smem_bytes(int64_t C, int64_t Hd, int dtype, i
 int64_t riformer_emu_mlp_backward_splits(int64_t N, int64_t T, int64_t C, int64_t Hd, int dtype,
                                          int64_t tiles_per_split) {
   const int64_t scalar = dtype == kF64 ? 8 : dtype == kF32 ? 4 : 2, acc = dtype == kF64 ? 8 : 4;
-  const auto plan = riformer::mlp_bwd_cuda::plan_splits(N, T, C, Hd, scalar, acc, tiles_per_split);
-  return N * plan.splits_per_sample;
+  return riformer::mlp_bwd_cuda::plan_splits(N, T, C, Hd, scalar, acc, tiles_per_split).splits;
 }
 
 int riformer_emu_mlp_backward_phase1(int dtype, const void* x, const void* g, const void* u,

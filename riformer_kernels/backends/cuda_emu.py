@@ -594,14 +594,17 @@ def mlp_backward_weights_and_sums(g, x, mean, A, B, l2, w1, b1, w2, b2, u=None,
             o.zero_()   # sums over no tokens
         return tuple(outs)
     splits = mlp_backward_splits(n, h * w, c, hd, x.dtype, tiles_per_split)
-    # Scratch, poisoned too: a partial phase 1 fails to write reaches every output it feeds.
+    pairs, hchunks = splits + n, -(-hd // 64)
+    # Scratch, poisoned too: a partial phase 1 fails to write reaches every output it feeds
+    # (pair slots no (split, sample) pair uses are never read).
     partials = [_nan(splits, hd, c, dtype=sd), _nan(splits, c, hd, dtype=sd),
-                _nan(splits, hd, dtype=sd), _nan(splits, c, dtype=sd), _nan(splits, c, dtype=sd)]
+                _nan(splits, hd, dtype=sd), _nan(pairs, c, dtype=sd), _nan(pairs, c, dtype=sd),
+                *(_nan(pairs, hchunks, c, dtype=sd) for _ in range(3))]
     keep_c = [t.contiguous() for t in (A, B, mean, l2)]
     keep_w = _backward_weights(weights, which)
     ptrs_c = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep_c])
     ptrs_w = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep_w])
-    ptrs_p = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in partials])
+    ptrs_p = (ctypes.c_void_p * 8)(*[t.data_ptr() for t in partials])
     ptrs_o = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in outs])
     _call(_backward_library().riformer_emu_mlp_backward_phase1, _DTYPE_CODES[x.dtype],
           x.data_ptr(), g.data_ptr(), u.data_ptr() if u is not None else None,
