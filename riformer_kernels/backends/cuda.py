@@ -16,7 +16,7 @@ With RIFORMER_CUDA_EMULATE=1 set before riformer_kernels is imported, it is a
 * backward (training): csrc/cuda/mlp_backward_kernels.cuh -- phase 1 (the MLP weight
   gradients and the five per-(n,c) sums, from per-split partials reduced in a fixed order:
   bitwise deterministic; u read from the forward's saved u with recompute=False, else
-  recomputed) and phase 2 (dx, recomputing dz per token tile).
+  recomputed) and phase 2 (dx, recomputing u, du and dz per token tile).
 
 `auto` never
 picks the emulated kernels (dispatch.AUTO_ORDER has no `cuda` for CPU tensors): it is a test
@@ -97,8 +97,11 @@ def _backward_weights_and_sums(g, sv) -> Phase1:
 
 def _backward_dx(g, sv, p1: Phase1, bc):
     (g,) = p1.carry
+    # Phase 2 recomputes u even when the forward saved it (as the triton backend does): one
+    # GEMM per tile there instead of reading u, 4 |x| of traffic. Phase 1 reads the saved u,
+    # which spares it the u GEMM once per channel chunk.
     dx = cuda_emu.mlp_backward_dx_op(g, sv.x, sv.mean, sv.A, sv.B, sv.l2, sv.w1, sv.b1, sv.w2,
-                                     sv.b2, bc.P, bc.Q, bc.R, bc.S, sv.u)
+                                     sv.b2, bc.P, bc.Q, bc.R, bc.S, None)
     return dx, p1.weights
 
 
