@@ -72,8 +72,11 @@ struct MlpForwardArgs {
   const scalar_t* b2;    // (C)
   // Optional outputs (nullptr: not wanted; uniform over the launch, so the branches on them
   // are uniform too):
-  scalar_t* u;           // (N, T, Hd): u = W1 z + b1 before GELU, for a backward that reads
-                         // it instead of recomputing (recompute=False); hidden index fastest
+  scalar_t* u;           // (N, Hd, H, W): u = W1 z + b1 before GELU, for a backward that
+                         // reads it instead of recomputing (recompute=False), at
+                         // u[n * Hd * T + j * u_sj + t * u_st] (NCHW: u_sj = T, u_st = 1;
+                         // channels_last: u_sj = 1, u_st = Hd)
+  int64_t u_sj, u_st;
   Moments<acc_t>* part;  // (N, tiles, C): moments of the CTA's stored out values of channel c,
                          // taken around shift[n, c] (chained statistics, merged by
                          // moments_kernels::moments_merge)
@@ -286,7 +289,7 @@ mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
         // Saved u is written by the first output slice only (the others recompute the same).
         const int64_t t = t0 + tg * kRT + q;
         if (p.u != nullptr && blockIdx.y == 0 && live[r] && t < p.T)
-          store_rounded(p.u + (n * p.T + t) * p.Hd + j, uv);
+          store_rounded(p.u + n * p.Hd * p.T + j * p.u_sj + t * p.u_st, uv);
       }
     }
     __syncthreads();  // hs complete before any thread reads other threads' rows
@@ -374,6 +377,28 @@ inline int64_t mma_smem_bytes(int64_t C, int64_t elem_size) {
   return kTokens * ((C + kZPad) + (kHidChunk + kZPad)) * elem_size;
 }
 
+// How the MLP forward is launched, shared by the CUDA binding (mlp_forward.cu) and the emulated
+// build, so the emulator runs exactly what a GPU gets.
+struct MlpPlan {
+  bool mma = false;        // the tensor-core kernel (else FFMA)
+  int64_t tiles = 0;       // token tiles per sample
+  unsigned grid_x = 0, grid_y = 0;
+  int64_t smem = 0;        // dynamic shared memory bytes
+};
+
+// elem_size: bytes of x's dtype; half: x is fp16/bf16. mma: -1 chooses (tensor cores wherever
+// they can run), 0 forces FFMA, 1 forces mma (the caller checks mma_eligible first).
+inline MlpPlan plan_mlp(int64_t N, int64_t C, int64_t Hd, int64_t T, int elem_size, bool half,
+                        int mma = -1) {
+  MlpPlan pl;
+  pl.mma = mma < 0 ? (half && mma_eligible(C, Hd)) : mma == 1;
+  pl.tiles = (T + kTokens - 1) / kTokens;
+  pl.grid_x = unsigned(N * pl.tiles);
+  pl.grid_y = unsigned((C + kOutTile - 1) / kOutTile);
+  pl.smem = pl.mma ? mma_smem_bytes(C, elem_size) : smem_bytes(C, elem_size == 8 ? 8 : 4);
+  return pl;
+}
+
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
                                          const uint32_t (&b)[2], const __half*) {
   ptx::mma_m16n8k16_f16(d, a, b, d);
@@ -457,7 +482,7 @@ mlp_forward_mma_kernel(MlpForwardArgs<scalar_t, float> p) {
         store_rounded(hsT + tok * HS + jl, j < p.Hd ? gelu_exact(uv) : 0.f);
         // Saved u: written by the first output slice only (the others recompute the same).
         if (p.u != nullptr && blockIdx.y == 0 && j < p.Hd && t0 + tok < p.T)
-          store_rounded(p.u + (n * p.T + t0 + tok) * p.Hd + j, uv);
+          store_rounded(p.u + n * p.Hd * p.T + j * p.u_sj + (t0 + tok) * p.u_st, uv);
       }
     __syncthreads();  // hsT complete: GEMM2 reads every warp's rows
 

@@ -92,6 +92,8 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
   p.w2 = static_cast<const scalar_t*>(weights[2]);
   p.b2 = static_cast<const scalar_t*>(weights[3]);
   p.u = static_cast<scalar_t*>(u);
+  p.u_sj = dims[7];
+  p.u_st = dims[8];
   // Epilogue partials and shifts, poisoned (NaN) so a partial no CTA wrote shows in the merge.
   const bool moments = mean != nullptr;
   std::vector<Moments<acc_t>> part(moments ? size_t(p.N * p.tiles * p.C) : 0);
@@ -110,7 +112,9 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
                 static_cast<const acc_t*>(shift.data()), static_cast<acc_t*>(mean),
                 static_cast<acc_t*>(var));
   };
-  const dim3 grid(unsigned(p.N * p.tiles), unsigned((p.C + kOutTile - 1) / kOutTile));
+  const MlpPlan plan = plan_mlp(p.N, p.C, p.Hd, p.T, int(sizeof(scalar_t)),
+                                sizeof(scalar_t) == 2, mma ? 1 : 0);
+  const dim3 grid(plan.grid_x, plan.grid_y);
   if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
     if (mma) {
       // The kernel loads weight pairs as 32-bit words; the emulator does not check global
@@ -120,15 +124,13 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
       if (!mma_eligible(p.C, p.Hd))
         throw std::invalid_argument("the mma MLP kernel needs C and the hidden size to be "
                                     "multiples of 16");
-      emu::launch(mlp_forward_mma_kernel<scalar_t>, grid, dim3(kThreads),
-                  size_t(mma_smem_bytes(p.C, sizeof(scalar_t))), p);
+      emu::launch(mlp_forward_mma_kernel<scalar_t>, grid, dim3(kThreads), size_t(plan.smem), p);
       merge();
       return;
     }
   }
   if (mma) throw std::invalid_argument("the mma MLP kernel takes float16 or bfloat16");
-  emu::launch(mlp_forward_kernel<scalar_t, acc_t>, grid, dim3(kThreads),
-              size_t(smem_bytes(p.C, sizeof(acc_t))), p);
+  emu::launch(mlp_forward_kernel<scalar_t, acc_t>, grid, dim3(kThreads), size_t(plan.smem), p);
   merge();
 }
 
@@ -138,7 +140,7 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
 extern "C" {
 
 // Bumped whenever a signature below changes; cuda_emu.py refuses a library of another version.
-int riformer_emu_abi_version() { return 3; }
+int riformer_emu_abi_version() { return 4; }
 
 void riformer_emu_set_seed(uint64_t seed) { riformer::emu::set_seed(seed); }
 
@@ -185,7 +187,7 @@ int riformer_emu_moments(int dtype, const void* x, int64_t N, int64_t C, int64_t
   }, err, errlen);
 }
 
-// dims: N, C, Hd, T, sn, sc, st. coeffs: A, B, a, b, l2 ((N, C) contiguous, statistics dtype).
+// dims: N, C, Hd, T, sn, sc, st, u_sj, u_st (u's hidden and token strides). coeffs: A, B, a, b, l2 ((N, C) contiguous, statistics dtype).
 // weights: w1 (Hd, C), b1, w2 (C, Hd), b2, contiguous, in x's dtype.
 // mma = 1: the tensor-core kernel (float16/bfloat16 only). u: (N, T, Hd) saved pre-activation
 // or null; mean, var: (N, C) moments of out in the statistics dtype, or null (not computed).

@@ -35,7 +35,7 @@ from ..atomic import replacing
 
 ENV_FLAG = 'RIFORMER_CUDA_EMULATE'
 ENABLED = os.environ.get(ENV_FLAG, '0') not in ('', '0')
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / 'csrc'
@@ -364,8 +364,9 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto', save_u:
         # The mma kernel reads weight pairs as 32-bit words: a view starting at an odd element
         # would be a misaligned load on the device (the emulator does not check global memory).
         keep[5], keep[7] = (t if t.data_ptr() % 4 == 0 else t.clone() for t in (keep[5], keep[7]))
-    dims = (ctypes.c_int64 * 7)(n, c, hd, h * w, x.stride(0), x.stride(1),
-                                x.stride(3) if layout(x) == 'channels_last' else 1)
+    dims = (ctypes.c_int64 * 9)(n, c, hd, h * w, x.stride(0), x.stride(1),
+                                x.stride(3) if layout(x) == 'channels_last' else 1,
+                                1 if save_u else 0, hd if save_u else 0)
     ptrs_c = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in keep[:5]])
     ptrs_w = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep[5:]])
     _call(library().riformer_emu_mlp_forward, _DTYPE_CODES[x.dtype], x.data_ptr(),
