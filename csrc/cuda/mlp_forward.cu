@@ -6,7 +6,8 @@
 // The op contract is the CPU kernels' (csrc/ops.cpp): out in x's memory format; out_mean /
 // out_var (N, C) in the statistics dtype when emit_moments, else (0, C); u (N, Hd, H, W) in x's
 // dtype and memory format. Here the moments come from the MLP kernel's epilogue (per-tile
-// partials of the stored values) and one merge launch.
+// partials of the stored values) and one merge launch. Large C takes the two-GEMM path
+// (plan_mlp: prefer_two_gemm), with an (N, T, Hd) scratch for h.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -88,21 +89,42 @@ void allow_smem(Kernel* kernel, int64_t bytes, int device, const char* op) {
                                         int(bytes)));
 }
 
+template <typename Kernel, typename Args>
+void launch_one(Kernel* kernel, unsigned grid_y, int64_t smem, const Args& p, const MlpPlan& plan,
+                int device, cudaStream_t stream, const char* op) {
+  allow_smem(kernel, smem, device, op);
+  kernel<<<dim3(plan.grid_x, grid_y), kThreads, size_t(smem), stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The plan's launches: one fused kernel, or the hidden then the output kernel of the two-GEMM
+// path (stream order makes h complete before the second reads it).
 template <typename scalar_t, typename acc_t>
 void launch(const MlpForwardArgs<scalar_t, acc_t>& p, const MlpPlan& plan, int device,
             cudaStream_t stream, const char* op) {
-  const dim3 grid(plan.grid_x, plan.grid_y);
   if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
     if (plan.mma) {
-      allow_smem(mlp_forward_mma_kernel<scalar_t>, plan.smem, device, op);
-      mlp_forward_mma_kernel<scalar_t><<<grid, kThreads, size_t(plan.smem), stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (plan.two_gemm) {
+        launch_one(mlp_forward_mma_kernel<scalar_t, kHidden>, plan.grid_y_hidden,
+                   plan.smem_hidden, p, plan, device, stream, op);
+        launch_one(mlp_forward_mma_kernel<scalar_t, kOutput>, plan.grid_y, plan.smem, p, plan,
+                   device, stream, op);
+      } else {
+        launch_one(mlp_forward_mma_kernel<scalar_t, kFused>, plan.grid_y, plan.smem, p, plan,
+                   device, stream, op);
+      }
       return;
     }
   }
-  allow_smem(mlp_forward_kernel<scalar_t, acc_t>, plan.smem, device, op);
-  mlp_forward_kernel<scalar_t, acc_t><<<grid, kThreads, size_t(plan.smem), stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (plan.two_gemm) {
+    launch_one(mlp_forward_kernel<scalar_t, acc_t, kHidden>, plan.grid_y_hidden,
+               plan.smem_hidden, p, plan, device, stream, op);
+    launch_one(mlp_forward_kernel<scalar_t, acc_t, kOutput>, plan.grid_y, plan.smem, p, plan,
+               device, stream, op);
+  } else {
+    launch_one(mlp_forward_kernel<scalar_t, acc_t, kFused>, plan.grid_y, plan.smem, p, plan,
+               device, stream, op);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_forward_impl(
@@ -139,6 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_forward_impl(
   TORCH_CHECK(plan.grid_x < (1u << 31), "riformer::", op, ": input too large for one launch");
   at::Tensor part = at::empty({emit_moments ? N * plan.tiles * C * 3 : 0}, x.options().dtype(acc));
   at::Tensor shift = at::empty({emit_moments ? N * C : 0}, x.options().dtype(acc));
+  at::Tensor hidden = at::empty({plan.scratch}, x.options());   // the two-GEMM path's h
   const int device = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
 
@@ -171,6 +194,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_forward_impl(
     p.part = emit_moments ? reinterpret_cast<Moments<acc_t>*>(part.mutable_data_ptr<acc_t>())
                           : nullptr;
     p.shift = emit_moments ? shift.mutable_data_ptr<acc_t>() : nullptr;
+    p.h = plan.two_gemm ? reinterpret_cast<kernel_t*>(hidden.mutable_data_ptr<scalar_t>())
+                        : nullptr;
     launch(p, plan, device, stream, op);
     if (emit_moments) {
       using namespace moments_kernels;

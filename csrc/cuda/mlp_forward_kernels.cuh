@@ -70,6 +70,7 @@ struct MlpForwardArgs {
   const scalar_t* b1;    // (Hd)
   const scalar_t* w2;    // (C, Hd) row-major
   const scalar_t* b2;    // (C)
+  scalar_t* h;           // (N, T, Hd) hidden activations: the two-GEMM path's scratch
   // Optional outputs (nullptr: not wanted; uniform over the launch, so the branches on them
   // are uniform too):
   scalar_t* u;           // (N, Hd, H, W): u = W1 z + b1 before GELU, for a backward that
@@ -202,14 +203,27 @@ __device__ __forceinline__ void store_moments(Moments<acc_t>* dst, const Moments
   dst->m2 = m.m2;
 }
 
-inline int64_t smem_bytes(int64_t C, int64_t acc_size) {
-  return (C + kHidChunk) * kTokens * acc_size;
+// What one launch of an MLP kernel computes (a template argument: every branch on it is
+// compiled away).
+//   kFused:  the whole MLP of its token tile and output slice; hidden activations stay on chip.
+//   kHidden: two-GEMM path, launch 1: GELU(W1 z + b1) of its token tile and hidden chunk
+//            (blockIdx.y) into the global scratch h (N, T, Hd).
+//   kOutput: two-GEMM path, launch 2: out = a x + b + l2 (W2 h + b2) of its tile and output
+//            slice, reading h chunk by chunk; the same epilogue (and moments) as kFused.
+enum MlpMode : int { kFused = 0, kHidden = 1, kOutput = 2 };
+
+// Rows of hs (the hidden chunk in shared memory, [kHidChunk][kHS]) are padded by 4 elements:
+// kOutput fills hs from global memory with consecutive lanes on consecutive hidden units, and
+// an unpadded 32-element row would put all of them in one bank; kTokens + 4 keeps rows 16-byte
+// aligned for the GEMM2 reads.
+constexpr int kHS = kTokens + 4;
+
+inline int64_t smem_bytes(int64_t C, int64_t acc_size, int mode = kFused) {
+  const int64_t z = mode == kOutput ? 0 : C * kTokens;
+  const int64_t h = mode == kHidden ? 0 : int64_t(kHidChunk) * kHS;
+  return (z + h) * acc_size;
 }
 
-// z = A x + B for the CTA's kTokens tokens (from t0) of sample n and all C channels, handed to
-// store(k, j, z): channel k, token j of the tile, zero past the sample's end. The walk follows
-// x's unit stride so that global loads coalesce: tokens fastest for NCHW, channels fastest for
-// channels_last. Shared by both kernels; each stores z in its own shared layout.
 template <typename acc_t, typename Args, typename Store>
 __device__ __forceinline__ void prologue_tile(const Args& p, int64_t n, int64_t t0,
                                               const Store& store) {
@@ -227,95 +241,13 @@ __device__ __forceinline__ void prologue_tile(const Args& p, int64_t n, int64_t 
   }
 }
 
+// The FFMA kernels' epilogue: out = a x + b + l2 (acc + b2) for the thread's kRows x kRT
+// (channel, token) pairs, and the tile's moments of the stored values when p.part is set.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
-  RIFORMER_DYNAMIC_SMEM(acc_t, smem);
-  acc_t* const zs = smem;                 // [C][kTokens]
-  acc_t* const hs = smem + p.C * kTokens;  // [kHidChunk][kTokens]
-
-  const int64_t n = blockIdx.x / p.tiles;
-  const int64_t t0 = (blockIdx.x % p.tiles) * int64_t(kTokens);
-  const int64_t c0 = int64_t(blockIdx.y) * kOutTile;
-  const int tid = threadIdx.x;
+__device__ __forceinline__ void epilogue_ffma(const MlpForwardArgs<scalar_t, acc_t>& p,
+                                              int64_t n, int64_t t0, int64_t c0, int tg, int rg,
+                                              const acc_t (&acc)[kRows][kRT]) {
   const scalar_t* xn = p.x + n * p.sn;
-
-  prologue_tile<acc_t>(p, n, t0, [&](int64_t k, int j, acc_t z) { zs[k * kTokens + j] = z; });
-
-  const int tg = tid % kTokenGroups;   // tokens tg*kRT .. +kRT-1
-  const int rg = tid / kTokenGroups;   // rows rg*kRows .. +kRows-1
-  acc_t acc[kRows][kRT];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r)
-#pragma unroll
-    for (int q = 0; q < kRT; ++q) acc[r][q] = acc_t(0);
-
-  for (int64_t h0 = 0; h0 < p.Hd; h0 += kHidChunk) {
-    // First chunk: the prologue's zs is complete. Later chunks: every thread finished reading
-    // the previous chunk's hs in GEMM2 before it is overwritten.
-    __syncthreads();
-    acc_t u[kRows][kRT];
-    const scalar_t* w1row[kRows];
-    bool live[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t j = h0 + rg * kRows + r;
-      live[r] = j < p.Hd;
-      w1row[r] = p.w1 + (live[r] ? j : 0) * p.C;
-#pragma unroll
-      for (int q = 0; q < kRT; ++q) u[r][q] = acc_t(0);
-    }
-    for (int64_t k = 0; k < p.C; ++k) {
-      acc_t zv[kRT];
-#pragma unroll
-      for (int q = 0; q < kRT; ++q) zv[q] = zs[k * kTokens + tg * kRT + q];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const acc_t w = load_as<acc_t>(w1row[r] + k);
-#pragma unroll
-        for (int q = 0; q < kRT; ++q) u[r][q] += w * zv[q];
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t j = h0 + rg * kRows + r;
-      // Rows past Hd are written as 0: GEMM2 never reads them (it stops at Hd), but a full
-      // chunk is always defined.
-      const acc_t bias = live[r] ? load_as<acc_t>(p.b1 + j) : acc_t(0);
-#pragma unroll
-      for (int q = 0; q < kRT; ++q) {
-        const acc_t uv = u[r][q] + bias;
-        hs[(rg * kRows + r) * kTokens + tg * kRT + q] = live[r] ? gelu_exact(uv) : acc_t(0);
-        // Saved u is written by the first output slice only (the others recompute the same).
-        const int64_t t = t0 + tg * kRT + q;
-        if (p.u != nullptr && blockIdx.y == 0 && live[r] && t < p.T)
-          store_rounded(p.u + n * p.Hd * p.T + j * p.u_sj + t * p.u_st, uv);
-      }
-    }
-    __syncthreads();  // hs complete before any thread reads other threads' rows
-
-    const int64_t hn = p.Hd - h0 < kHidChunk ? p.Hd - h0 : int64_t(kHidChunk);
-    const scalar_t* w2row[kRows];
-    bool out_live[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t c = c0 + rg * kRows + r;
-      out_live[r] = c < p.C;
-      w2row[r] = p.w2 + (out_live[r] ? c : 0) * p.Hd + h0;
-    }
-    for (int64_t j = 0; j < hn; ++j) {
-      acc_t hv[kRT];
-#pragma unroll
-      for (int q = 0; q < kRT; ++q) hv[q] = hs[j * kTokens + tg * kRT + q];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const acc_t w = out_live[r] ? load_as<acc_t>(w2row[r] + j) : acc_t(0);
-#pragma unroll
-        for (int q = 0; q < kRT; ++q) acc[r][q] += w * hv[q];
-      }
-    }
-  }
-
   scalar_t* on = p.out + n * p.sn;
   const int64_t tile = blockIdx.x % p.tiles;
   const acc_t count = acc_t(p.T - t0 < kTokens ? p.T - t0 : int64_t(kTokens));
@@ -351,6 +283,117 @@ mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
   }
 }
 
+template <typename scalar_t, typename acc_t, int kMode = kFused>
+__global__ void __launch_bounds__(kThreads)
+mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
+  RIFORMER_DYNAMIC_SMEM(acc_t, smem);
+  acc_t* const zs = smem;                                            // [C][kTokens]
+  acc_t* const hs = smem + (kMode == kOutput ? 0 : p.C * kTokens);   // [kHidChunk][kHS]
+
+  const int64_t n = blockIdx.x / p.tiles;
+  const int64_t t0 = (blockIdx.x % p.tiles) * int64_t(kTokens);
+  // kHidden: blockIdx.y is the hidden chunk; otherwise the output slice.
+  const int64_t c0 = kMode == kHidden ? 0 : int64_t(blockIdx.y) * kOutTile;
+  const int64_t h_begin = kMode == kHidden ? int64_t(blockIdx.y) * kHidChunk : 0;
+  const int64_t h_end = kMode == kHidden ? h_begin + kHidChunk : p.Hd;
+  const int tid = threadIdx.x;
+
+  if constexpr (kMode != kOutput)
+    prologue_tile<acc_t>(p, n, t0, [&](int64_t k, int j, acc_t z) { zs[k * kTokens + j] = z; });
+
+  const int tg = tid % kTokenGroups;   // tokens tg*kRT .. +kRT-1
+  const int rg = tid / kTokenGroups;   // rows rg*kRows .. +kRows-1
+  acc_t acc[kRows][kRT];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int q = 0; q < kRT; ++q) acc[r][q] = acc_t(0);
+
+  for (int64_t h0 = h_begin; h0 < h_end && h0 < p.Hd; h0 += kHidChunk) {
+    // First chunk: the prologue's zs is complete. Later chunks: every thread finished reading
+    // the previous chunk's hs in GEMM2 before it is overwritten.
+    __syncthreads();
+    if constexpr (kMode == kOutput) {
+      // The chunk of h from global memory; consecutive threads read consecutive hidden units
+      // of a token (coalesced). Rows past Hd and tokens past T read as 0.
+      for (int i = tid; i < kHidChunk * kTokens; i += kThreads) {
+        const int jl = i % kHidChunk, tok = i / kHidChunk;
+        const int64_t j = h0 + jl, t = t0 + tok;
+        hs[jl * kHS + tok] =
+            j < p.Hd && t < p.T ? load_as<acc_t>(p.h + (n * p.T + t) * p.Hd + j) : acc_t(0);
+      }
+    } else {
+      acc_t u[kRows][kRT];
+      const scalar_t* w1row[kRows];
+      bool live[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t j = h0 + rg * kRows + r;
+        live[r] = j < p.Hd;
+        w1row[r] = p.w1 + (live[r] ? j : 0) * p.C;
+#pragma unroll
+        for (int q = 0; q < kRT; ++q) u[r][q] = acc_t(0);
+      }
+      for (int64_t k = 0; k < p.C; ++k) {
+        acc_t zv[kRT];
+#pragma unroll
+        for (int q = 0; q < kRT; ++q) zv[q] = zs[k * kTokens + tg * kRT + q];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const acc_t w = load_as<acc_t>(w1row[r] + k);
+#pragma unroll
+          for (int q = 0; q < kRT; ++q) u[r][q] += w * zv[q];
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t j = h0 + rg * kRows + r;
+        // Rows past Hd are written as 0: GEMM2 never reads them (it stops at Hd), but a full
+        // chunk is always defined.
+        const acc_t bias = live[r] ? load_as<acc_t>(p.b1 + j) : acc_t(0);
+#pragma unroll
+        for (int q = 0; q < kRT; ++q) {
+          const acc_t uv = u[r][q] + bias;
+          const acc_t hv = live[r] ? gelu_exact(uv) : acc_t(0);
+          const int64_t t = t0 + tg * kRT + q;
+          const bool store = live[r] && t < p.T;
+          if constexpr (kMode == kHidden) {
+            if (store) store_rounded(p.h + (n * p.T + t) * p.Hd + j, hv);
+          } else {
+            hs[(rg * kRows + r) * kHS + tg * kRT + q] = hv;
+          }
+          // Saved u: written once, by the first output slice (kFused) or the chunk's CTA.
+          if (p.u != nullptr && (kMode == kHidden || blockIdx.y == 0) && store)
+            store_rounded(p.u + n * p.Hd * p.T + j * p.u_sj + t * p.u_st, uv);
+        }
+      }
+    }
+    if constexpr (kMode == kHidden) continue;   // no GEMM2 in this launch
+    __syncthreads();  // hs complete before any thread reads other threads' rows
+
+    const int64_t hn = p.Hd - h0 < kHidChunk ? p.Hd - h0 : int64_t(kHidChunk);
+    const scalar_t* w2row[kRows];
+    bool out_live[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t c = c0 + rg * kRows + r;
+      out_live[r] = c < p.C;
+      w2row[r] = p.w2 + (out_live[r] ? c : 0) * p.Hd + h0;
+    }
+    for (int64_t j = 0; j < hn; ++j) {
+      acc_t hv[kRT];
+#pragma unroll
+      for (int q = 0; q < kRT; ++q) hv[q] = hs[j * kHS + tg * kRT + q];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const acc_t w = out_live[r] ? load_as<acc_t>(w2row[r] + j) : acc_t(0);
+#pragma unroll
+        for (int q = 0; q < kRT; ++q) acc[r][q] += w * hv[q];
+      }
+    }
+  }
+  if constexpr (kMode != kHidden) epilogue_ffma(p, n, t0, c0, tg, rg, acc);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core variant for fp16/bf16 (sm_80+): mma.sync m16n8k16 with fp32 accumulation, the same
@@ -373,29 +416,61 @@ constexpr int kZPad = 8;
 
 inline bool mma_eligible(int64_t C, int64_t Hd) { return C % 16 == 0 && Hd % 16 == 0; }
 
-inline int64_t mma_smem_bytes(int64_t C, int64_t elem_size) {
-  return kTokens * ((C + kZPad) + (kHidChunk + kZPad)) * elem_size;
+inline int64_t mma_smem_bytes(int64_t C, int64_t elem_size, int mode = kFused) {
+  const int64_t z = mode == kOutput ? 0 : C + kZPad;
+  const int64_t h = mode == kHidden ? 0 : kHidChunk + kZPad;
+  return kTokens * (z + h) * elem_size;
+}
+
+// The large-C rule: fused kernel (one launch, hidden activations on chip, GEMM1 recomputed by
+// each of the k = ceil(C / 64) output slices) or the two-GEMM path (h written to and read back
+// from global memory once). Per token the fused kernel does 8 C^2 (k - 1) extra flops, the
+// two-GEMM path moves 8 C e extra bytes (e: bytes per element of h); the two-GEMM path wins
+// when C (k - 1) > e F / B. With an H200's B = 4.8 TB/s and F = about 600 TFLOP/s for fp16/bf16
+// mma.sync (some 60% of the dense tensor peak) or 67 TFLOP/s fp32 FFMA (34 fp64 at e = 8),
+// e F / B is about 250 for half types and 56 for fp32/fp64. A model, not a measurement: no GPU
+// has run these kernels yet; the thresholds are the place to change once one has.
+constexpr int64_t kTwoGemmThresholdHalf = 250;
+constexpr int64_t kTwoGemmThresholdFloat = 56;
+
+inline bool prefer_two_gemm(int64_t C, bool half) {
+  const int64_t k = (C + kOutTile - 1) / kOutTile;
+  return C * (k - 1) > (half ? kTwoGemmThresholdHalf : kTwoGemmThresholdFloat);
 }
 
 // How the MLP forward is launched, shared by the CUDA binding (mlp_forward.cu) and the emulated
 // build, so the emulator runs exactly what a GPU gets.
 struct MlpPlan {
-  bool mma = false;        // the tensor-core kernel (else FFMA)
-  int64_t tiles = 0;       // token tiles per sample
-  unsigned grid_x = 0, grid_y = 0;
-  int64_t smem = 0;        // dynamic shared memory bytes
+  bool mma = false;          // the tensor-core kernels (else FFMA)
+  bool two_gemm = false;     // kHidden then kOutput (else one kFused launch)
+  int64_t tiles = 0;         // token tiles per sample
+  unsigned grid_x = 0;       // N * tiles, every launch
+  unsigned grid_y = 0;       // output slices (kFused, kOutput)
+  unsigned grid_y_hidden = 0;  // hidden chunks (kHidden)
+  int64_t smem = 0;          // dynamic shared memory bytes (kFused, kOutput)
+  int64_t smem_hidden = 0;   // (kHidden)
+  int64_t scratch = 0;       // elements of h (N * T * Hd, x's dtype) for the two-GEMM path
 };
 
 // elem_size: bytes of x's dtype; half: x is fp16/bf16. mma: -1 chooses (tensor cores wherever
-// they can run), 0 forces FFMA, 1 forces mma (the caller checks mma_eligible first).
+// they can run), 0 forces FFMA, 1 forces mma (the caller checks mma_eligible first). two_gemm:
+// -1 applies prefer_two_gemm, 0 forces the fused kernel, 1 the two-GEMM path.
 inline MlpPlan plan_mlp(int64_t N, int64_t C, int64_t Hd, int64_t T, int elem_size, bool half,
-                        int mma = -1) {
+                        int mma = -1, int two_gemm = -1) {
   MlpPlan pl;
   pl.mma = mma < 0 ? (half && mma_eligible(C, Hd)) : mma == 1;
+  pl.two_gemm = two_gemm < 0 ? prefer_two_gemm(C, half) : two_gemm == 1;
   pl.tiles = (T + kTokens - 1) / kTokens;
   pl.grid_x = unsigned(N * pl.tiles);
   pl.grid_y = unsigned((C + kOutTile - 1) / kOutTile);
-  pl.smem = pl.mma ? mma_smem_bytes(C, elem_size) : smem_bytes(C, elem_size == 8 ? 8 : 4);
+  pl.grid_y_hidden = unsigned((Hd + kHidChunk - 1) / kHidChunk);
+  const int acc = elem_size == 8 ? 8 : 4;
+  auto bytes = [&](int mode) {
+    return pl.mma ? mma_smem_bytes(C, elem_size, mode) : smem_bytes(C, acc, mode);
+  };
+  pl.smem = bytes(pl.two_gemm ? kOutput : kFused);
+  pl.smem_hidden = pl.two_gemm ? bytes(kHidden) : 0;
+  pl.scratch = pl.two_gemm ? N * T * Hd : 0;
   return pl;
 }
 
@@ -422,26 +497,30 @@ __device__ __forceinline__ uint32_t shared_pair(const T* s) {
   return *reinterpret_cast<const uint32_t*>(s);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kMode = kFused>
 __global__ void __launch_bounds__(kThreads)
 mlp_forward_mma_kernel(MlpForwardArgs<scalar_t, float> p) {
   static_assert(kThreads == 4 * 32 && kHidChunk == 64 && kOutTile == 64 && kTokens == 32,
                 "warp w owns rows 16w..16w+15 of a 64-row chunk / slice and all 32 tokens");
   RIFORMER_DYNAMIC_SMEM(scalar_t, smem);
-  const int64_t ZS = p.C + kZPad;
+  const int64_t ZS = kMode == kOutput ? 0 : p.C + kZPad;
   constexpr int HS = kHidChunk + kZPad;
   scalar_t* const zsT = smem;                  // [kTokens][ZS]
   scalar_t* const hsT = smem + kTokens * ZS;   // [kTokens][HS]
 
   const int64_t n = blockIdx.x / p.tiles;
   const int64_t t0 = (blockIdx.x % p.tiles) * int64_t(kTokens);
-  const int64_t c0 = int64_t(blockIdx.y) * kOutTile;
+  // kHidden: blockIdx.y is the hidden chunk; otherwise the output slice.
+  const int64_t c0 = kMode == kHidden ? 0 : int64_t(blockIdx.y) * kOutTile;
+  const int64_t h_begin = kMode == kHidden ? int64_t(blockIdx.y) * kHidChunk : 0;
+  const int64_t h_end = kMode == kHidden ? h_begin + kHidChunk : p.Hd;
   const int tid = threadIdx.x;
   const int warp = tid / 32, g = (tid % 32) / 4, tq = tid % 4;
   const scalar_t* xn = p.x + n * p.sn;
 
-  prologue_tile<float>(p, n, t0,
-                       [&](int64_t k, int j, float z) { store_rounded(zsT + j * ZS + k, z); });
+  if constexpr (kMode != kOutput)
+    prologue_tile<float>(p, n, t0,
+                         [&](int64_t k, int j, float z) { store_rounded(zsT + j * ZS + k, z); });
 
   float acc[4][4];
 #pragma unroll
@@ -449,8 +528,20 @@ mlp_forward_mma_kernel(MlpForwardArgs<scalar_t, float> p) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
 
-  for (int64_t h0 = 0; h0 < p.Hd; h0 += kHidChunk) {
+  for (int64_t h0 = h_begin; h0 < h_end && h0 < p.Hd; h0 += kHidChunk) {
     __syncthreads();  // zsT complete (first chunk) / the previous chunk's hsT fully read
+    if constexpr (kMode == kOutput) {
+      // The chunk of h from global memory, copied as 16-bit words (consecutive threads on
+      // consecutive hidden units of a token: coalesced reads, conflict-free shared writes).
+      // Rows past Hd and tokens past T are 0.
+      const auto* hbits = reinterpret_cast<const unsigned short*>(p.h);
+      for (int i = tid; i < kHidChunk * kTokens; i += kThreads) {
+        const int jl = i % kHidChunk, tok = i / kHidChunk;
+        const int64_t j = h0 + jl, t = t0 + tok;
+        *reinterpret_cast<unsigned short*>(hsT + tok * HS + jl) =
+            j < p.Hd && t < p.T ? hbits[(n * p.T + t) * p.Hd + j] : (unsigned short)0;
+      }
+    } else {
     float u[4][4];
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
@@ -479,11 +570,19 @@ mlp_forward_mma_kernel(MlpForwardArgs<scalar_t, float> p) {
         const int tok = nt * 8 + 2 * tq + (e & 1);
         // Rows past Hd (a partial last chunk) are written as 0 and never reach GEMM2.
         const float uv = j < p.Hd ? u[nt][e] + load_as<float>(p.b1 + j) : 0.f;
-        store_rounded(hsT + tok * HS + jl, j < p.Hd ? gelu_exact(uv) : 0.f);
-        // Saved u: written by the first output slice only (the others recompute the same).
-        if (p.u != nullptr && blockIdx.y == 0 && j < p.Hd && t0 + tok < p.T)
+        const float hv = j < p.Hd ? gelu_exact(uv) : 0.f;
+        const bool store = j < p.Hd && t0 + tok < p.T;
+        if constexpr (kMode == kHidden) {
+          if (store) store_rounded(p.h + (n * p.T + t0 + tok) * p.Hd + j, hv);
+        } else {
+          store_rounded(hsT + tok * HS + jl, hv);
+        }
+        // Saved u: written once, by the first output slice (kFused) or the chunk's CTA.
+        if (p.u != nullptr && (kMode == kHidden || blockIdx.y == 0) && store)
           store_rounded(p.u + n * p.Hd * p.T + j * p.u_sj + (t0 + tok) * p.u_st, uv);
       }
+    }
+    if constexpr (kMode == kHidden) continue;   // no GEMM2 in this launch
     __syncthreads();  // hsT complete: GEMM2 reads every warp's rows
 
     const int64_t hn = p.Hd - h0 < kHidChunk ? p.Hd - h0 : int64_t(kHidChunk);
@@ -503,6 +602,7 @@ mlp_forward_mma_kernel(MlpForwardArgs<scalar_t, float> p) {
     }
   }
 
+  if constexpr (kMode == kHidden) return;
   scalar_t* on = p.out + n * p.sn;
   const int64_t tile = blockIdx.x % p.tiles;
   const float count = float(p.T - t0 < kTokens ? p.T - t0 : int64_t(kTokens));
