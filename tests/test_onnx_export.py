@@ -4,6 +4,9 @@ Each export already checks itself (export_onnx raises above 1e-5); the tests che
 independently, on inputs the export never saw, at batch sizes it was not traced at.
 """
 import copy
+import importlib.util
+import json
+import os
 
 import pytest
 import torch
@@ -171,4 +174,39 @@ def test_bad_arguments(tmp_path):
         rk.export_onnx(model, 3, (1, 8, 4, 4))
     with pytest.raises(ValueError, match='takes 8'):
         rk.export_onnx(model, tmp_path / 'x.onnx', (1, 3, 4, 4))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _script():
+    """python/export_onnx.py as a module: its main() runs in this process, where the exporter
+    is already warm (a fresh interpreter pays ~15 s for torch, onnxscript and the first
+    trace on one core)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'python',
+                        'export_onnx.py')
+    spec = importlib.util.spec_from_file_location('export_onnx_script', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_exports_a_checkpoint(tmp_path, capsys):
+    source = randomize_(rk.RIFormerClassifier(TINY_ARCH, num_classes=10))
+    torch.save({'meta': {}, 'state_dict': source.state_dict()}, tmp_path / 'tiny.pth')
+    assert _script().main([str(tmp_path / 'tiny.pth'), str(tmp_path / 'tiny.onnx'),
+                           '--input-shape', '2,3,32,32', '--json']) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result['node_count'] == sum(result['op_histogram'].values()) == 172
+    assert result['max_rel_err'] <= RTOL and result['checked_batches'] == [2, 3]
+    _check_file(tmp_path / 'tiny.onnx', source, (2, 3, 32, 32), batches=(4,))
+    assert sorted(os.listdir(tmp_path)) == ['tiny.onnx', 'tiny.pth']
+
+
+def test_cli_errors_say_what_is_wrong(tmp_path, capsys):
+    script = _script()
+    assert script.main(['riformer_s99', str(tmp_path / 'x.onnx')]) == 1
+    assert 'MODEL must be one of' in capsys.readouterr().err
+    assert script.main(['riformer_s12', str(tmp_path / 'x.onnx'), '--group-norm-node']) == 1
+    assert 'opset >= 21' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main(['riformer_s12', str(tmp_path / 'x.onnx'), '--input-shape', '1,3,a,224'])
     assert list(tmp_path.iterdir()) == []
