@@ -267,7 +267,8 @@ def create_model(name: str, num_classes: int | None = None, checkpoint=None,
     model = RIFormerClassifier(name[len('riformer_'):], num_classes=num_classes, deploy=deploy,
                                **kwargs)
     if state is not None:
-        load_checkpoint(model, state, skip_mismatched_head=True)
+        _load_checkpoint(model, state, strict=True, weights_only=True,
+                         skip_mismatched_head=True, stacklevel=3)
     return model
 
 
@@ -369,6 +370,14 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
     are left out, the model keeps its own head, and a HeadNotLoadedWarning names them. Every
     other key is checked as without it.
     """
+    return _load_checkpoint(model, path_or_state_dict, strict, weights_only,
+                            skip_mismatched_head, stacklevel=3)
+
+
+def _load_checkpoint(model, path_or_state_dict, strict, weights_only, skip_mismatched_head,
+                     stacklevel):
+    """load_checkpoint's work; `stacklevel` makes the warning point at the user's call (through
+    load_checkpoint or create_model)."""
     state = _read_state_dict(path_or_state_dict, weights_only)
     state = _match_prefixes(state, model)
     state = _convert_to_deploy_form(state, model)
@@ -409,7 +418,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
     if skipped:   # said only once the rest is known to load
         warnings.warn(HeadNotLoadedWarning(
             "checkpoint head does not fit the model's; kept the model's fresh head, skipped: "
-            + ", ".join(skipped), skipped_keys), stacklevel=2)
+            + ", ".join(skipped), skipped_keys), stacklevel=stacklevel)
     # Every key in `expected` has been checked above; only skipped head keys are not loaded.
     model.load_state_dict({k: v for k, v in state.items() if k in expected},
                           strict=strict and len(expected) == len(model.state_dict()))
