@@ -266,7 +266,10 @@ def export_onnx(model: nn.Module, path, input_shape: Sequence[int], opset: int =
         except Exception as err:
             raise ExportError(f"torch.onnx.export failed: {err}") from err
         graph = onnx.load(tmp)
-        onnx.checker.check_model(graph)
+        try:
+            onnx.checker.check_model(graph)
+        except onnx.checker.ValidationError as err:
+            raise ExportError(f"onnx.checker rejects the exported file: {err}") from err
         histogram = dict(collections.Counter(n.op_type for n in graph.graph.node))
         foreign = sorted({f'{n.domain}::{n.op_type}' for n in graph.graph.node
                           if n.domain not in _STANDARD_DOMAINS})
