@@ -82,7 +82,9 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
   p.sn = dims[4];
   p.sc = dims[5];
   p.st = dims[6];
-  p.tiles = (p.T + kTokens - 1) / kTokens;
+  const MlpPlan plan = plan_mlp(p.N, p.C, p.Hd, p.T, int(sizeof(scalar_t)),
+                                sizeof(scalar_t) == 2, mma ? 1 : 0, two_gemm);
+  p.tiles = plan.tiles;
   p.A = static_cast<const acc_t*>(coeffs[0]);
   p.B = static_cast<const acc_t*>(coeffs[1]);
   p.a = static_cast<const acc_t*>(coeffs[2]);
@@ -113,8 +115,6 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
                 static_cast<const acc_t*>(shift.data()), static_cast<acc_t*>(mean),
                 static_cast<acc_t*>(var));
   };
-  const MlpPlan plan = plan_mlp(p.N, p.C, p.Hd, p.T, int(sizeof(scalar_t)),
-                                sizeof(scalar_t) == 2, mma ? 1 : 0, two_gemm);
   // The two-GEMM path's hidden activations, poisoned like every scratch buffer here.
   std::vector<scalar_t> h(size_t(plan.scratch));
   std::memset(static_cast<void*>(h.data()), 0xff, h.size() * sizeof(scalar_t));
