@@ -47,6 +47,9 @@ class Backend:
     forward: Callable | None = None
     auto_declines: Callable[[object, torch.Tensor], str | None] = field(
         default=lambda block, x: None)
+    # note(block, x) -> None, or what the backend does differently for this call (e.g. under
+    # autocast); explain_dispatch prints it for the chosen backend.
+    note: Callable[[object, torch.Tensor], str | None] = field(default=lambda block, x: None)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -145,6 +148,9 @@ def explain_dispatch(block, x: torch.Tensor) -> str:
     choice = choose_backend(block, x)
     lines = [f"requested: {requested_backend()}", f"chosen: {choice.backend.name}"]
     lines += [f"skipped {name}: {reason}" for name, reason in choice.skipped]
+    note = choice.backend.note(block, x)
+    if note:
+        lines.append(f"note: {note}")
     return "\n".join(lines)
 
 

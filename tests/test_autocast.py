@@ -1,0 +1,129 @@
+"""Fused blocks under torch.autocast: the pipeline casts x and the MLP weights to the autocast
+dtype (as autocast casts a conv's operands), keeps the statistics and the fold in fp32, and runs
+the kernels with autocast off, instead of falling back to the reference.
+
+Accuracy rule: each error against the fp64 reference is at most twice the error of the
+reference run under the same autocast, on the same input and output gradient. The inputs and
+output gradients are drawn in the autocast dtype: inside an autocast model a block's input is a
+conv's or a fused block's output (both in that dtype) and autograd hands a bf16 output a bf16
+gradient. The fused output is in the autocast dtype while the reference's is fp32 (its fp32
+layer scales promote it), so the output's rule adds the error of rounding the exact output to
+that dtype -- an error a bf16 result cannot avoid -- and nothing else.
+"""
+import copy
+
+import pytest
+import torch
+
+import riformer_kernels as rk
+from riformer_kernels import pipeline
+import helpers
+from helpers import make_block, random_input, rel_err
+
+AUTOCAST_DTYPE = torch.bfloat16    # what CPU autocast runs; the CUDA path is the same code
+
+
+def _usable(name):
+    info = rk.available_backends()[name]
+    return pytest.param(name, marks=pytest.mark.skipif(not info.usable, reason=info.reason))
+
+
+def _run(block, x, g, backend, autocast):
+    block = copy.deepcopy(block)
+    x = x.detach().clone().requires_grad_(True)
+    with rk.use_backend(backend), torch.autocast(x.device.type, dtype=AUTOCAST_DTYPE,
+                                                 enabled=autocast):
+        out = block(x)
+    out.backward(g.to(out.dtype))
+    grads = {'x': x.grad}
+    grads.update({n: p.grad for n, p in block.named_parameters()})
+    return out.detach(), grads
+
+
+def _check_twice_reference_error(backend, deploy, seed, shape, device='cpu', **block_kwargs):
+    torch.manual_seed(seed)
+    block = make_block(shape[1], deploy=deploy, dtype=torch.float32, device=device,
+                       **block_kwargs)
+    x = random_input(shape, dtype=AUTOCAST_DTYPE, device=device)
+    g = torch.randn(shape, dtype=torch.float64).to(AUTOCAST_DTYPE).to(device)
+    # One seed for the three runs: with drop path they draw the same masks (a mask drawn
+    # differently would change the output by the whole branch, far above the rule).
+    torch.manual_seed(seed)
+    truth, grads_truth = _run(copy.deepcopy(block).double(), x.double(), g.double(), 'reference',
+                              False)
+    torch.manual_seed(seed)
+    ref, grads_ref = _run(block, x, g, 'reference', True)
+    torch.manual_seed(seed)
+    out, grads = _run(block, x, g, backend, True)
+    assert out.dtype == AUTOCAST_DTYPE and ref.dtype == torch.float32
+    # the gradients reach the fp32 parameters in their own dtype
+    assert all(grads[k].dtype == torch.float32 for k in grads if k != 'x')
+    rounding = rel_err(truth.to(AUTOCAST_DTYPE), truth)
+    checks = {'out': (rel_err(out, truth), rel_err(ref, truth) * 2 + rounding)}
+    checks.update({k: (rel_err(grads[k], grads_truth[k]), 2 * rel_err(grads_ref[k], grads_truth[k]))
+                   for k in grads_truth})
+    assert all(bound > 0 for _, bound in checks.values())
+    bad = {k: v for k, v in checks.items() if not v[0] <= v[1]}
+    assert not bad, f"(fused error, bound) above the rule: {bad}"
+
+
+@pytest.mark.parametrize('seed', [1234, 1, 2])
+@pytest.mark.parametrize('deploy', [False, True], ids=['train_form', 'deploy_form'])
+@pytest.mark.parametrize('backend', [_usable('cpu')])
+def test_cpu_under_autocast_within_twice_reference_error(backend, deploy, seed):
+    _check_twice_reference_error(backend, deploy, seed, (2, 32, 6, 5))
+
+
+@pytest.mark.parametrize('backend', [_usable('cpu')])
+def test_drop_path_under_autocast_draws_the_reference_masks(backend):
+    """Training with drop path 0.5 on 8 samples: under the same seed the fused block draws the
+    reference's masks (the same RNG calls) and the same rule holds; the masks are active."""
+    _check_twice_reference_error(backend, False, 3, (8, 16, 3, 4), drop_path=0.5)
+    torch.manual_seed(3)
+    block = make_block(16, dtype=torch.float32, drop_path=0.5)
+    x = random_input((8, 16, 3, 4), dtype=AUTOCAST_DTYPE)
+    with torch.autocast('cpu', dtype=AUTOCAST_DTYPE), rk.use_backend(backend):
+        torch.manual_seed(3)
+        trained = block(x)
+        evaluated = block.eval()(x)
+    assert not torch.allclose(trained, evaluated)
+
+
+@pytest.mark.parametrize('deploy', [False, True], ids=['train_form', 'deploy_form'])
+@pytest.mark.parametrize('backend', [_usable('triton')])
+def test_triton_under_autocast_within_twice_reference_error(backend, deploy):
+    _check_twice_reference_error(backend, deploy, 1234, (2, 16, 4, 3),
+                                 device=helpers.KERNEL_DEVICE)
+
+
+@pytest.mark.parametrize('backend', [_usable('cpu')])
+def test_autocast_runs_the_fused_kernels_and_says_so(backend, monkeypatch):
+    """auto picks the fused kernel set under autocast (no reference fallback), the training
+    path runs the pipeline's autograd Function, and explain_dispatch says what is cast."""
+    monkeypatch.delenv('RIFORMER_BACKEND', raising=False)
+    block = make_block(16, dtype=torch.float32)
+    x = random_input((2, 16, 4, 4), dtype=torch.float32).requires_grad_(True)
+    with torch.autocast('cpu', dtype=AUTOCAST_DTYPE):
+        text = rk.explain_dispatch(block, x)
+        out = block(x)
+    assert f'chosen: {backend}' in text, text
+    assert 'note: autocast bfloat16' in text and 'statistics' in text, text
+    assert out.dtype == AUTOCAST_DTYPE
+    # Outside autocast no note: the call runs in the input's dtype.
+    assert 'note:' not in rk.explain_dispatch(block, x)
+
+
+@pytest.mark.parametrize('backend', [_usable('cpu')])
+def test_a_stage_under_autocast_keeps_chained_statistics(backend):
+    """The second block's input is the first's bf16 output: the cast is a no-op, so the chained
+    moments the first block attached still describe it and the second skips its moments pass."""
+    b1, b2 = (make_block(16, dtype=torch.float32).eval() for _ in range(2))
+    b1.chain_statistics = True
+    x = random_input((2, 16, 5, 5), dtype=AUTOCAST_DTYPE)
+    counter = helpers.OpLog()
+    with torch.no_grad(), rk.use_backend(backend), torch.autocast('cpu', dtype=AUTOCAST_DTYPE):
+        y = b1(x)
+        assert pipeline.chained_moments(y, backend) is not None
+        with counter:
+            b2(y)
+    assert counter.counts.get('riformer.moments.default') is None, counter.counts
