@@ -80,6 +80,7 @@ class RIFormerBlock(nn.Module):
             return
         s, t = fuse_norm_and_affine(self.norm1, self.token_mixer)
         self.norm_reparam = group_norm_1(self.dim).to(device=s.device, dtype=s.dtype)
+        self.norm_reparam.eps = self.norm1.eps   # upstream builds it from norm1's config
         self.norm_reparam.weight.data = s.detach().clone()
         self.norm_reparam.bias.data = t.detach().clone()
         del self.norm1

@@ -86,12 +86,18 @@ def available_backends() -> dict[str, BackendInfo]:
     return result
 
 
-def requested_backend() -> str:
-    """The backend asked for now: use_backend(...) > $RIFORMER_BACKEND > 'auto'."""
+def requested_backend(block=None) -> str:
+    """The backend asked for now: use_backend(...) > $RIFORMER_BACKEND > the block's own
+    `backend` attribute (set by `rk.convert(model, backend=...)`) > 'auto'."""
     name = _selected or os.environ.get('RIFORMER_BACKEND', '').strip() or 'auto'
     if name != 'auto' and name not in BACKEND_NAMES:
         raise ValueError(f"RIFORMER_BACKEND={name!r} is not a backend; choose one of "
                          f"{('auto',) + BACKEND_NAMES}")
+    if name == 'auto' and block is not None:
+        name = getattr(block, 'backend', None) or 'auto'
+        if name != 'auto' and name not in BACKEND_NAMES:
+            raise ValueError(f"block.backend={name!r} is not a backend; choose one of "
+                             f"{('auto',) + BACKEND_NAMES}")
     return name
 
 
@@ -126,7 +132,7 @@ def _why_not(backend: Backend, block, x) -> str | None:
 
 
 def choose_backend(block, x: torch.Tensor) -> Choice:
-    name = requested_backend()
+    name = requested_backend(block)
     if name != 'auto':
         backend = get_backend(name)
         reason = _why_not(backend, block, x)
@@ -146,7 +152,7 @@ def choose_backend(block, x: torch.Tensor) -> Choice:
 def explain_dispatch(block, x: torch.Tensor) -> str:
     """A readable account of which backend `block(x)` would run and why."""
     choice = choose_backend(block, x)
-    lines = [f"requested: {requested_backend()}", f"chosen: {choice.backend.name}"]
+    lines = [f"requested: {requested_backend(block)}", f"chosen: {choice.backend.name}"]
     lines += [f"skipped {name}: {reason}" for name, reason in choice.skipped]
     note = choice.backend.note(block, x)
     if note:
