@@ -295,6 +295,22 @@ class FusedBlockFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None, None)
 
 
+class EmptyBatchFunction(torch.autograd.Function):
+    """A batch of N=0 samples: an empty output, an empty dx and zero gradients for every
+    parameter (each is a sum over no samples), as the reference gives, without launching a
+    kernel (launch rules divide by N; a CUDA grid of zero blocks is invalid)."""
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        ctx.shapes = [(v.shape, v.dtype, v.device) for v in params]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (torch.zeros_like(g), *(torch.zeros(shape, dtype=dtype, device=device)
+                                       for shape, dtype, device in ctx.shapes))
+
+
 def block_forward(ks: KernelSet, x: torch.Tensor, p: BlockParams, dp1=None, dp2=None,
                   recompute: bool = True, chain_statistics: bool = False) -> torch.Tensor:
     """One block through kernel set `ks`. dp1/dp2: per-sample drop-path factors (N,) or None.
@@ -305,6 +321,8 @@ def block_forward(ks: KernelSet, x: torch.Tensor, p: BlockParams, dp1=None, dp2=
     s, t, l1, l2 = p.fold_inputs(x.shape[0], fold.stats_dtype(x.dtype), dp1, dp2)
     chain = chained_moments(x, ks.name)
     args = (x, s, t, l1, l2, p.g2, p.beta2, p.w1, p.b1, p.w2, p.b2)
+    if x.shape[0] == 0:       # a shape, not a value: no sync, a static branch when compiled
+        return EmptyBatchFunction.apply(*args)
     if torch.is_grad_enabled() and any(v.requires_grad for v in args):
         cargs = chain if chain is not None else (None, None, 0)
         out, m1, m2 = FusedBlockFunction.apply(*args, p.eps1, p.eps2, *cargs, ks.name,
