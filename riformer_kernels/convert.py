@@ -19,7 +19,8 @@ ValueError naming the module and the difference, and changes nothing. Two checks
 The fused block shares the original's modules and parameters (the same GroupNorm and Conv2d
 objects, the same layer-scale Parameters: an optimizer built before the conversion keeps
 training them), keeps its form, its eps values and its training/eval mode, and has the same
-state_dict keys.
+state_dict keys. Hooks registered on the original block module itself (not on its children,
+which are shared) do not carry over.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def convert(model: nn.Module, backend: str = 'auto'):
     for parent, name, _, module in found:
         setattr(parent, name, fused[id(module)])
     _chain_sequential_neighbours(model, fused)
-    return model, len(found)
+    return model, len(fused)          # a block reachable by two paths is one block
 
 
 def _collect(module, parent, name, path, found) -> None:
@@ -147,6 +148,9 @@ def _check_structure(path, block):
     checking every submodule is what upstream builds."""
     dim = block.layer_scale_1.shape[0]
     deploy = hasattr(block, 'norm_reparam')
+    buffers = [name for name, _ in block.named_buffers()]
+    if buffers:
+        _refuse(path, block, f"it has buffers {buffers[:4]}, which upstream's block has not")
     if block.layer_scale_1.shape != (dim,) or block.layer_scale_2.shape != (dim,):
         _refuse(path, block, f"layer scales of shapes {tuple(block.layer_scale_1.shape)}, "
                 f"{tuple(block.layer_scale_2.shape)}; expected ({dim},)")

@@ -135,3 +135,21 @@ def test_a_stage_under_autocast_keeps_chained_statistics(backend):
         with counter:
             b2(y)
     assert counter.counts.get('riformer.moments.default') is None, counter.counts
+
+
+@pytest.mark.parametrize('backend', [_usable('cpu')])
+def test_autocast_block_compiles_fullgraph_and_matches_eager(backend):
+    """Under autocast the casts and the autocast-disabled region trace into one graph; the
+    aot_eager backend runs the same kernels eagerly, so output and gradients are the same bits."""
+    block = make_block(16, dtype=torch.float32)
+    x = random_input((2, 16, 5, 4), AUTOCAST_DTYPE)
+    results = []
+    for compiled in (False, True):
+        b, xi = copy.deepcopy(block), x.clone().requires_grad_(True)
+        run = torch.compile(b, fullgraph=True, backend='aot_eager') if compiled else b
+        with torch.autocast('cpu', dtype=AUTOCAST_DTYPE), rk.use_backend(backend):
+            out = run(xi)
+        out.float().square().sum().backward()
+        results.append([out, xi.grad] + [p.grad for p in b.parameters()])
+    for got, want in zip(*results[::-1]):
+        assert torch.equal(got, want)

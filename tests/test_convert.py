@@ -125,6 +125,13 @@ def test_converted_block_runs_the_fused_kernels_and_switches_to_deploy():
         assert rel_err(fused(x), block(x)) <= 1e-5
 
 
+def test_a_block_reachable_twice_is_replaced_once_everywhere():
+    shared = randomize_(UpstreamBlock(8))
+    model = nn.Sequential(shared, nn.Sequential(shared))
+    model, count = rk.convert(model)
+    assert count == 1 and model[0] is model[1][0] and isinstance(model[0], rk.RIFormerBlock)
+
+
 def test_converting_twice_and_fused_models_change_nothing():
     model = rk.RIFormer({'layers': [1, 1], 'embed_dims': [8, 16], 'mlp_ratios': [4, 4],
                          'layer_scale_init_value': 1e-5}, out_indices=(2,))
@@ -174,6 +181,12 @@ def _mixer_without_minus(dim):
     return block
 
 
+def _with_buffer(dim):
+    block = UpstreamBlock(dim)
+    block.register_buffer('running', torch.zeros(dim))
+    return block
+
+
 def _extra_parameter(dim):
     block = UpstreamBlock(dim)
     block.gate = nn.Parameter(torch.ones(dim))
@@ -188,8 +201,9 @@ def _extra_parameter(dim):
     (lambda: NoFirstResidual(8), 'differs from upstream'),
     (lambda: _mixer_without_minus(8), 'differs from upstream'),
     (lambda: _extra_parameter(8), r"extra \['gate'\]"),
+    (lambda: _with_buffer(8), r"buffers \['running'\]"),
 ], ids=['tanh_gelu', 'relu', 'two_groups', 'gn_subclass', 'no_residual', 'mixer_no_minus',
-        'extra_param'])
+        'extra_param', 'buffer'])
 def test_same_names_different_semantics_is_refused_and_nothing_changes(make, match):
     torch.manual_seed(0)
     bad = make()
