@@ -141,9 +141,10 @@ def kernel_set(name: str) -> KernelSet:
 # autocast
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast would run a conv on x's device in, or None when autocast is off."""
+    """The dtype autocast would run a conv on x in, or None when autocast is off for x's device
+    or leaves x alone (autocast never casts float64 operands)."""
     device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    if not torch.is_autocast_enabled(device) or x.dtype == torch.float64:
         return None
     return torch.get_autocast_dtype(device)
 
@@ -178,7 +179,8 @@ def _block_call(ks: KernelSet, block, x: torch.Tensor, dp1, dp2) -> torch.Tensor
     # fused MLP: x and the conv weights and biases in the autocast dtype. The casts are inside
     # autograd, so the gradients reach the fp32 parameters (and x) in their own dtype. Nothing
     # else is cast: the statistics run in fp32 (fold.stats_dtype) and the norm/mixer/layer-scale
-    # parameters enter the fold in fp32, as autocast keeps GroupNorm in fp32. A previous fused
+    # parameters enter the fold in fp32, as autocast's GroupNorm keeps fp32 statistics and
+    # parameters (CUDA autocast runs it in fp32 outright). A previous fused
     # block's output is already in the autocast dtype, so the cast is a no-op there and its
     # chained statistics still match.
     p = dataclasses.replace(p, **{k: getattr(p, k).to(dtype) for k in ('w1', 'b1', 'w2', 'b2')})

@@ -153,3 +153,18 @@ def test_autocast_block_compiles_fullgraph_and_matches_eager(backend):
         results.append([out, xi.grad] + [p.grad for p in b.parameters()])
     for got, want in zip(*results[::-1]):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize('backend', [_usable('cpu')])
+def test_float64_under_autocast_stays_float64(backend):
+    """Autocast never casts float64 operands, so neither does the pipeline: an fp64 block under
+    autocast is the fp64 computation, within rounding of the fp64 reference."""
+    block = make_block(8)
+    x = random_input((2, 8, 3, 3))
+    with torch.autocast('cpu', dtype=AUTOCAST_DTYPE):
+        assert 'note:' not in rk.explain_dispatch(block, x)
+        with rk.use_backend(backend):
+            out = block(x)
+        with rk.use_backend('reference'):
+            want = block(x)
+    assert out.dtype == torch.float64 and rel_err(out, want) <= 1e-10
