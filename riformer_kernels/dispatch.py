@@ -1,7 +1,8 @@
 """Backend registry and selection: which implementation runs a block, and why.
 
 Selection order of precedence: `use_backend(...)` (global setter or context manager), then the
-environment variable RIFORMER_BACKEND, then `auto`. `auto` walks a per-device preference list and
+environment variable RIFORMER_BACKEND, then the block's own `backend` attribute (what
+`rk.convert(model, backend=...)` sets), then `auto`. `auto` walks a per-device preference list and
 takes the first backend that is usable and supports the call; `explain_dispatch` says which one
 that is and why each one before it was skipped. An explicitly requested backend that cannot run
 raises `BackendUnavailableError` with the reason instead of silently falling back.
