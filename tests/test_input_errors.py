@@ -81,6 +81,8 @@ def test_input_and_parameter_dtypes_differ_outside_autocast(backend, deploy):
 
 @FORMS
 @pytest.mark.parametrize('backend', BACKENDS)
+# the Triton interpreter computes in numpy, which warns on the NaN arithmetic this test asks for
+@pytest.mark.filterwarnings('ignore:invalid value encountered:RuntimeWarning')
 def test_nan_and_inf_propagate_like_the_reference(backend, deploy):
     """A NaN in sample 0 and an Inf in sample 1 make those samples' outputs (and their dx)
     NaN everywhere, through their statistics, as in the reference; sample 2 stays finite and
