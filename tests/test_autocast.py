@@ -36,11 +36,10 @@ def _usable(name):
     return pytest.param(name, marks=pytest.mark.skipif(not info.usable, reason=info.reason))
 
 
-def _run(block, x, g, backend, autocast):
+def _run(block, x, g, backend, autocast, dtype=AUTOCAST_DTYPE):
     block = copy.deepcopy(block)
     x = x.detach().clone().requires_grad_(True)
-    with rk.use_backend(backend), torch.autocast(x.device.type, dtype=AUTOCAST_DTYPE,
-                                                 enabled=autocast):
+    with rk.use_backend(backend), torch.autocast(x.device.type, dtype=dtype, enabled=autocast):
         out = block(x)
     out.backward(g.to(out.dtype))
     grads = {'x': x.grad}
@@ -48,25 +47,26 @@ def _run(block, x, g, backend, autocast):
     return out.detach(), grads
 
 
-def _check_twice_reference_error(backend, deploy, seed, shape, device='cpu', **block_kwargs):
+def _check_twice_reference_error(backend, deploy, seed, shape, device='cpu',
+                                 dtype=AUTOCAST_DTYPE, **block_kwargs):
     torch.manual_seed(seed)
     block = make_block(shape[1], deploy=deploy, dtype=torch.float32, device=device,
                        **block_kwargs)
-    x = random_input(shape, dtype=AUTOCAST_DTYPE, device=device)
-    g = torch.randn(shape, dtype=torch.float64).to(AUTOCAST_DTYPE).to(device)
+    x = random_input(shape, dtype=dtype, device=device)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
     # One seed for the three runs: with drop path they draw the same masks (a mask drawn
     # differently would change the output by the whole branch, far above the rule).
     torch.manual_seed(seed)
     truth, grads_truth = _run(copy.deepcopy(block).double(), x.double(), g.double(), 'reference',
                               False)
     torch.manual_seed(seed)
-    ref, grads_ref = _run(block, x, g, 'reference', True)
+    ref, grads_ref = _run(block, x, g, 'reference', True, dtype)
     torch.manual_seed(seed)
-    out, grads = _run(block, x, g, backend, True)
-    assert out.dtype == AUTOCAST_DTYPE and ref.dtype == torch.float32
+    out, grads = _run(block, x, g, backend, True, dtype)
+    assert out.dtype == dtype and ref.dtype == torch.float32
     # the gradients reach the fp32 parameters in their own dtype
     assert all(grads[k].dtype == torch.float32 for k in grads if k != 'x')
-    rounding = rel_err(truth.to(AUTOCAST_DTYPE), truth)
+    rounding = rel_err(truth.to(dtype), truth)
     checks = {'out': (rel_err(out, truth), rel_err(ref, truth) * 2 + rounding)}
     checks.update({k: (rel_err(grads[k], grads_truth[k]), 2 * rel_err(grads_ref[k], grads_truth[k]))
                    for k in grads_truth})
@@ -80,6 +80,15 @@ def _check_twice_reference_error(backend, deploy, seed, shape, device='cpu', **b
 @pytest.mark.parametrize('backend', [_usable('cpu')])
 def test_cpu_under_autocast_within_twice_reference_error(backend, deploy, seed):
     _check_twice_reference_error(backend, deploy, seed, (2, 32, 6, 5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=['fp16', 'bf16'])
+@pytest.mark.parametrize('deploy', [False, True], ids=['train_form', 'deploy_form'])
+def test_triton_under_cuda_autocast_at_s12_stage_widths(deploy, dtype):
+    """CUDA autocast, both half dtypes, compiled kernels, S12's stage 1 and 3 widths."""
+    for seed, shape in ((0, (4, 64, 14, 14)), (1, (4, 320, 7, 7))):
+        _check_twice_reference_error('triton', deploy, seed, shape, device='cuda', dtype=dtype)
 
 
 @pytest.mark.parametrize('backend', [_usable('cpu')])
