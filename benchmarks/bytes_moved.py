@@ -167,9 +167,10 @@ def _instrument_cuda_emu(counter: _Counter):
     """Count the emulated CUDA launches, when the emulated library is loaded in this process."""
     import sys
     emu = sys.modules.get('riformer_kernels.backends.cuda_emu')
-    if emu is None or emu._lib is None:
+    if emu is None or (emu._lib is None and not emu.ENABLED):
         yield
         return
+    emu.library()   # built before counting starts (the first launch would otherwise build it)
     with emu.counting_global_bytes() as log:
         yield
     for e in log:

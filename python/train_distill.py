@@ -13,6 +13,12 @@ downloaded.
 
     python python/train_distill.py --out docs/results/distill      # a few minutes on CPU
     python python/train_distill.py --quick --out /tmp/distill       # seconds (CI)
+    torchrun --standalone --nproc_per_node 2 python/train_distill.py --quick --out /tmp/distill
+
+Under torchrun (one node) every run trains with DistributedDataParallel on the gloo backend:
+each global batch of --batch-size images is split between the ranks (rank r takes every
+world-th image from r), the ranks' gradients are averaged, and only rank 0 writes checkpoints,
+results and plots (the other ranks read the teacher checkpoint rank 0 wrote, after a barrier).
 """
 from __future__ import annotations
 
@@ -28,7 +34,9 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import riformer_kernels as rk
 from riformer_kernels.atomic import replacing
@@ -39,6 +47,72 @@ QUICK_ARCH = dict(layers=[1, 1, 1, 1], embed_dims=[8, 12, 16, 24])
 # 32x32 input: a 3x3 stride-2 stem gives 16x16 tokens, then 8, 4, 2 per stage (the default
 # 7x7 stride-4 stem would leave the last stage 1x1, where pooling is the identity).
 STEM = dict(in_channels=1, in_patch_size=3, in_stride=2, in_pad=1)
+
+
+class Distributed:
+    """This process's place in a torchrun job: rank and world size from torchrun's environment
+    (RANK, WORLD_SIZE, LOCAL_RANK); rank 0 of a world of 1 without torchrun."""
+    rank = 0
+    world = 1
+    local_rank = 0
+
+    @classmethod
+    def init_from_env(cls) -> None:
+        cls.world = int(os.environ.get('WORLD_SIZE', '1'))
+        if cls.world <= 1:
+            return
+        cls.rank = int(os.environ['RANK'])
+        cls.local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+        # CPU training: gloo (the fused cpu kernels run on CPU tensors). torchrun sets
+        # MASTER_ADDR/MASTER_PORT, which the env:// rendezvous reads.
+        dist.init_process_group('gloo', init_method='env://', rank=cls.rank,
+                                world_size=cls.world)
+
+    @classmethod
+    def is_main(cls) -> bool:
+        return cls.rank == 0
+
+    @classmethod
+    def barrier(cls) -> None:
+        if cls.world > 1:
+            dist.barrier()
+
+
+class ShardedBatches:
+    """This rank's part of every global batch of `batches` (rank r: images r, r + world, ...).
+    Every rank sees the same shuffle and augmentation (seeded per epoch), so the parts are
+    disjoint and together are the global batch. A global batch smaller than the world (a short
+    last batch) is skipped on every rank: a rank with no images would have no loss to average."""
+
+    def __init__(self, batches: D.TensorBatches, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        n, bs = self.batches.images.shape[0], self.batches.batch_size
+        return n // bs + (1 if n % bs >= self.world else 0)
+
+    def epoch(self, epoch: int):
+        for x, y in self.batches.epoch(epoch):
+            if x.shape[0] >= self.world:
+                yield x[self.rank::self.world], y[self.rank::self.world]
+
+
+class DataParallel(DistributedDataParallel):
+    """DDP whose state_dict is the wrapped model's (a checkpoint loads into the plain model)
+    and whose other attributes (backbone, switch_to_deploy, ...) are the model's, so the
+    Trainer and the capture helpers see the model they expect."""
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
 
 
 def load_digits(seed: int, quick: bool, train_size: int | None = None):
@@ -100,11 +174,15 @@ def train_run(name, model, loss_cfg, args, data, teacher=None):
     x_tr, y_tr, x_te, y_te = data
     batches = D.TensorBatches(x_tr, y_tr, args.batch_size, seed=args.seed,
                               transform=random_shift(2))
-    ck_dir = os.path.join(args.out, 'checkpoints', name)
+    # Only rank 0 writes checkpoints (resuming under torchrun is refused in main).
+    ck_dir = os.path.join(args.out, 'checkpoints', name) if Distributed.is_main() else None
+    if Distributed.world > 1:
+        batches = ShardedBatches(batches, Distributed.rank, Distributed.world)
+        model = DataParallel(model)
     cfg = D.TrainConfig(epochs=args.teacher_epochs if name == 'teacher' else args.epochs,
                         lr=args.lr, weight_decay=0.05, warmup_epochs=args.warmup_epochs,
                         accumulation=args.accumulation, checkpoint_dir=ck_dir,
-                        progress_bar=not args.no_progress, desc=name)
+                        progress_bar=not args.no_progress and Distributed.is_main(), desc=name)
     trainer = D.Trainer(model, cfg, D.DistillationLoss(loss_cfg), teacher=teacher,
                         evaluate=lambda m: dict(test_acc=D.accuracy(m, x_te, y_te)))
     before = rss_mib()
@@ -164,8 +242,11 @@ def one_run(index: int, args) -> None:
     r = train_run(name, model, cfg, args, data, teacher)
     if name != 'teacher':
         model.switch_to_deploy()
-    r.update(label=label, test_acc=D.accuracy(model, data[2], data[3]))
-    write_atomically(os.path.join(args.out, 'checkpoints', name, 'result.json'), json.dumps(r))
+    r.update(label=label, test_acc=D.accuracy(model, data[2], data[3]),
+             world_size=Distributed.world)
+    if Distributed.is_main():
+        write_atomically(os.path.join(args.out, 'checkpoints', name, 'result.json'),
+                         json.dumps(r))
 
 
 def backend_times(student, teacher, loss_cfg, data, batch_size, steps):
@@ -278,21 +359,32 @@ def main(argv=None):
                    help='run everything in this process (faster start; the peak-RSS column is '
                    'then the cumulative high-water mark); implied by --quick')
     args = p.parse_args(argv)
+    Distributed.init_from_env()
+    if Distributed.world > 1:
+        if args.resume:
+            raise SystemExit("--resume is not supported under torchrun (only rank 0 keeps "
+                             "checkpoints)")
+        args.same_process = True      # the runs cannot be child processes of a torchrun rank
     if args.quick:
         args.epochs = args.teacher_epochs = 1
         args.warmup_epochs = 0
         args.same_process = True
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
     args.load_at_start = os.getloadavg()[0]
-    if not args.resume:
-        shutil.rmtree(os.path.join(args.out, 'checkpoints'), ignore_errors=True)
+    if Distributed.is_main():
+        os.makedirs(args.out, exist_ok=True)
+        if not args.resume:
+            shutil.rmtree(os.path.join(args.out, 'checkpoints'), ignore_errors=True)
+    Distributed.barrier()
     results = []
     ctx = multiprocessing.get_context('spawn')
     for index, (name, *_rest) in enumerate(RUNS):
         if args.same_process:
             one_run(index, args)
+            Distributed.barrier()     # the next run reads the checkpoints rank 0 wrote
+            if not Distributed.is_main():
+                continue
         else:
             proc = ctx.Process(target=one_run, args=(index, args))
             proc.start()
@@ -307,6 +399,11 @@ def main(argv=None):
                   f"from the training form's {results[-1]['test_acc_train_form']}",
                   file=sys.stderr)
 
+    if not Distributed.is_main():
+        # Timing and reporting are rank 0's (one process timing the backends alone).
+        Distributed.barrier()
+        dist.destroy_process_group()
+        return results
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_digits(args.seed, args.quick, args.train_size)
@@ -317,12 +414,17 @@ def main(argv=None):
                           loss_config('recipe', args.temperature), data, args.batch_size,
                           steps=3 if args.quick else 10)
     write_results(args, results, times, argv, (data[0].shape[0], data[2].shape[0]))
+    if Distributed.world > 1:
+        Distributed.barrier()
+        dist.destroy_process_group()
     return results
 
 
 def write_results(args, results, times, argv, sizes):
-    command = 'python python/train_distill.py ' + ' '.join(argv if argv is not None
-                                                             else sys.argv[1:])
+    launcher = (f'torchrun --standalone --nproc_per_node {Distributed.world}'
+                if Distributed.world > 1 else 'python')
+    command = f'{launcher} python/train_distill.py ' + ' '.join(argv if argv is not None
+                                                                else sys.argv[1:])
     lines = [f"# RIFormer distillation on digits (32x32)", "",
              f"- command: `{command.strip()}`",
              f"- machine: {machine()}",

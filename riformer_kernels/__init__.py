@@ -9,7 +9,9 @@ from .backends.cpu import cpu_isa_info, use_cpu_isa
 from .capture import MixerIO, capture_mixer_io, capture_stage_outputs
 from .poolformer import PoolFormer, PoolFormerBlock, PoolFormerClassifier, student_from_teacher
 from .timm_teacher import poolformer_from_timm
+from .onnx_export import export_onnx
 from . import distill  # noqa: F401  (rk.distill: the distillation losses and trainer)
+from .convert import convert
 
 __all__ = [
     'RIFormerBlock', 'RIFormer', 'RIFormerClassifier', 'create_model', 'load_checkpoint',
@@ -17,5 +19,6 @@ __all__ = [
     'register_backend', 'BackendUnavailableError', 'set_recompute', 'cpu_isa_info', 'use_cpu_isa',
     'MixerIO', 'capture_mixer_io', 'capture_stage_outputs', 'PoolFormer', 'PoolFormerBlock',
     'PoolFormerClassifier', 'student_from_teacher', 'poolformer_from_timm', 'distill',
+    'export_onnx', 'convert',
 ]
 __version__ = '0.1.0'

@@ -58,9 +58,14 @@ class RIFormerBlock(nn.Module):
         if weight.device != x.device:
             raise ValueError(f"input is on {x.device} but the block's parameters are on "
                              f"{weight.device}; move one of them")
-        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"input dtype {x.dtype} differs from the block's parameter dtype "
-                            f"{weight.dtype}; cast the block or the input (or use autocast)")
+        if not torch.is_autocast_enabled(x.device.type):
+            # Every parameter, not only fc1's: a block cast in parts would otherwise reach a
+            # kernel's own dtype check (or a silent promotion in the reference).
+            for name, param in self.named_parameters():
+                if param.dtype != x.dtype:
+                    raise TypeError(f"input dtype {x.dtype} differs from the block's parameter "
+                                    f"dtype {param.dtype} ({name}); cast the block or the "
+                                    f"input (or use autocast)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -80,6 +85,7 @@ class RIFormerBlock(nn.Module):
             return
         s, t = fuse_norm_and_affine(self.norm1, self.token_mixer)
         self.norm_reparam = group_norm_1(self.dim).to(device=s.device, dtype=s.dtype)
+        self.norm_reparam.eps = self.norm1.eps   # upstream builds it from norm1's config
         self.norm_reparam.weight.data = s.detach().clone()
         self.norm_reparam.bias.data = t.detach().clone()
         del self.norm1

@@ -1,7 +1,8 @@
 """Backend registry and selection: which implementation runs a block, and why.
 
 Selection order of precedence: `use_backend(...)` (global setter or context manager), then the
-environment variable RIFORMER_BACKEND, then `auto`. `auto` walks a per-device preference list and
+environment variable RIFORMER_BACKEND, then the block's own `backend` attribute (what
+`rk.convert(model, backend=...)` sets), then `auto`. `auto` walks a per-device preference list and
 takes the first backend that is usable and supports the call; `explain_dispatch` says which one
 that is and why each one before it was skipped. An explicitly requested backend that cannot run
 raises `BackendUnavailableError` with the reason instead of silently falling back.
@@ -47,6 +48,9 @@ class Backend:
     forward: Callable | None = None
     auto_declines: Callable[[object, torch.Tensor], str | None] = field(
         default=lambda block, x: None)
+    # note(block, x) -> None, or what the backend does differently for this call (e.g. under
+    # autocast); explain_dispatch prints it for the chosen backend.
+    note: Callable[[object, torch.Tensor], str | None] = field(default=lambda block, x: None)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -83,12 +87,18 @@ def available_backends() -> dict[str, BackendInfo]:
     return result
 
 
-def requested_backend() -> str:
-    """The backend asked for now: use_backend(...) > $RIFORMER_BACKEND > 'auto'."""
+def requested_backend(block=None) -> str:
+    """The backend asked for now: use_backend(...) > $RIFORMER_BACKEND > the block's own
+    `backend` attribute (set by `rk.convert(model, backend=...)`) > 'auto'."""
     name = _selected or os.environ.get('RIFORMER_BACKEND', '').strip() or 'auto'
     if name != 'auto' and name not in BACKEND_NAMES:
         raise ValueError(f"RIFORMER_BACKEND={name!r} is not a backend; choose one of "
                          f"{('auto',) + BACKEND_NAMES}")
+    if name == 'auto' and block is not None:
+        name = getattr(block, 'backend', None) or 'auto'
+        if name != 'auto' and name not in BACKEND_NAMES:
+            raise ValueError(f"block.backend={name!r} is not a backend; choose one of "
+                             f"{('auto',) + BACKEND_NAMES}")
     return name
 
 
@@ -123,7 +133,7 @@ def _why_not(backend: Backend, block, x) -> str | None:
 
 
 def choose_backend(block, x: torch.Tensor) -> Choice:
-    name = requested_backend()
+    name = requested_backend(block)
     if name != 'auto':
         backend = get_backend(name)
         reason = _why_not(backend, block, x)
@@ -143,8 +153,11 @@ def choose_backend(block, x: torch.Tensor) -> Choice:
 def explain_dispatch(block, x: torch.Tensor) -> str:
     """A readable account of which backend `block(x)` would run and why."""
     choice = choose_backend(block, x)
-    lines = [f"requested: {requested_backend()}", f"chosen: {choice.backend.name}"]
+    lines = [f"requested: {requested_backend(block)}", f"chosen: {choice.backend.name}"]
     lines += [f"skipped {name}: {reason}" for name, reason in choice.skipped]
+    note = choice.backend.note(block, x)
+    if note:
+        lines.append(f"note: {note}")
     return "\n".join(lines)
 
 

@@ -7,6 +7,8 @@ ImageClassifier with a GlobalAveragePooling neck and a LinearClsHead.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -240,15 +242,33 @@ class RIFormerClassifier(nn.Module):
 MODEL_NAMES = tuple(f'riformer_{a}' for a in ARCH_SETTINGS)
 
 
-def create_model(name: str, num_classes: int = 1000, checkpoint=None, deploy: bool = False,
-                 **kwargs) -> RIFormerClassifier:
-    """`riformer_s12` ... `riformer_m48` as a classifier; optionally load an upstream checkpoint."""
+def create_model(name: str, num_classes: int | None = None, checkpoint=None,
+                 deploy: bool = False, **kwargs) -> RIFormerClassifier:
+    """`riformer_s12` ... `riformer_m48` as a classifier; optionally load an upstream checkpoint.
+
+    `num_classes`: None takes the checkpoint's (its `head.fc.weight` rows), else 1000. Given
+    and different from a checkpoint's head (fine-tuning: a 1000-class ImageNet checkpoint into a
+    K-class model), the backbone is loaded exactly and the head keeps its fresh initialisation;
+    a HeadNotLoadedWarning names the skipped keys (timm's behaviour). Every other key must
+    match as in `load_checkpoint(strict=True)`.
+    """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+    state = None
+    if checkpoint is not None:
+        state = _read_state_dict(checkpoint, weights_only=True)
+        if num_classes is None:
+            head = _head_weight(state)
+            num_classes = 1000 if head is None else int(head.shape[0])
+    if num_classes is None:
+        num_classes = 1000
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     model = RIFormerClassifier(name[len('riformer_'):], num_classes=num_classes, deploy=deploy,
                                **kwargs)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+    if state is not None:
+        _load_checkpoint(model, state, strict=True, weights_only=True,
+                         skip_mismatched_head=True, stacklevel=3)
     return model
 
 
@@ -256,6 +276,23 @@ def create_model(name: str, num_classes: int = 1000, checkpoint=None, deploy: bo
 # Checkpoints
 
 _IGNORED_PREFIXES = ('data_preprocessor.',)
+# The classifier head (upstream's LinearClsHead): the only keys a fine-tuning load may skip.
+HEAD_PREFIX = 'head.'
+
+
+class HeadNotLoadedWarning(UserWarning):
+    """A checkpoint's classifier head did not fit the model's (another number of classes, or
+    no head in the file) and was skipped; the model keeps its fresh head. `keys`: the skipped
+    model keys."""
+
+    def __init__(self, message: str, keys=()):
+        super().__init__(message)
+        self.keys = list(keys)
+
+
+def _head_weight(state: Mapping):
+    """The `head.fc.weight` of a state dict read by `_read_state_dict`, or None."""
+    return state.get('head.fc.weight')
 
 
 def _read_state_dict(source, weights_only: bool) -> dict:
@@ -319,7 +356,7 @@ def _convert_to_deploy_form(state: dict, model: nn.Module) -> dict:
 
 
 def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
-                    weights_only: bool = True) -> nn.Module:
+                    weights_only: bool = True, skip_mismatched_head: bool = False) -> nn.Module:
     """Load an upstream checkpoint (file or dict) into a RIFormer / RIFormerClassifier / block.
 
     Accepts a `state_dict` entry or a bare dict, with or without `backbone.`/`head.` prefixes, in
@@ -327,11 +364,37 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
     converted. A deploy-form checkpoint cannot fill a training-form model (norm1 and the affine
     mixer are not recoverable from their product). All missing, unexpected and mis-shaped keys
     are reported together in one error.
+
+    `skip_mismatched_head` (fine-tuning with another number of classes; what `create_model`
+    does): classifier head keys (`head.*`) that are mis-shaped or absent from the checkpoint
+    are left out, the model keeps its own head, and a HeadNotLoadedWarning names them. Every
+    other key is checked as without it.
     """
+    return _load_checkpoint(model, path_or_state_dict, strict, weights_only,
+                            skip_mismatched_head, stacklevel=3)
+
+
+def _load_checkpoint(model, path_or_state_dict, strict, weights_only, skip_mismatched_head,
+                     stacklevel):
+    """load_checkpoint's work; `stacklevel` makes the warning point at the user's call (through
+    load_checkpoint or create_model)."""
     state = _read_state_dict(path_or_state_dict, weights_only)
     state = _match_prefixes(state, model)
     state = _convert_to_deploy_form(state, model)
     expected = model.state_dict()
+    skipped, skipped_keys = [], []
+    if skip_mismatched_head and isinstance(model, RIFormerClassifier):
+        head = [k for k in expected if k.startswith(HEAD_PREFIX)]
+        # All of the head or none of it: a weight from the file beside a fresh bias is no
+        # head at all.
+        if any(k not in state or tuple(state[k].shape) != tuple(expected[k].shape)
+               for k in head):
+            skipped = [f"{k} (checkpoint {tuple(state[k].shape)}, model "
+                       f"{tuple(expected[k].shape)})" if k in state else
+                       f"{k} (not in the checkpoint)" for k in head]
+            skipped_keys = head
+            state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+            expected = {k: v for k, v in expected.items() if not k.startswith(HEAD_PREFIX)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mis_shaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model "
@@ -352,5 +415,53 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
                     "model with deploy=True)")
         raise ValueError("checkpoint does not match the model" + hint + ":\n  " +
                          "\n  ".join(problems))
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=strict)
+    if skipped:   # said only once the rest is known to load
+        warnings.warn(HeadNotLoadedWarning(
+            "checkpoint head does not fit the model's; kept the model's fresh head, skipped: "
+            + ", ".join(skipped), skipped_keys), stacklevel=stacklevel)
+    # Every key in `expected` has been checked above; only skipped head keys are not loaded.
+    model.load_state_dict({k: v for k, v in state.items() if k in expected},
+                          strict=strict and len(expected) == len(model.state_dict()))
     return model
+
+
+_STAGE_KEY = re.compile(r'(?:backbone\.)?network\.(\d+)\.(\d+)\.norm2\.weight')
+
+
+def describe_checkpoint(path_or_state_dict, weights_only: bool = True) -> dict:
+    """What a RIFormer classifier or backbone checkpoint holds, from its keys and shapes alone:
+    `arch` (a name of ARCH_SETTINGS when layers, widths and MLP ratios are one of them, else
+    a dict for RIFormer(arch=...)), `num_classes` (None for a backbone-only file), `deploy`,
+    `in_channels` and `in_patch_size` of the stem, `out_indices` (the output norms present).
+    The stem's stride and padding are not in the weights: upstream's defaults are assumed.
+    Raises ValueError for a file without RIFormer stages."""
+    state = _read_state_dict(path_or_state_dict, weights_only)
+    blocks: dict[int, set] = {}
+    for key in state:
+        m = _STAGE_KEY.fullmatch(key)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if not blocks:
+        raise ValueError("the checkpoint has no RIFormer stages (no network.{i}.{j}.norm2 "
+                         "keys); is it a RIFormer checkpoint?")
+    prefix = 'backbone.' if any(k.startswith('backbone.') for k in state) else ''
+    stages = sorted(blocks)
+    layers = [len(blocks[i]) for i in stages]
+    embed_dims = [int(state[f'{prefix}network.{i}.0.norm2.weight'].numel()) for i in stages]
+    mlp_ratios = [state[f'{prefix}network.{i}.0.mlp.fc1.weight'].shape[0] / d
+                  for i, d in zip(stages, embed_dims)]
+    arch = dict(layers=layers, embed_dims=embed_dims, mlp_ratios=mlp_ratios)
+    for name, setting in ARCH_SETTINGS.items():
+        if (setting['layers'], setting['embed_dims'], setting['mlp_ratios']) == (
+                layers, embed_dims, mlp_ratios):
+            arch = name
+            break
+    stem = state.get(f'{prefix}patch_embed.proj.weight')
+    head = _head_weight(state)
+    norms = sorted(int(m.group(1)) for k in state
+                   if (m := re.fullmatch(re.escape(prefix) + r'norm(\d+)\.weight', k)))
+    return dict(arch=arch, num_classes=None if head is None else int(head.shape[0]),
+                deploy=any('.norm_reparam.' in k for k in state),
+                in_channels=None if stem is None else int(stem.shape[1]),
+                in_patch_size=None if stem is None else int(stem.shape[-1]),
+                out_indices=tuple(norms) or None)

@@ -19,6 +19,7 @@ differentiated by autograd, and so an independent check of this pipeline.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -87,7 +88,8 @@ class KernelSet:
 
     availability() -> None when usable in this process, else why not.
     supports(block, x) -> None when the kernels can run this call, else why not (the checks
-        every kernel set shares -- autocast, MLP dropout -- are the pipeline's).
+        every kernel set shares -- MLP dropout -- are the pipeline's). Under autocast x is a
+        stand-in in the autocast dtype: the dtype the kernels will see.
     prepare_input(x) -> x in a layout the kernels read (a copy only where they cannot).
     moments(x) -> Partials of x.
     merge(m1, m2, tokens, span) -> (mean, var), each (N, C) in the statistics dtype.
@@ -123,20 +125,71 @@ def register_kernel_set(kernels: KernelSet) -> None:
     _KERNEL_SETS[kernels.name] = kernels
     register_backend(Backend(
         kernels.name, availability=kernels.availability,
-        supports=lambda block, x: _shared_supports(block, x) or kernels.supports(block, x),
-        auto_declines=kernels.auto_declines,
-        forward=lambda block, x, dp1, dp2: block_forward(
-            kernels, x, BlockParams.of(block), dp1, dp2, recompute_for(block),
-            getattr(block, 'chain_statistics', False))))
+        # The kernel set judges the call in the dtype its kernels will see (autocast's).
+        supports=lambda block, x: (_shared_supports(block, x)
+                                   or kernels.supports(block, _kernel_input_proxy(x))),
+        auto_declines=lambda block, x: kernels.auto_declines(block, _kernel_input_proxy(x)),
+        note=_autocast_note,
+        forward=lambda block, x, dp1, dp2: _block_call(kernels, block, x, dp1, dp2)))
 
 
 def kernel_set(name: str) -> KernelSet:
     return _KERNEL_SETS[name]
 
 
+# ---------------------------------------------------------------------------------------------
+# autocast
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a conv on x in, or None when autocast is off for x's device
+    or leaves x alone (autocast never casts float64 operands)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or x.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _kernel_input_proxy(x: torch.Tensor) -> torch.Tensor:
+    """x itself, or under autocast a stand-in with x's shape and device in the autocast dtype
+    (an expanded one-element tensor: nothing of x's size is allocated just to ask)."""
+    dtype = autocast_dtype(x)
+    if dtype is None or dtype == x.dtype:
+        return x
+    proxy = x.new_empty((1, 1, 1, 1), dtype=dtype).expand(x.shape)
+    return proxy.requires_grad_(x.requires_grad) if x.requires_grad else proxy
+
+
+def _autocast_note(block, x: torch.Tensor) -> str | None:
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return None
+    name = str(dtype).replace('torch.', '')
+    return (f"autocast {name}: x and the MLP weights (fc1, fc2) are cast to {name} as autocast "
+            f"casts a conv's operands; the statistics, the fold and the O(C) parameters stay "
+            f"fp32; the kernels run with autocast disabled and return {name}")
+
+
+def _block_call(ks: KernelSet, block, x: torch.Tensor, dp1, dp2) -> torch.Tensor:
+    p = BlockParams.of(block)
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return block_forward(ks, x, p, dp1, dp2, recompute_for(block),
+                             getattr(block, 'chain_statistics', False))
+    # Under autocast: what autocast does to the block's two convs (fc1, fc2), done once for the
+    # fused MLP: x and the conv weights and biases in the autocast dtype. The casts are inside
+    # autograd, so the gradients reach the fp32 parameters (and x) in their own dtype. Nothing
+    # else is cast: the statistics run in fp32 (fold.stats_dtype) and the norm/mixer/layer-scale
+    # parameters enter the fold in fp32, as autocast's GroupNorm keeps fp32 statistics and
+    # parameters (CUDA autocast runs it in fp32 outright). A previous fused
+    # block's output is already in the autocast dtype, so the cast is a no-op there and its
+    # chained statistics still match.
+    p = dataclasses.replace(p, **{k: getattr(p, k).to(dtype) for k in ('w1', 'b1', 'w2', 'b2')})
+    with torch.autocast(x.device.type, enabled=False):
+        return block_forward(ks, x.to(dtype), p, dp1, dp2, recompute_for(block),
+                             getattr(block, 'chain_statistics', False))
+
+
 def _shared_supports(block, x: torch.Tensor) -> str | None:
-    if torch.is_autocast_enabled(x.device.type):
-        return "autocast is enabled; the fused backends take explicit dtypes (reference runs it)"
     if block.training and block.mlp.drop.p > 0:
         return (f"dropout p={block.mlp.drop.p} inside the MLP is active in training; the fused "
                 f"kernels do not draw dropout masks (the torch backend applies it)")
@@ -244,6 +297,22 @@ class FusedBlockFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None, None)
 
 
+class EmptyBatchFunction(torch.autograd.Function):
+    """A batch of N=0 samples: an empty output, an empty dx and zero gradients for every
+    parameter (each is a sum over no samples), as the reference gives, without launching a
+    kernel (launch rules divide by N; a CUDA grid of zero blocks is invalid)."""
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        ctx.shapes = [(v.shape, v.dtype, v.device) for v in params]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (torch.zeros_like(g), *(torch.zeros(shape, dtype=dtype, device=device)
+                                       for shape, dtype, device in ctx.shapes))
+
+
 def block_forward(ks: KernelSet, x: torch.Tensor, p: BlockParams, dp1=None, dp2=None,
                   recompute: bool = True, chain_statistics: bool = False) -> torch.Tensor:
     """One block through kernel set `ks`. dp1/dp2: per-sample drop-path factors (N,) or None.
@@ -254,6 +323,8 @@ def block_forward(ks: KernelSet, x: torch.Tensor, p: BlockParams, dp1=None, dp2=
     s, t, l1, l2 = p.fold_inputs(x.shape[0], fold.stats_dtype(x.dtype), dp1, dp2)
     chain = chained_moments(x, ks.name)
     args = (x, s, t, l1, l2, p.g2, p.beta2, p.w1, p.b1, p.w2, p.b2)
+    if x.shape[0] == 0:       # a shape, not a value: no sync, a static branch when compiled
+        return EmptyBatchFunction.apply(*args)
     if torch.is_grad_enabled() and any(v.requires_grad for v in args):
         cargs = chain if chain is not None else (None, None, 0)
         out, m1, m2 = FusedBlockFunction.apply(*args, p.eps1, p.eps2, *cargs, ks.name,

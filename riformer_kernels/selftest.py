@@ -1,15 +1,17 @@
 """Quick end-to-end check of every usable backend on this machine against the float64 reference.
 
-    python -m riformer_kernels.selftest [--device cpu|cuda] [--quick] [--interpreter] [--emulated]
+    python -m riformer_kernels.selftest [--device cpu|cuda] [--quick] [--interpreter]
+                                        [--emulated]
 
-For each backend `available_backends()` reports usable on the device (the interpreter-run triton
-backend on CPU tensors only with --interpreter, it is slow; the emulated cuda backend only with
---emulated, and there only the small-C cases), one block per case -- training and
-deploy form, NCHW and channels_last, both memory modes, a drop-path draw, a small C (the
-flash / small-C paths) and a large one (two-GEMM / large-C paths) -- is run forward and
-backward, and the output and every gradient are compared with the reference in float64 on the
-same parameters and input (with a drop path: the reference in the backend's dtype, so both
-draw the same masks). fp32 must agree to 1e-4 relative to each tensor's scale; half
+For each backend `available_backends()` reports usable on the device (on CPU tensors the
+interpreter-run triton backend only with --interpreter and the emulated cuda backend only with
+--emulated: both are slow test vehicles), one block per case -- training and deploy form, NCHW
+and channels_last, both memory modes, a drop-path draw, a small C (the flash / fused paths) and
+a large one (two-GEMM / large-C paths) -- is run forward and backward, and the output and every
+gradient are compared with the reference in float64 on the same parameters and input (with a
+drop path: the reference in the backend's dtype, so both draw the same masks). A backend that
+declines training (its `supports` says why) runs the same cases forward only, under no_grad,
+and the line says so. Each line also names what `auto` would choose for the case. fp32 must agree to 1e-4 relative to each tensor's scale; half
 precision (bf16, fp16 where the backend takes it) to 3e-2. Prints one line per case and exits
 1 if any case fails, 0 otherwise. Not a replacement for the test suite: a smoke test that fits
 in seconds, so a freshly built install (or a GPU lent for minutes) can be checked at once.
@@ -24,6 +26,7 @@ import time
 import torch
 
 import riformer_kernels as rk
+from riformer_kernels import dispatch
 from riformer_kernels.testing import randomize_, rel_err
 
 # Relative to each tensor's scale, over the output and every gradient. fp32: the project's fp32
@@ -36,40 +39,56 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2,
              torch.float64: 1e-10}
 DTYPES = {'cpu': (torch.float32, torch.bfloat16, torch.float64),
           'triton': (torch.float32, torch.bfloat16, torch.float16),
+          'cuda': (torch.float32, torch.float16, torch.bfloat16),
           'torch': (torch.float32,)}
 
 
-def _run(block, x, g, backend, seed):
+def _run(block, x, g, backend, seed, train: bool):
     block = copy.deepcopy(block)
-    x = x.detach().clone().requires_grad_(True)
+    x = x.detach().clone().requires_grad_(train)
     torch.manual_seed(seed)
-    with rk.use_backend(backend):
+    with rk.use_backend(backend), torch.set_grad_enabled(train):
         out = block(x)
+    if not train:
+        return out, {}
     out.backward(g)
     grads = {'x': x.grad, **{n: p.grad for n, p in block.named_parameters()}}
     return out, grads
 
 
+def training_declined(backend: str, block, x: torch.Tensor) -> str | None:
+    """Why `backend` does not train this block (its own `supports` on a grad-requiring input),
+    or None when it does."""
+    with torch.enable_grad():
+        return dispatch.get_backend(backend).supports(block, x.detach().requires_grad_(True))
+
+
 def check_case(backend, device, dtype, c, hw, deploy, channels_last, recompute, drop_path,
-               gen) -> tuple[float, float]:
-    """(worst relative error over output and gradients, its tolerance)."""
+               gen) -> tuple[float, float, str, str | None]:
+    """(worst relative error over output and gradients, its tolerance, what `auto` chooses,
+    why the case ran forward only or None)."""
     block = randomize_(rk.RIFormerBlock(c, deploy=deploy, drop_path=drop_path,
                                         recompute=recompute), gen).train()
     x = torch.randn(4, c, hw, hw, generator=gen, dtype=torch.float64) * 1.5 + 0.3
     g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    xd = x.to(device, dtype)
+    if channels_last:
+        xd = xd.contiguous(memory_format=torch.channels_last)
+    bd = copy.deepcopy(block).to(device, dtype)
+    forward_only = training_declined(backend, bd, xd)
+    train = forward_only is None
+    with torch.set_grad_enabled(train):
+        auto = dispatch.choose_backend(bd, xd.requires_grad_(train)).backend.name
     # Drop-path masks are drawn in the block's dtype: with a drop path the reference runs in the
     # backend's dtype (same seed, same draws, the same masks), else in float64.
     ref_dtype = dtype if drop_path > 0 else torch.float64
     ref_out, ref_grads = _run(copy.deepcopy(block).to(device, ref_dtype),
                               x.to(device, ref_dtype), g.to(device, ref_dtype), 'reference',
-                              seed=1)
-    xd = x.to(device, dtype)
-    if channels_last:
-        xd = xd.contiguous(memory_format=torch.channels_last)
-    out, grads = _run(block.to(device, dtype), xd, g.to(device, dtype), backend, seed=1)
+                              seed=1, train=train)
+    out, grads = _run(bd, xd, g.to(device, dtype), backend, seed=1, train=train)
     # rel_err raises on a non-finite value or a shape mismatch: the case is then reported FAIL
     worst = max([rel_err(out, ref_out)] + [rel_err(grads[k], ref_grads[k]) for k in ref_grads])
-    return worst, TOLERANCE[dtype]
+    return worst, TOLERANCE[dtype], auto, forward_only
 
 
 def main(argv=None) -> int:
@@ -97,15 +116,14 @@ def main(argv=None) -> int:
             continue
         if name == 'cuda' and device.type == 'cpu' and not args.emulated:
             # Usable on CPU tensors only under RIFORMER_CUDA_EMULATE=1: the emulator checks
-            # every launch, slowly (forward and backward; tests/test_cuda_emulated.py and
-            # tests/test_cuda_backward_emulated.py run them).
+            # every launch, slowly.
             print("  skip cuda on CPU tensors: the emulated kernels are a test vehicle "
                   "(--emulated)")
             continue
         if name == 'cpu' and device.type != 'cpu':
             continue
         backends.append(name)
-    failures, cases = 0, 0
+    failures, cases, forward_only = 0, 0, {}
     gen = torch.Generator().manual_seed(0)
     for backend in backends:
         dtypes = DTYPES.get(backend, (torch.float32,))
@@ -121,9 +139,14 @@ def main(argv=None) -> int:
                         (False, True, True, 0.5)):
                     start = time.perf_counter()
                     try:
-                        err, tol = check_case(backend, device, dtype, c, hw, deploy,
-                                              channels_last, recompute, drop_path, gen)
-                        ok, detail = err <= tol, f"max rel err {err:.2e} (tol {tol:.0e})"
+                        err, tol, auto, fwd_only = check_case(
+                            backend, device, dtype, c, hw, deploy, channels_last, recompute,
+                            drop_path, gen)
+                        ok = err <= tol
+                        detail = (f"max rel err {err:.2e} (tol {tol:.0e}) auto->{auto}"
+                                  + (" (forward only)" if fwd_only else ''))
+                        if fwd_only:
+                            forward_only[backend] = fwd_only
                     except Exception as exc:  # report every case, not only the first failure
                         ok, detail = False, f"{type(exc).__name__}: {exc}"[:300]
                     cases += 1
@@ -134,6 +157,8 @@ def main(argv=None) -> int:
                     print(f"  {'ok  ' if ok else 'FAIL'} {backend:7s} {str(dtype)[6:]:9s} C={c:<4d}"
                           f"{hw}x{hw} {form:6s} {layout:13s} {mode:9s} drop_path={drop_path}"
                           f"  {detail}  {time.perf_counter() - start:.1f}s", flush=True)
+    for backend, why in forward_only.items():
+        print(f"  {backend} ran forward only: {why}")
     print(f"{cases - failures} passed, {failures} failed")
     return 1 if failures or not cases else 0
 

@@ -6,6 +6,9 @@ Python state (availability and the active ISA level are cached), so dynamo trace
 blocks through the pipeline's autograd Function into one graph. Here auto picks per stage: a
 measured-slower class is patched in for the second stage's width, so the compiled graph holds
 both cpu kernels and reference blocks, as a user's model on such a CPU would.
+
+Single blocks of every backend, training and deploy form (and the cpu set's save-u mode),
+forward and backward under fullgraph=True: tests/test_host_sync.py.
 """
 import copy
 

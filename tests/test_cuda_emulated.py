@@ -171,10 +171,11 @@ def test_mlp_forward_fp32_and_fp64(case, channels_last):
     n, c, hd, h, w = case
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
         x, coeffs, weights = _mlp_inputs(n, c, hd, h, w, dtype, channels_last)
-        out = cuda_emu.mlp_forward(x, *coeffs, *weights).out
-        assert out.dtype == dtype and out.stride() == x.stride()
-        # The truth from the very values the kernel read (rounded to dtype), in float64.
-        assert rel_err(out, _mlp_reference(x, coeffs, weights)) <= tol, dtype
+        for path in ('fused', 'two_gemm'):
+            out = cuda_emu.mlp_forward(x, *coeffs, *weights, path=path).out
+            assert out.dtype == dtype and out.stride() == x.stride()
+            # The truth from the very values the kernel read (rounded to dtype), in float64.
+            assert rel_err(out, _mlp_reference(x, coeffs, weights)) <= tol, (dtype, path)
 
 
 HALF_CASES = [  # (N, C, hidden, H, W, channels_last, kernels)
@@ -196,12 +197,13 @@ def test_mlp_forward_half_within_twice_reference_error(case, dtype):
     # The reference's own error: the same formula in torch ops in `dtype`.
     ref_err = rel_err(_mlp_reference(x, coeffs, weights, dtype), truth)
     for kernel in kernels:
-        out = cuda_emu.mlp_forward(x, *coeffs, *weights, kernel=kernel).out
-        assert out.dtype == dtype and out.stride() == x.stride()
-        err = rel_err(out, truth)
-        assert err <= 2 * ref_err, (kernel, err, ref_err)
-        # and not vacuously: the output is rounded to dtype, so it cannot beat ~half an ulp
-        assert err >= 0.1 * torch.finfo(dtype).eps, (kernel, err)
+        for path in ('fused', 'two_gemm'):
+            out = cuda_emu.mlp_forward(x, *coeffs, *weights, kernel=kernel, path=path).out
+            assert out.dtype == dtype and out.stride() == x.stride()
+            err = rel_err(out, truth)
+            assert err <= 2 * ref_err, (kernel, path, err, ref_err)
+            # and not vacuously: the output is rounded to dtype, so it cannot beat ~half an ulp
+            assert err >= 0.1 * torch.finfo(dtype).eps, (kernel, path, err)
     assert cuda_emu.mlp_kernel(c, hd, dtype) == ('mma' if 'mma' in kernels else 'ffma')
 
 
@@ -214,13 +216,13 @@ def test_mlp_forward_mma_takes_misaligned_weight_views():
     assert torch.equal(out, cuda_emu.mlp_forward(x, *coeffs, w1, b1, w2, b2, kernel='mma').out)
     # The library itself refuses the misaligned pointer (what the wrapper's copy avoids).
     keep = [t.contiguous() for t in coeffs]
-    dims = (ctypes.c_int64 * 7)(1, 16, 64, 9, x.stride(0), x.stride(1), 1)
+    dims = (ctypes.c_int64 * 9)(1, 16, 64, 9, x.stride(0), x.stride(1), 1, 0, 0)
     ptrs_c = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in keep])
     ptrs_w = (ctypes.c_void_p * 4)(w1v.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr())
     with pytest.raises(cuda_emu.EmulatorError, match='4-byte aligned'):
         cuda_emu._call(cuda_emu.library().riformer_emu_mlp_forward, 2, x.data_ptr(),
-                       torch.empty_like(x).data_ptr(), dims, ptrs_c, ptrs_w, 1, None, None,
-                       None)
+                       torch.empty_like(x).data_ptr(), dims, ptrs_c, ptrs_w, 1, 0, None,
+                       None, None)
 
 
 def _moments_of(t: torch.Tensor):
@@ -242,10 +244,18 @@ EPILOGUE_CASES = [  # (N, C, hidden, H, W, dtype, channels_last, kernel)
 def test_mlp_forward_saves_u_and_emits_output_moments(case):
     n, c, hd, h, w, dtype, channels_last, kernel = case
     x, coeffs, weights = _mlp_inputs(n, c, hd, h, w, dtype, channels_last)
+    for path in ('fused', 'two_gemm'):
+        _check_saved_u_and_moments(x, coeffs, weights, kernel, path)
+
+
+def _check_saved_u_and_moments(x, coeffs, weights, kernel, path):
+    n, c, h, w = x.shape
+    hd, dtype = weights[0].shape[0], x.dtype
     res = cuda_emu.mlp_forward(x, *coeffs, *weights, kernel=kernel, save_u=True,
-                               emit_moments=True)
+                               emit_moments=True, path=path)
     # The output is the one the plain call writes, bit for bit.
-    assert torch.equal(res.out, cuda_emu.mlp_forward(x, *coeffs, *weights, kernel=kernel).out)
+    assert torch.equal(res.out, cuda_emu.mlp_forward(x, *coeffs, *weights, kernel=kernel,
+                                                     path=path).out)
     # u = W1 (A x + B) + b1 rounded once to dtype: within an ulp-scale budget of float64.
     A, B = (t.double()[:, :, None, None] for t in coeffs[:2])
     u_true = torch.nn.functional.conv2d(A * x.double() + B, weights[0].double()[:, :, None, None],
@@ -272,16 +282,54 @@ def test_mlp_forward_output_moments_at_a_large_offset():
     assert rel_err(res.var, var) <= 1e-6
 
 
-def test_mlp_forward_large_c_and_deterministic():
-    # C = 160: three output-channel slices, each recomputing the hidden activation; two
-    # emulator scheduling seeds must give bit-identical results (fixed summation order).
-    x, coeffs, weights = _mlp_inputs(1, 160, 640, 3, 4, torch.float32, channels_last=False)
+def test_mlp_forward_large_c_rule():
+    # The documented rule (mlp_forward_kernels.cuh, prefer_two_gemm): fused while C (k - 1) <=
+    # 56 (fp32/fp64) or 250 (fp16/bf16), k = ceil(C / 64) output slices; two-GEMM above.
+    for c, fused in ((16, True), (64, True), (96, False), (512, False)):
+        assert cuda_emu.mlp_plan(c, 4 * c, torch.float32).path == ('fused' if fused else
+                                                                    'two_gemm'), c
+    for c, fused in ((64, True), (128, True), (192, False), (768, False)):
+        plan = cuda_emu.mlp_plan(c, 4 * c, torch.bfloat16)
+        assert plan.kernel == 'mma' and plan.path == ('fused' if fused else 'two_gemm'), c
+    two = cuda_emu.mlp_plan(512, 2048, torch.float32)
+    assert two.smem_hidden == 512 * 32 * 4 and two.smem == 64 * 36 * 4
+    with pytest.raises(ValueError, match='unknown MLP path'):
+        cuda_emu.mlp_plan(64, 256, torch.float32, path='split')
+
+
+# C = 512 and 768 with a small hidden size: the channel count decides the tiling (output
+# slices, the two-GEMM split, shared memory); the hidden size only multiplies the work, and the
+# emulator is slow. 768 fp32 fused needs 104 KiB of shared memory (over the 48 KiB default).
+LARGE_C_CASES = [  # (C, hidden, dtype, channels_last)
+    (512, 128, torch.float32, False),
+    (768, 64, torch.float32, True),
+    (512, 64, torch.bfloat16, True),
+    (768, 128, torch.float16, False),
+]
+
+
+@pytest.mark.parametrize('case', LARGE_C_CASES, ids=lambda c: f'{c[0]}-{c[2]}-{c[3]}')
+def test_mlp_forward_large_c_both_paths_and_deterministic(case):
+    c, hd, dtype, channels_last = case
+    x, coeffs, weights = _mlp_inputs(1, c, hd, 5, 7, dtype, channels_last)
+    truth = _mlp_reference(x, coeffs, weights)
+    bound = 1e-5 if dtype == torch.float32 else 2 * rel_err(
+        _mlp_reference(x, coeffs, weights, dtype), truth)
+    outs = {}
+    for path in ('fused', 'two_gemm'):
+        res = cuda_emu.mlp_forward(x, *coeffs, *weights, path=path, emit_moments=True)
+        assert rel_err(res.out, truth) <= bound, (path, rel_err(res.out, truth), bound)
+        mean, var = _moments_of(res.out)
+        assert rel_err(res.var, var) <= 2e-6 and rel_err(res.mean, mean) <= 2e-6
+        outs[path] = res.out
+    # Two emulator scheduling seeds give bit-identical results (fixed summation order, no
+    # atomics), for the path `auto` takes here (two-GEMM: C (k - 1) is over both thresholds).
+    assert cuda_emu.mlp_plan(c, hd, dtype).path == 'two_gemm'
     cuda_emu.set_seed(1)
     out1 = cuda_emu.mlp_forward(x, *coeffs, *weights).out
     cuda_emu.set_seed(2)
     out2 = cuda_emu.mlp_forward(x, *coeffs, *weights).out
-    assert torch.equal(out1, out2)
-    assert rel_err(out1, _mlp_reference(x, coeffs, weights)) <= 1e-5
+    assert torch.equal(out1, out2) and torch.equal(out1, outs['two_gemm'])
 
 
 def test_mlp_forward_rejects_bad_input():
@@ -392,4 +440,5 @@ def test_cuda_backend_unchanged_without_the_variable():
     assert r.returncode == 0, r.stderr[-3000:]
     usable, reason = json.loads(r.stdout.strip().splitlines()[-1])
     if not torch.cuda.is_available():
-        assert not usable and 'RIFORMER_CUDA_EMULATE' not in reason, reason
+        assert not usable and 'no CUDA device' in reason, reason
+        assert 'RIFORMER_CUDA_EMULATE=1' in reason, reason   # and says how to emulate

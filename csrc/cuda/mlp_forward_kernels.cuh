@@ -70,10 +70,14 @@ struct MlpForwardArgs {
   const scalar_t* b1;    // (Hd)
   const scalar_t* w2;    // (C, Hd) row-major
   const scalar_t* b2;    // (C)
+  scalar_t* h;           // (N, T, Hd) hidden activations: the two-GEMM path's scratch
   // Optional outputs (nullptr: not wanted; uniform over the launch, so the branches on them
   // are uniform too):
-  scalar_t* u;           // (N, T, Hd): u = W1 z + b1 before GELU, for a backward that reads
-                         // it instead of recomputing (recompute=False); hidden index fastest
+  scalar_t* u;           // (N, Hd, H, W): u = W1 z + b1 before GELU, for a backward that
+                         // reads it instead of recomputing (recompute=False), at
+                         // u[n * Hd * T + j * u_sj + t * u_st] (NCHW: u_sj = T, u_st = 1;
+                         // channels_last: u_sj = 1, u_st = Hd)
+  int64_t u_sj, u_st;
   Moments<acc_t>* part;  // (N, tiles, C): moments of the CTA's stored out values of channel c,
                          // taken around shift[n, c] (chained statistics, merged by
                          // moments_kernels::moments_merge)
@@ -199,14 +203,27 @@ __device__ __forceinline__ void store_moments(Moments<acc_t>* dst, const Moments
   dst->m2 = m.m2;
 }
 
-inline int64_t smem_bytes(int64_t C, int64_t acc_size) {
-  return (C + kHidChunk) * kTokens * acc_size;
+// What one launch of an MLP kernel computes (a template argument: every branch on it is
+// compiled away).
+//   kFused:  the whole MLP of its token tile and output slice; hidden activations stay on chip.
+//   kHidden: two-GEMM path, launch 1: GELU(W1 z + b1) of its token tile and hidden chunk
+//            (blockIdx.y) into the global scratch h (N, T, Hd).
+//   kOutput: two-GEMM path, launch 2: out = a x + b + l2 (W2 h + b2) of its tile and output
+//            slice, reading h chunk by chunk; the same epilogue (and moments) as kFused.
+enum MlpMode : int { kFused = 0, kHidden = 1, kOutput = 2 };
+
+// Rows of hs (the hidden chunk in shared memory, [kHidChunk][kHS]) are padded by 4 elements:
+// kOutput fills hs from global memory with consecutive lanes on consecutive hidden units, and
+// an unpadded 32-element row would put all of them in one bank; kTokens + 4 keeps rows 16-byte
+// aligned for the GEMM2 reads.
+constexpr int kHS = kTokens + 4;
+
+inline int64_t smem_bytes(int64_t C, int64_t acc_size, int mode = kFused) {
+  const int64_t z = mode == kOutput ? 0 : C * kTokens;
+  const int64_t h = mode == kHidden ? 0 : int64_t(kHidChunk) * kHS;
+  return (z + h) * acc_size;
 }
 
-// z = A x + B for the CTA's kTokens tokens (from t0) of sample n and all C channels, handed to
-// store(k, j, z): channel k, token j of the tile, zero past the sample's end. The walk follows
-// x's unit stride so that global loads coalesce: tokens fastest for NCHW, channels fastest for
-// channels_last. Shared by both kernels; each stores z in its own shared layout.
 template <typename acc_t, typename Args, typename Store>
 __device__ __forceinline__ void prologue_tile(const Args& p, int64_t n, int64_t t0,
                                               const Store& store) {
@@ -224,95 +241,13 @@ __device__ __forceinline__ void prologue_tile(const Args& p, int64_t n, int64_t 
   }
 }
 
+// The FFMA kernels' epilogue: out = a x + b + l2 (acc + b2) for the thread's kRows x kRT
+// (channel, token) pairs, and the tile's moments of the stored values when p.part is set.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
-  RIFORMER_DYNAMIC_SMEM(acc_t, smem);
-  acc_t* const zs = smem;                 // [C][kTokens]
-  acc_t* const hs = smem + p.C * kTokens;  // [kHidChunk][kTokens]
-
-  const int64_t n = blockIdx.x / p.tiles;
-  const int64_t t0 = (blockIdx.x % p.tiles) * int64_t(kTokens);
-  const int64_t c0 = int64_t(blockIdx.y) * kOutTile;
-  const int tid = threadIdx.x;
+__device__ __forceinline__ void epilogue_ffma(const MlpForwardArgs<scalar_t, acc_t>& p,
+                                              int64_t n, int64_t t0, int64_t c0, int tg, int rg,
+                                              const acc_t (&acc)[kRows][kRT]) {
   const scalar_t* xn = p.x + n * p.sn;
-
-  prologue_tile<acc_t>(p, n, t0, [&](int64_t k, int j, acc_t z) { zs[k * kTokens + j] = z; });
-
-  const int tg = tid % kTokenGroups;   // tokens tg*kRT .. +kRT-1
-  const int rg = tid / kTokenGroups;   // rows rg*kRows .. +kRows-1
-  acc_t acc[kRows][kRT];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r)
-#pragma unroll
-    for (int q = 0; q < kRT; ++q) acc[r][q] = acc_t(0);
-
-  for (int64_t h0 = 0; h0 < p.Hd; h0 += kHidChunk) {
-    // First chunk: the prologue's zs is complete. Later chunks: every thread finished reading
-    // the previous chunk's hs in GEMM2 before it is overwritten.
-    __syncthreads();
-    acc_t u[kRows][kRT];
-    const scalar_t* w1row[kRows];
-    bool live[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t j = h0 + rg * kRows + r;
-      live[r] = j < p.Hd;
-      w1row[r] = p.w1 + (live[r] ? j : 0) * p.C;
-#pragma unroll
-      for (int q = 0; q < kRT; ++q) u[r][q] = acc_t(0);
-    }
-    for (int64_t k = 0; k < p.C; ++k) {
-      acc_t zv[kRT];
-#pragma unroll
-      for (int q = 0; q < kRT; ++q) zv[q] = zs[k * kTokens + tg * kRT + q];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const acc_t w = load_as<acc_t>(w1row[r] + k);
-#pragma unroll
-        for (int q = 0; q < kRT; ++q) u[r][q] += w * zv[q];
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t j = h0 + rg * kRows + r;
-      // Rows past Hd are written as 0: GEMM2 never reads them (it stops at Hd), but a full
-      // chunk is always defined.
-      const acc_t bias = live[r] ? load_as<acc_t>(p.b1 + j) : acc_t(0);
-#pragma unroll
-      for (int q = 0; q < kRT; ++q) {
-        const acc_t uv = u[r][q] + bias;
-        hs[(rg * kRows + r) * kTokens + tg * kRT + q] = live[r] ? gelu_exact(uv) : acc_t(0);
-        // Saved u is written by the first output slice only (the others recompute the same).
-        const int64_t t = t0 + tg * kRT + q;
-        if (p.u != nullptr && blockIdx.y == 0 && live[r] && t < p.T)
-          store_rounded(p.u + (n * p.T + t) * p.Hd + j, uv);
-      }
-    }
-    __syncthreads();  // hs complete before any thread reads other threads' rows
-
-    const int64_t hn = p.Hd - h0 < kHidChunk ? p.Hd - h0 : int64_t(kHidChunk);
-    const scalar_t* w2row[kRows];
-    bool out_live[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t c = c0 + rg * kRows + r;
-      out_live[r] = c < p.C;
-      w2row[r] = p.w2 + (out_live[r] ? c : 0) * p.Hd + h0;
-    }
-    for (int64_t j = 0; j < hn; ++j) {
-      acc_t hv[kRT];
-#pragma unroll
-      for (int q = 0; q < kRT; ++q) hv[q] = hs[j * kTokens + tg * kRT + q];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const acc_t w = out_live[r] ? load_as<acc_t>(w2row[r] + j) : acc_t(0);
-#pragma unroll
-        for (int q = 0; q < kRT; ++q) acc[r][q] += w * hv[q];
-      }
-    }
-  }
-
   scalar_t* on = p.out + n * p.sn;
   const int64_t tile = blockIdx.x % p.tiles;
   const acc_t count = acc_t(p.T - t0 < kTokens ? p.T - t0 : int64_t(kTokens));
@@ -348,30 +283,210 @@ mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
   }
 }
 
+template <typename scalar_t, typename acc_t, int kMode = kFused>
+__global__ void __launch_bounds__(kThreads)
+mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
+  RIFORMER_DYNAMIC_SMEM(acc_t, smem);
+  acc_t* const zs = smem;                                            // [C][kTokens]
+  acc_t* const hs = smem + (kMode == kOutput ? 0 : p.C * kTokens);   // [kHidChunk][kHS]
+
+  const int64_t n = blockIdx.x / p.tiles;
+  const int64_t t0 = (blockIdx.x % p.tiles) * int64_t(kTokens);
+  // kHidden: blockIdx.y is the hidden chunk; otherwise the output slice.
+  const int64_t c0 = kMode == kHidden ? 0 : int64_t(blockIdx.y) * kOutTile;
+  const int64_t h_begin = kMode == kHidden ? int64_t(blockIdx.y) * kHidChunk : 0;
+  const int64_t h_end = kMode == kHidden ? h_begin + kHidChunk : p.Hd;
+  const int tid = threadIdx.x;
+
+  if constexpr (kMode != kOutput)
+    prologue_tile<acc_t>(p, n, t0, [&](int64_t k, int j, acc_t z) { zs[k * kTokens + j] = z; });
+
+  const int tg = tid % kTokenGroups;   // tokens tg*kRT .. +kRT-1
+  const int rg = tid / kTokenGroups;   // rows rg*kRows .. +kRows-1
+  acc_t acc[kRows][kRT];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int q = 0; q < kRT; ++q) acc[r][q] = acc_t(0);
+
+  for (int64_t h0 = h_begin; h0 < h_end && h0 < p.Hd; h0 += kHidChunk) {
+    // First chunk: the prologue's zs is complete. Later chunks: every thread finished reading
+    // the previous chunk's hs in GEMM2 before it is overwritten.
+    __syncthreads();
+    if constexpr (kMode == kOutput) {
+      // The chunk of h from global memory; consecutive threads read consecutive hidden units
+      // of a token (coalesced). Rows past Hd and tokens past T read as 0.
+      for (int i = tid; i < kHidChunk * kTokens; i += kThreads) {
+        const int jl = i % kHidChunk, tok = i / kHidChunk;
+        const int64_t j = h0 + jl, t = t0 + tok;
+        hs[jl * kHS + tok] =
+            j < p.Hd && t < p.T ? load_as<acc_t>(p.h + (n * p.T + t) * p.Hd + j) : acc_t(0);
+      }
+    } else {
+      acc_t u[kRows][kRT];
+      const scalar_t* w1row[kRows];
+      bool live[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t j = h0 + rg * kRows + r;
+        live[r] = j < p.Hd;
+        w1row[r] = p.w1 + (live[r] ? j : 0) * p.C;
+#pragma unroll
+        for (int q = 0; q < kRT; ++q) u[r][q] = acc_t(0);
+      }
+      for (int64_t k = 0; k < p.C; ++k) {
+        acc_t zv[kRT];
+#pragma unroll
+        for (int q = 0; q < kRT; ++q) zv[q] = zs[k * kTokens + tg * kRT + q];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const acc_t w = load_as<acc_t>(w1row[r] + k);
+#pragma unroll
+          for (int q = 0; q < kRT; ++q) u[r][q] += w * zv[q];
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t j = h0 + rg * kRows + r;
+        // Rows past Hd are written as 0: GEMM2 never reads them (it stops at Hd), but a full
+        // chunk is always defined.
+        const acc_t bias = live[r] ? load_as<acc_t>(p.b1 + j) : acc_t(0);
+#pragma unroll
+        for (int q = 0; q < kRT; ++q) {
+          const acc_t uv = u[r][q] + bias;
+          const acc_t hv = live[r] ? gelu_exact(uv) : acc_t(0);
+          const int64_t t = t0 + tg * kRT + q;
+          const bool store = live[r] && t < p.T;
+          if constexpr (kMode == kHidden) {
+            if (store) store_rounded(p.h + (n * p.T + t) * p.Hd + j, hv);
+          } else {
+            hs[(rg * kRows + r) * kHS + tg * kRT + q] = hv;
+          }
+          // Saved u: written once, by the first output slice (kFused) or the chunk's CTA.
+          if (p.u != nullptr && (kMode == kHidden || blockIdx.y == 0) && store)
+            store_rounded(p.u + n * p.Hd * p.T + j * p.u_sj + t * p.u_st, uv);
+        }
+      }
+    }
+    if constexpr (kMode == kHidden) continue;   // no GEMM2 in this launch
+    __syncthreads();  // hs complete before any thread reads other threads' rows
+
+    const int64_t hn = p.Hd - h0 < kHidChunk ? p.Hd - h0 : int64_t(kHidChunk);
+    const scalar_t* w2row[kRows];
+    bool out_live[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t c = c0 + rg * kRows + r;
+      out_live[r] = c < p.C;
+      w2row[r] = p.w2 + (out_live[r] ? c : 0) * p.Hd + h0;
+    }
+    for (int64_t j = 0; j < hn; ++j) {
+      acc_t hv[kRT];
+#pragma unroll
+      for (int q = 0; q < kRT; ++q) hv[q] = hs[j * kHS + tg * kRT + q];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const acc_t w = out_live[r] ? load_as<acc_t>(w2row[r] + j) : acc_t(0);
+#pragma unroll
+        for (int q = 0; q < kRT; ++q) acc[r][q] += w * hv[q];
+      }
+    }
+  }
+  if constexpr (kMode != kHidden) epilogue_ffma(p, n, t0, c0, tg, rg, acc);
+}
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core variant for fp16/bf16 (sm_80+): mma.sync m16n8k16 with fp32 accumulation, the same
-// CTA tile (kTokens tokens x kOutTile output channels, hidden chunks of kHidChunk, grid.y split
-// for large C) and the same fixed summation order per element (k-steps ascending, chunks
-// ascending), so it is deterministic too. Warp w owns 16 rows of each GEMM: hidden units
-// h0 + 16w .. +15 in GEMM1, output channels c0 + 16w .. +15 in GEMM2, times all 32 tokens
-// (4 n-tiles of 8). Operands:
-//   * A (W1, W2; row-major with k contiguous) straight from global memory: each register is two
-//     consecutive k of one row, one 32-bit load (the weights are tiny and stay in L1/L2);
-//   * B (z, then GELU(u)) from shared memory stored token-major (zsT[token][k],
-//     hsT[token][j]), so each B register, two consecutive k of one token, is one 32-bit load;
-//     rows are padded by kZPad halves so the 8 tokens a B load touches hit distinct banks.
-// z and GELU(u) are rounded to the input dtype before the mma (the reference rounds them too);
+// Tensor-core variant for fp16/bf16 (sm_80+): mma.sync m16n8k16 with fp32 accumulation, written
+// the way flash attention chains S = Q K^T into P V: both GEMMs are computed transposed, tokens
+// as the M dimension,
+//     u^T[t, j] = sum_k z^T[t, k] W1^T[k, j]      h^T = GELU(u^T + b1)
+//     o^T[t, c] = sum_j h^T[t, j] W2^T[j, c],
+// so the accumulator fragment of GEMM1 (rows = tokens, columns = hidden units) is, after GELU
+// and rounding to the input dtype, exactly the A fragment GEMM2 needs (rows = tokens, k = hidden
+// units): the hidden activation never leaves registers, and the chunk loop has no barrier.
+//   * a CTA of 4 warps takes kMmaTokens = 64 tokens of one sample and 64 output channels; warp w
+//     owns tokens 16w .. 16w + 15 for every GEMM (no data shared between warps after the
+//     prologue);
+//   * A of GEMM1 (z^T) from shared memory stored token-major (zT[token][k], rows padded by
+//     kZPad halves so the 8 rows one load touches fall in distinct banks), one 32-bit load per
+//     register;
+//   * B of both GEMMs (W1^T, W2^T) from global memory: a B register is two consecutive k of one
+//     column, i.e. two consecutive elements of a row of the row-major W1 (Hd, C) / W2 (C, Hd),
+//     one 32-bit load (the weights are small and stay in L1/L2);
+//   * the same fixed summation order per element as the FFMA kernel (k-steps ascending, hidden
+//     chunks ascending): deterministic.
+// z and GELU(u) are rounded to the input dtype before their mma (the reference rounds them too);
 // u, GELU and the output accumulate and evaluate in fp32. Needs C % 16 == 0 and Hd % 16 == 0
 // (whole k-steps; every RIFormer width is a multiple of 16); other shapes take the FFMA kernel.
+// The two-GEMM path uses the same kernel: kHidden stores h^T from the accumulator registers to
+// the (N, T, Hd) scratch, kOutput loads GEMM2's A fragments from it directly (no shared memory
+// for h at all).
 // ---------------------------------------------------------------------------------------------
 
+constexpr int kMmaTokens = 64;   // tokens per CTA of the mma kernel (16 per warp)
 constexpr int kZPad = 8;
+// The epilogue's cross-warp moments: per warp and channel, one float (reused for both passes).
+constexpr int kMomentScratch = 4 * kOutTile;
 
 inline bool mma_eligible(int64_t C, int64_t Hd) { return C % 16 == 0 && Hd % 16 == 0; }
 
-inline int64_t mma_smem_bytes(int64_t C, int64_t elem_size) {
-  return kTokens * ((C + kZPad) + (kHidChunk + kZPad)) * elem_size;
+inline int64_t mma_smem_bytes(int64_t C, int64_t elem_size, int mode = kFused) {
+  const int64_t z = mode == kOutput ? 0 : kMmaTokens * (C + kZPad) * elem_size;
+  const int64_t moments = mode == kHidden ? 0 : kMomentScratch * int64_t(sizeof(float));
+  return z + moments;
+}
+
+// The large-C rule: fused kernel (one launch, hidden activations on chip, GEMM1 recomputed by
+// each of the k = ceil(C / 64) output slices) or the two-GEMM path (h written to and read back
+// from global memory once). Per token the fused kernel does 8 C^2 (k - 1) extra flops, the
+// two-GEMM path moves 8 C e extra bytes (e: bytes per element of h); the two-GEMM path wins
+// when C (k - 1) > e F / B. With an H200's B = 4.8 TB/s and F = about 600 TFLOP/s for fp16/bf16
+// mma.sync (some 60% of the dense tensor peak) or 67 TFLOP/s fp32 FFMA (34 fp64 at e = 8),
+// e F / B is about 250 for half types and 56 for fp32/fp64. A model, not a measurement: no GPU
+// has run these kernels yet; the thresholds are the place to change once one has.
+constexpr int64_t kTwoGemmThresholdHalf = 250;
+constexpr int64_t kTwoGemmThresholdFloat = 56;
+
+inline bool prefer_two_gemm(int64_t C, bool half) {
+  const int64_t k = (C + kOutTile - 1) / kOutTile;
+  return C * (k - 1) > (half ? kTwoGemmThresholdHalf : kTwoGemmThresholdFloat);
+}
+
+// How the MLP forward is launched, shared by the CUDA binding (mlp_forward.cu) and the emulated
+// build, so the emulator runs exactly what a GPU gets.
+struct MlpPlan {
+  bool mma = false;          // the tensor-core kernels (else FFMA)
+  bool two_gemm = false;     // kHidden then kOutput (else one kFused launch)
+  int64_t tiles = 0;         // token tiles per sample (kTokens, or kMmaTokens for mma)
+  unsigned grid_x = 0;       // N * tiles, every launch
+  unsigned grid_y = 0;       // output slices (kFused, kOutput)
+  unsigned grid_y_hidden = 0;  // hidden chunks (kHidden)
+  int64_t smem = 0;          // dynamic shared memory bytes (kFused, kOutput)
+  int64_t smem_hidden = 0;   // (kHidden)
+  int64_t scratch = 0;       // elements of h (N * T * Hd, x's dtype) for the two-GEMM path
+};
+
+// elem_size: bytes of x's dtype; half: x is fp16/bf16. mma: -1 chooses (tensor cores wherever
+// they can run), 0 forces FFMA, 1 forces mma (the caller checks mma_eligible first). two_gemm:
+// -1 applies prefer_two_gemm, 0 forces the fused kernel, 1 the two-GEMM path.
+inline MlpPlan plan_mlp(int64_t N, int64_t C, int64_t Hd, int64_t T, int elem_size, bool half,
+                        int mma = -1, int two_gemm = -1) {
+  MlpPlan pl;
+  pl.mma = mma < 0 ? (half && mma_eligible(C, Hd)) : mma == 1;
+  pl.two_gemm = two_gemm < 0 ? prefer_two_gemm(C, half) : two_gemm == 1;
+  const int64_t tile = pl.mma ? kMmaTokens : kTokens;
+  pl.tiles = (T + tile - 1) / tile;
+  pl.grid_x = unsigned(N * pl.tiles);
+  pl.grid_y = unsigned((C + kOutTile - 1) / kOutTile);
+  pl.grid_y_hidden = unsigned((Hd + kHidChunk - 1) / kHidChunk);
+  const int acc = elem_size == 8 ? 8 : 4;
+  auto bytes = [&](int mode) {
+    return pl.mma ? mma_smem_bytes(C, elem_size, mode) : smem_bytes(C, acc, mode);
+  };
+  pl.smem = bytes(pl.two_gemm ? kOutput : kFused);
+  pl.smem_hidden = pl.two_gemm ? bytes(kHidden) : 0;
+  pl.scratch = pl.two_gemm ? N * T * Hd : 0;
+  return pl;
 }
 
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
@@ -397,122 +512,219 @@ __device__ __forceinline__ uint32_t shared_pair(const T* s) {
   return *reinterpret_cast<const uint32_t*>(s);
 }
 
-template <typename scalar_t>
+// Two floats rounded to T and packed as an mma operand register (lo in the low half).
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi, const __half*) {
+  return uint32_t(__half_as_ushort(__float2half_rn(lo))) |
+         (uint32_t(__half_as_ushort(__float2half_rn(hi))) << 16);
+}
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi, const __nv_bfloat16*) {
+  return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+}
+
+// Sum over the 8 lanes of a warp that share tq = lane % 4 (the lanes holding one accumulator
+// column's rows): an xor butterfly, the same sum in the same order on every lane.
+__device__ __forceinline__ float column_sum(float v) {
+#pragma unroll
+  for (int off = 4; off < 32; off *= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <typename scalar_t, int kMode = kFused>
 __global__ void __launch_bounds__(kThreads)
 mlp_forward_mma_kernel(MlpForwardArgs<scalar_t, float> p) {
-  static_assert(kThreads == 4 * 32 && kHidChunk == 64 && kOutTile == 64 && kTokens == 32,
-                "warp w owns rows 16w..16w+15 of a 64-row chunk / slice and all 32 tokens");
+  static_assert(kThreads == 4 * 32 && kHidChunk == 64 && kOutTile == 64 && kMmaTokens == 64,
+                "warp w owns tokens 16w..16w+15 of the tile and all 64 columns of each GEMM");
   RIFORMER_DYNAMIC_SMEM(scalar_t, smem);
   const int64_t ZS = p.C + kZPad;
-  constexpr int HS = kHidChunk + kZPad;
-  scalar_t* const zsT = smem;                  // [kTokens][ZS]
-  scalar_t* const hsT = smem + kTokens * ZS;   // [kTokens][HS]
+  scalar_t* const zT = smem;   // [kMmaTokens][ZS] (not in kOutput)
+  float* const wsum = reinterpret_cast<float*>(
+      smem + (kMode == kOutput ? 0 : kMmaTokens * ZS));   // [4 warps][kOutTile]
 
   const int64_t n = blockIdx.x / p.tiles;
-  const int64_t t0 = (blockIdx.x % p.tiles) * int64_t(kTokens);
-  const int64_t c0 = int64_t(blockIdx.y) * kOutTile;
+  const int64_t t0 = (blockIdx.x % p.tiles) * int64_t(kMmaTokens);
+  // kHidden: blockIdx.y is the hidden chunk; otherwise the output slice.
+  const int64_t c0 = kMode == kHidden ? 0 : int64_t(blockIdx.y) * kOutTile;
+  const int64_t h_begin = kMode == kHidden ? int64_t(blockIdx.y) * kHidChunk : 0;
+  const int64_t h_end = kMode == kHidden ? h_begin + kHidChunk : p.Hd;
   const int tid = threadIdx.x;
   const int warp = tid / 32, g = (tid % 32) / 4, tq = tid % 4;
-  const scalar_t* xn = p.x + n * p.sn;
+  // This lane's accumulator rows (tokens): r0 = t0 + 16 warp + g and r0 + 8.
+  const int64_t r0 = t0 + 16 * warp + g;
 
-  prologue_tile<float>(p, n, t0,
-                       [&](int64_t k, int j, float z) { store_rounded(zsT + j * ZS + k, z); });
+  if constexpr (kMode != kOutput) {
+    // z^T for the tile's 64 tokens: the FFMA kernel's prologue walk (coalesced along x's unit
+    // stride), run twice over 32-token halves.
+    for (int half = 0; half < 2; ++half)
+      prologue_tile<float>(p, n, t0 + half * kTokens, [&](int64_t k, int j, float z) {
+        store_rounded(zT + (half * kTokens + j) * ZS + k, z);
+      });
+    __syncthreads();   // zT complete; the only barrier before the epilogue
+  }
 
-  float acc[4][4];
+  float acc[8][4];   // o^T: 16 tokens x 64 output channels (8 n-tiles of 8)
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
+  for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
 
-  for (int64_t h0 = 0; h0 < p.Hd; h0 += kHidChunk) {
-    __syncthreads();  // zsT complete (first chunk) / the previous chunk's hsT fully read
-    float u[4][4];
+  for (int64_t h0 = h_begin; h0 < h_end && h0 < p.Hd; h0 += kHidChunk) {
+    const int64_t hn = p.Hd - h0 < kHidChunk ? p.Hd - h0 : int64_t(kHidChunk);
+    // GEMM2's A fragments for this chunk: a[kk] covers hidden units h0 + 16 kk .. + 15.
+    uint32_t a2[4][4];
+    if constexpr (kMode == kOutput) {
+      // Straight from the scratch h (N, T, Hd): a register is two consecutive hidden units of
+      // one token; tokens past T and hidden units past Hd read as 0.
+      const scalar_t* hn_base = p.h + n * p.T * p.Hd;
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+      for (int kk = 0; kk < 4; ++kk) {
+        const int64_t j = h0 + 16 * kk + 2 * tq;
+        const bool in = 16 * kk < hn;
+        a2[kk][0] = in ? load_pair(hn_base, r0, p.T, p.Hd, j) : 0u;
+        a2[kk][1] = in ? load_pair(hn_base, r0 + 8, p.T, p.Hd, j) : 0u;
+        a2[kk][2] = in ? load_pair(hn_base, r0, p.T, p.Hd, j + 8) : 0u;
+        a2[kk][3] = in ? load_pair(hn_base, r0 + 8, p.T, p.Hd, j + 8) : 0u;
+      }
+    } else {
+      float u[8][4];   // u^T: 16 tokens x 64 hidden units of the chunk
 #pragma unroll
-      for (int e = 0; e < 4; ++e) u[nt][e] = 0.f;
-    const int64_t j0 = h0 + 16 * warp + g;   // this lane's A rows: j0 and j0 + 8
-    for (int64_t k0 = 0; k0 < p.C; k0 += 16) {
-      uint32_t a[4];
-      a[0] = load_pair(p.w1, j0, p.Hd, p.C, k0 + 2 * tq);
-      a[1] = load_pair(p.w1, j0 + 8, p.Hd, p.C, k0 + 2 * tq);
-      a[2] = load_pair(p.w1, j0, p.Hd, p.C, k0 + 2 * tq + 8);
-      a[3] = load_pair(p.w1, j0 + 8, p.Hd, p.C, k0 + 2 * tq + 8);
+      for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const scalar_t* bp = zsT + (nt * 8 + g) * ZS + k0 + 2 * tq;
-        const uint32_t b[2] = {shared_pair(bp), shared_pair(bp + 8)};
-        mma16816(u[nt], a, b, p.w1);
+        for (int e = 0; e < 4; ++e) u[nt][e] = 0.f;
+      const scalar_t* zr0 = zT + (16 * warp + g) * ZS;   // rows g and g + 8 of the warp
+      const scalar_t* zr1 = zr0 + 8 * ZS;
+      for (int64_t k0 = 0; k0 < p.C; k0 += 16) {
+        const uint32_t a[4] = {shared_pair(zr0 + k0 + 2 * tq), shared_pair(zr1 + k0 + 2 * tq),
+                               shared_pair(zr0 + k0 + 2 * tq + 8),
+                               shared_pair(zr1 + k0 + 2 * tq + 8)};
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          const int64_t j = h0 + 8 * nt + g;   // the B column this lane loads
+          const uint32_t b[2] = {load_pair(p.w1, j, p.Hd, p.C, k0 + 2 * tq),
+                                 load_pair(p.w1, j, p.Hd, p.C, k0 + 2 * tq + 8)};
+          mma16816(u[nt], a, b, p.w1);
+        }
+      }
+      // + b1, GELU, round: element e of n-tile nt is token r0 + 8 (e >> 1), hidden unit
+      // h0 + 8 nt + 2 tq + (e & 1). Units past Hd (a partial last chunk) become 0.
+      float hv[8][4];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t j = h0 + 8 * nt + 2 * tq + (e & 1);
+          const int64_t t = r0 + 8 * (e >> 1);
+          const bool live = j < p.Hd;
+          const float uv = live ? u[nt][e] + load_as<float>(p.b1 + j) : 0.f;
+          hv[nt][e] = live ? gelu_exact(uv) : 0.f;
+          const bool store = live && t < p.T;
+          if constexpr (kMode == kHidden) {
+            if (store) store_rounded(p.h + (n * p.T + t) * p.Hd + j, hv[nt][e]);
+          }
+          // Saved u: written once, by the first output slice (kFused) or the chunk's CTA.
+          if (p.u != nullptr && (kMode == kHidden || blockIdx.y == 0) && store)
+            store_rounded(p.u + n * p.Hd * p.T + j * p.u_sj + t * p.u_st, uv);
+        }
+      // The accumulator as GEMM2's A operand (flash attention's P V step): k-step kk takes
+      // n-tiles 2 kk (k 0..7) and 2 kk + 1 (k 8..15); a register packs columns 2tq, 2tq + 1.
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        a2[kk][0] = pack_pair(hv[2 * kk][0], hv[2 * kk][1], p.w1);
+        a2[kk][1] = pack_pair(hv[2 * kk][2], hv[2 * kk][3], p.w1);
+        a2[kk][2] = pack_pair(hv[2 * kk + 1][0], hv[2 * kk + 1][1], p.w1);
+        a2[kk][3] = pack_pair(hv[2 * kk + 1][2], hv[2 * kk + 1][3], p.w1);
       }
     }
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int jl = 16 * warp + g + 8 * (e >> 1);
-        const int64_t j = h0 + jl;
-        const int tok = nt * 8 + 2 * tq + (e & 1);
-        // Rows past Hd (a partial last chunk) are written as 0 and never reach GEMM2.
-        const float uv = j < p.Hd ? u[nt][e] + load_as<float>(p.b1 + j) : 0.f;
-        store_rounded(hsT + tok * HS + jl, j < p.Hd ? gelu_exact(uv) : 0.f);
-        // Saved u: written by the first output slice only (the others recompute the same).
-        if (p.u != nullptr && blockIdx.y == 0 && j < p.Hd && t0 + tok < p.T)
-          store_rounded(p.u + (n * p.T + t0 + tok) * p.Hd + j, uv);
-      }
-    __syncthreads();  // hsT complete: GEMM2 reads every warp's rows
+    if constexpr (kMode == kHidden) continue;   // no GEMM2 in this launch
 
-    const int64_t hn = p.Hd - h0 < kHidChunk ? p.Hd - h0 : int64_t(kHidChunk);
-    const int64_t cr = c0 + 16 * warp + g;   // this lane's A rows: cr and cr + 8
-    for (int64_t k0 = 0; k0 < hn; k0 += 16) {
-      uint32_t a[4];
-      a[0] = load_pair(p.w2, cr, p.C, p.Hd, h0 + k0 + 2 * tq);
-      a[1] = load_pair(p.w2, cr + 8, p.C, p.Hd, h0 + k0 + 2 * tq);
-      a[2] = load_pair(p.w2, cr, p.C, p.Hd, h0 + k0 + 2 * tq + 8);
-      a[3] = load_pair(p.w2, cr + 8, p.C, p.Hd, h0 + k0 + 2 * tq + 8);
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const scalar_t* bp = hsT + (nt * 8 + g) * HS + k0 + 2 * tq;
-        const uint32_t b[2] = {shared_pair(bp), shared_pair(bp + 8)};
-        mma16816(acc[nt], a, b, p.w1);
+    for (int kk = 0; kk < 4; ++kk) {
+      if (16 * kk >= hn) break;   // whole k-steps only (Hd % 16 == 0)
+      const int64_t j = h0 + 16 * kk + 2 * tq;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int64_t c = c0 + 8 * nt + g;   // the B column this lane loads
+        const uint32_t b[2] = {load_pair(p.w2, c, p.C, p.Hd, j),
+                               load_pair(p.w2, c, p.C, p.Hd, j + 8)};
+        mma16816(acc[nt], a2[kk], b, p.w1);
       }
     }
   }
+  if constexpr (kMode == kHidden) return;
 
+  // Epilogue: element e of n-tile nt is token r0 + 8 (e >> 1), channel c0 + 8 nt + 2 tq + (e & 1).
+  const scalar_t* xn = p.x + n * p.sn;
   scalar_t* on = p.out + n * p.sn;
-  const int64_t tile = blockIdx.x % p.tiles;
-  const float count = float(p.T - t0 < kTokens ? p.T - t0 : int64_t(kTokens));
-  // The lane's two output rows (half 0: c0 + 16 warp + g, half 1: 8 rows further), each with
-  // 8 tokens (4 n-tiles x 2, value i = 2 nt + k); the 4 lanes of a quad (same g) hold the
-  // row's other tokens.
+  float v[8][4];
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t c = c0 + 16 * warp + g + 8 * half;
-    const bool live = c < p.C;
-    const int64_t nc = n * p.C + c;
-    const float a = live ? p.a[nc] : 0.f, b = live ? p.b[nc] : 0.f;
-    const float l2 = live ? p.l2[nc] : 0.f;
-    const float b2 = live ? load_as<float>(p.b2 + c) : 0.f;
-    auto token = [&](int i) { return t0 + (i / 2) * 8 + 2 * tq + (i % 2); };
-    auto valid = [&](int i) { return live && token(i) < p.T; };
-    float v[8];
+  for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      v[i] = 0.f;
-      if (valid(i)) {
-        const int64_t t = token(i);
+    for (int e = 0; e < 4; ++e) {
+      const int64_t c = c0 + 8 * nt + 2 * tq + (e & 1);
+      const int64_t t = r0 + 8 * (e >> 1);
+      v[nt][e] = 0.f;
+      if (c < p.C && t < p.T) {
+        const int64_t nc = n * p.C + c;
         const float xv = load_as<float>(xn + c * p.sc + t * p.st);
-        v[i] = stored_value(a * xv + b + l2 * (acc[i / 2][2 * half + i % 2] + b2), on);
-        store_rounded(on + c * p.sc + t * p.st, v[i]);
+        v[nt][e] = stored_value(
+            p.a[nc] * xv + p.b[nc] + p.l2[nc] * (acc[nt][e] + load_as<float>(p.b2 + c)), on);
+        store_rounded(on + c * p.sc + t * p.st, v[nt][e]);
       }
     }
-    if (p.part != nullptr) {
-      const float s = live ? out_shift<float>(p, n, c) : 0.f;
-      const Moments<float> m = tile_moments<4>(v, valid, s, count);
-      if (live && tq == 0) {
-        store_moments(p.part + (n * p.tiles + tile) * p.C + c, m);
-        if (tile == 0) p.shift[nc] = s;
-      }
+  if (p.part == nullptr) return;
+
+  // The tile's moments of each channel over its (up to 64) tokens: a channel's values are
+  // spread over the 8 lanes of a column (two rows each) and the 4 warps. Pass 1: sums around
+  // the shift -> mean; pass 2: squared deviations from it; each reduced over the lanes by
+  // column_sum and over the warps through shared memory in warp order (fixed, deterministic).
+  const int64_t tile = blockIdx.x % p.tiles;
+  const float count = float(p.T - t0 < kMmaTokens ? p.T - t0 : int64_t(kMmaTokens));
+  auto valid = [&](int nt, int e) {
+    return c0 + 8 * nt + 2 * tq + (e & 1) < p.C && r0 + 8 * (e >> 1) < p.T;
+  };
+  float shift[8][2], mean[8][2];
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int64_t c = c0 + 8 * nt + 2 * tq + k;
+      shift[nt][k] = c < p.C ? out_shift<float>(p, n, c) : 0.f;
     }
+  for (int pass = 0; pass < 2; ++pass) {
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        float s = 0.f;
+#pragma unroll
+        for (int row = 0; row < 2; ++row) {
+          const int e = 2 * row + k;
+          if (valid(nt, e)) {
+            const float d = v[nt][e] - shift[nt][k] - (pass == 0 ? 0.f : mean[nt][k]);
+            s += pass == 0 ? d : d * d;
+          }
+        }
+        s = column_sum(s);
+        if (g == 0) wsum[warp * kOutTile + 8 * nt + 2 * tq + k] = s;
+      }
+    __syncthreads();   // every warp's sums written
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int cl = 8 * nt + 2 * tq + k;
+        const float total = ((wsum[cl] + wsum[kOutTile + cl]) + wsum[2 * kOutTile + cl]) +
+                            wsum[3 * kOutTile + cl];
+        if (pass == 0) {
+          mean[nt][k] = total / count;
+        } else if (warp == 0 && g == 0 && c0 + cl < p.C) {
+          const int64_t c = c0 + cl;
+          store_moments(p.part + (n * p.tiles + tile) * p.C + c,
+                        Moments<float>{count, mean[nt][k], total});
+          if (tile == 0) p.shift[n * p.C + c] = shift[nt][k];
+        }
+      }
+    __syncthreads();   // every warp read the sums before pass 2 overwrites them
   }
 }
 

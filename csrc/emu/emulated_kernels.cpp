@@ -68,7 +68,8 @@ void run_moments(const void* x, int64_t N, int64_t C, int64_t T, bool channels_l
 
 template <typename scalar_t, typename acc_t>
 void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* const* coeffs,
-                     const void* const* weights, bool mma, void* u, void* mean, void* var) {
+                     const void* const* weights, bool mma, int two_gemm, void* u, void* mean,
+                     void* var) {
   using namespace riformer;
   using namespace riformer::mlp_cuda;
   MlpForwardArgs<scalar_t, acc_t> p;
@@ -81,7 +82,9 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
   p.sn = dims[4];
   p.sc = dims[5];
   p.st = dims[6];
-  p.tiles = (p.T + kTokens - 1) / kTokens;
+  const MlpPlan plan = plan_mlp(p.N, p.C, p.Hd, p.T, int(sizeof(scalar_t)),
+                                sizeof(scalar_t) == 2, mma ? 1 : 0, two_gemm);
+  p.tiles = plan.tiles;
   p.A = static_cast<const acc_t*>(coeffs[0]);
   p.B = static_cast<const acc_t*>(coeffs[1]);
   p.a = static_cast<const acc_t*>(coeffs[2]);
@@ -92,6 +95,8 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
   p.w2 = static_cast<const scalar_t*>(weights[2]);
   p.b2 = static_cast<const scalar_t*>(weights[3]);
   p.u = static_cast<scalar_t*>(u);
+  p.u_sj = dims[7];
+  p.u_st = dims[8];
   // Epilogue partials and shifts, poisoned (NaN) so a partial no CTA wrote shows in the merge.
   const bool moments = mean != nullptr;
   std::vector<Moments<acc_t>> part(moments ? size_t(p.N * p.tiles * p.C) : 0);
@@ -110,7 +115,11 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
                 static_cast<const acc_t*>(shift.data()), static_cast<acc_t*>(mean),
                 static_cast<acc_t*>(var));
   };
-  const dim3 grid(unsigned(p.N * p.tiles), unsigned((p.C + kOutTile - 1) / kOutTile));
+  // The two-GEMM path's hidden activations, poisoned like every scratch buffer here.
+  std::vector<scalar_t> h(size_t(plan.scratch));
+  std::memset(static_cast<void*>(h.data()), 0xff, h.size() * sizeof(scalar_t));
+  p.h = plan.two_gemm ? h.data() : nullptr;
+  const dim3 grid(plan.grid_x, plan.grid_y), grid_hidden(plan.grid_x, plan.grid_y_hidden);
   if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
     if (mma) {
       // The kernel loads weight pairs as 32-bit words; the emulator does not check global
@@ -120,15 +129,29 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
       if (!mma_eligible(p.C, p.Hd))
         throw std::invalid_argument("the mma MLP kernel needs C and the hidden size to be "
                                     "multiples of 16");
-      emu::launch(mlp_forward_mma_kernel<scalar_t>, grid, dim3(kThreads),
-                  size_t(mma_smem_bytes(p.C, sizeof(scalar_t))), p);
+      if (plan.two_gemm) {
+        emu::launch(mlp_forward_mma_kernel<scalar_t, kHidden>, grid_hidden, dim3(kThreads),
+                    size_t(plan.smem_hidden), p);
+        emu::launch(mlp_forward_mma_kernel<scalar_t, kOutput>, grid, dim3(kThreads),
+                    size_t(plan.smem), p);
+      } else {
+        emu::launch(mlp_forward_mma_kernel<scalar_t, kFused>, grid, dim3(kThreads),
+                    size_t(plan.smem), p);
+      }
       merge();
       return;
     }
   }
   if (mma) throw std::invalid_argument("the mma MLP kernel takes float16 or bfloat16");
-  emu::launch(mlp_forward_kernel<scalar_t, acc_t>, grid, dim3(kThreads),
-              size_t(smem_bytes(p.C, sizeof(acc_t))), p);
+  if (plan.two_gemm) {
+    emu::launch(mlp_forward_kernel<scalar_t, acc_t, kHidden>, grid_hidden, dim3(kThreads),
+                size_t(plan.smem_hidden), p);
+    emu::launch(mlp_forward_kernel<scalar_t, acc_t, kOutput>, grid, dim3(kThreads),
+                size_t(plan.smem), p);
+  } else {
+    emu::launch(mlp_forward_kernel<scalar_t, acc_t, kFused>, grid, dim3(kThreads),
+                size_t(plan.smem), p);
+  }
   merge();
 }
 
@@ -138,7 +161,7 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
 extern "C" {
 
 // Bumped whenever a signature below changes; cuda_emu.py refuses a library of another version.
-int riformer_emu_abi_version() { return 3; }
+int riformer_emu_abi_version() { return 5; }
 
 void riformer_emu_set_seed(uint64_t seed) { riformer::emu::set_seed(seed); }
 
@@ -162,11 +185,23 @@ int riformer_emu_bytes_log_entry(int64_t i, char* name, size_t len, uint64_t* co
 
 // Bytes of dynamic shared memory of the FFMA (mma = 0) or mma (mma = 1) MLP kernel; -1 when
 // the mma kernel cannot run the shape or dtype.
-int64_t riformer_emu_mlp_smem_bytes(int64_t C, int64_t Hd, int dtype, int mma) {
+// The MLP launch plan for a shape: kernel, path and dynamic shared memory per launch.
+// mma / two_gemm: -1 lets plan_mlp choose, 0/1 force. out: {mma, two_gemm, smem,
+// smem_hidden, launches}; returns -1 when a forced mma cannot run the shape or dtype.
+int riformer_emu_mlp_plan(int64_t C, int64_t Hd, int dtype, int mma, int two_gemm,
+                          int64_t* out) {
   using namespace riformer::mlp_cuda;
-  if (!mma) return smem_bytes(C, dtype == kF64 ? 8 : 4);
-  if ((dtype != kF16 && dtype != kBF16) || !mma_eligible(C, Hd)) return -1;
-  return mma_smem_bytes(C, 2);
+  const bool half = dtype == kF16 || dtype == kBF16;
+  const bool can_mma = half && mma_eligible(C, Hd);
+  if (mma == 1 && !can_mma) return -1;
+  const int elem = dtype == kF64 ? 8 : dtype == kF32 ? 4 : 2;
+  const MlpPlan pl = plan_mlp(1, C, Hd, 1, elem, half, mma < 0 ? int(can_mma) : mma, two_gemm);
+  out[0] = pl.mma;
+  out[1] = pl.two_gemm;
+  out[2] = pl.smem;
+  out[3] = pl.smem_hidden;
+  out[4] = pl.two_gemm ? 2 : 1;
+  return 0;
 }
 
 int riformer_emu_moments(int dtype, const void* x, int64_t N, int64_t C, int64_t T,
@@ -185,20 +220,23 @@ int riformer_emu_moments(int dtype, const void* x, int64_t N, int64_t C, int64_t
   }, err, errlen);
 }
 
-// dims: N, C, Hd, T, sn, sc, st. coeffs: A, B, a, b, l2 ((N, C) contiguous, statistics dtype).
+// dims: N, C, Hd, T, sn, sc, st, u_sj, u_st (u's hidden and token strides). coeffs: A, B, a, b, l2 ((N, C) contiguous, statistics dtype).
 // weights: w1 (Hd, C), b1, w2 (C, Hd), b2, contiguous, in x's dtype.
-// mma = 1: the tensor-core kernel (float16/bfloat16 only). u: (N, T, Hd) saved pre-activation
+// mma = 1: the tensor-core kernels (float16/bfloat16 only). two_gemm: -1 the large-C rule
+// (prefer_two_gemm), 0 the fused kernel, 1 the two-GEMM path. u: (N, T, Hd) saved pre-activation
 // or null; mean, var: (N, C) moments of out in the statistics dtype, or null (not computed).
 int riformer_emu_mlp_forward(int dtype, const void* x, void* out, const int64_t* dims,
                              const void* const* coeffs, const void* const* weights, int mma,
-                             void* u, void* mean, void* var, char* err, size_t errlen) {
+                             int two_gemm, void* u, void* mean, void* var, char* err,
+                             size_t errlen) {
   return guarded([&] {
     const bool m = mma != 0;
+    const int tg = two_gemm;
     switch (dtype) {
-      case kF32: run_mlp_forward<float, float>(x, out, dims, coeffs, weights, m, u, mean, var); break;
-      case kF64: run_mlp_forward<double, double>(x, out, dims, coeffs, weights, m, u, mean, var); break;
-      case kF16: run_mlp_forward<__half, float>(x, out, dims, coeffs, weights, m, u, mean, var); break;
-      case kBF16: run_mlp_forward<__nv_bfloat16, float>(x, out, dims, coeffs, weights, m, u, mean, var); break;
+      case kF32: run_mlp_forward<float, float>(x, out, dims, coeffs, weights, m, tg, u, mean, var); break;
+      case kF64: run_mlp_forward<double, double>(x, out, dims, coeffs, weights, m, tg, u, mean, var); break;
+      case kF16: run_mlp_forward<__half, float>(x, out, dims, coeffs, weights, m, tg, u, mean, var); break;
+      case kBF16: run_mlp_forward<__nv_bfloat16, float>(x, out, dims, coeffs, weights, m, tg, u, mean, var); break;
       default: throw std::invalid_argument("riformer_emu_mlp_forward: unknown dtype code");
     }
   }, err, errlen);

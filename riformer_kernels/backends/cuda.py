@@ -1,37 +1,40 @@
-"""The `cuda` backend: hand-written CUDA kernels in csrc/cuda.
+"""The `cuda` backend: hand-written CUDA kernels in csrc/cuda, as a `pipeline.KernelSet`.
 
-Without RIFORMER_CUDA_EMULATE=1 it is registered with the reason it cannot run blocks (the
-compiled extension has the moments kernel only; the fused MLP kernel has no torch binding yet).
+The same kernel sources run two ways, chosen per call by the input's device:
 
-With RIFORMER_CUDA_EMULATE=1 set before riformer_kernels is imported, it is a
-`pipeline.KernelSet` whose kernels are the csrc/cuda sources built against the SIMT emulator
-(`cuda_emu`) and run on CPU tensors, for inference:
+* CUDA tensors: the compiled extension's CUDA implementations of riformer::moments and
+  riformer::mlp_forward / mlp_forward_save_u (csrc/cuda/*.cu), on the current stream;
+* CPU tensors, when RIFORMER_CUDA_EMULATE=1 was set before riformer_kernels was imported: the
+  same sources built against the SIMT emulator (`cuda_emu`), whose checks (races, uninitialised
+  shared memory, barriers, bounds) run with every launch. A test vehicle, orders of magnitude
+  slower than the cpu kernels: `auto` never picks it (dispatch.AUTO_ORDER has no `cuda` for CPU
+  tensors); ask for it with use_backend('cuda').
 
-* moments: the two-stage split moments kernels (per-(n,c) mean and variance; `merge` is the
-  identity, as for the cpu kernel set);
-* mlp_forward: the fused MLP forward kernel (csrc/cuda/mlp_forward_kernels.cuh); the output's
-  moments, when the next block asks for them, come from its epilogue (per-tile partials of the
-  stored values, merged by the moments merge kernel), and u is saved when recompute=False.
+Kernels: moments (the two-stage split moments; `merge` is the identity, as for the cpu kernel
+set) and mlp_forward (the fused MLP, csrc/cuda/mlp_forward_kernels.cuh), whose epilogue also
+reduces the output's moments when the next block chains them, and saves u for a backward that
+reads it (recompute=False).
 
-* backward (training): csrc/cuda/mlp_backward_kernels.cuh -- phase 1 (the MLP weight
-  gradients and the five per-(n,c) sums, from per-split partials reduced in a fixed order:
-  bitwise deterministic; u read from the forward's saved u with recompute=False, else
-  recomputed) and phase 2 (dx, recomputing u, du and dz per token tile).
+Training (autograd): the backward kernels (csrc/cuda/mlp_backward_kernels.cuh) -- phase 1, the
+MLP weight gradients and the five per-(n,c) sums from per-split partials reduced in a fixed
+order (bitwise deterministic; u read from the forward's saved u with recompute=False, else
+recomputed), and phase 2, dx (recomputing u, du and dz per token tile) -- run emulated on CPU
+tensors; on CUDA tensors training is declined until the backward has a torch binding.
 
-`auto` never
-picks the emulated kernels (dispatch.AUTO_ORDER has no `cuda` for CPU tensors): it is a test
-vehicle, orders of magnitude slower than the cpu kernels; ask for it with use_backend('cuda').
+On GPUs `auto` keeps `triton` first and `cuda` second (dispatch.AUTO_ORDER): the CUDA kernels
+have been run only under the emulator, never timed on a GPU; the order changes when a GPU
+measurement says so (docs/kernels.md).
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _ext
-from ..dispatch import Backend, register_backend
 from ..pipeline import KernelSet, Partials, Phase1, register_kernel_set
 from . import cuda_emu
 
-BACKWARD_MISSING = "the cuda backward is issue 12"
+BACKWARD_UNBOUND = ("the CUDA backward kernels (csrc/cuda/mlp_backward_kernels.cuh) have no "
+                    "torch binding yet")
 
 
 def _is_training_call(block, x: torch.Tensor) -> bool:
@@ -39,15 +42,54 @@ def _is_training_call(block, x: torch.Tensor) -> bool:
                                         any(p.requires_grad for p in block.parameters()))
 
 
+def _compiled_availability() -> str | None:
+    """None when the compiled CUDA forward kernels can run on CUDA tensors here."""
+    if _ext._C is None:
+        return _ext.LOAD_ERROR
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible to torch"
+    missing = [op for op in ('moments', 'mlp_forward', 'mlp_forward_save_u')
+               if not _ext.has_kernel(op, 'CUDA')]
+    if missing:
+        return f"the extension has no CUDA kernels for {missing} (built without CUDA?)"
+    return None
+
+
+def _availability() -> str | None:
+    compiled = _compiled_availability()
+    if compiled is None:
+        return None
+    if not cuda_emu.ENABLED:
+        return (f"{compiled} (set {cuda_emu.ENV_FLAG}=1 before importing riformer_kernels to run "
+                f"the kernels emulated on CPU tensors)")
+    emulated = cuda_emu.availability()
+    return None if emulated is None else f"{compiled}; the emulated build: {emulated}"
+
+
 def _supports(block, x: torch.Tensor) -> str | None:
-    if x.device.type != 'cpu':
-        return (f"the emulated cuda kernels run on CPU tensors (input is on {x.device}); the "
-                f"compiled CUDA build has no fused MLP binding yet")
+    if x.device.type == 'cuda':
+        why = _compiled_availability()
+        if why is not None:
+            return why
+    elif x.device.type == 'cpu':
+        if not cuda_emu.ENABLED:
+            return (f"the cuda kernels take CUDA tensors; CPU tensors run them emulated only "
+                    f"with {cuda_emu.ENV_FLAG}=1 set before import")
+        why = cuda_emu.availability()
+        if why is not None:
+            return why
+    else:
+        return f"the cuda kernels take CUDA tensors (or CPU tensors emulated), not {x.device}"
     if x.dtype not in cuda_emu.SUPPORTED_DTYPES:
         return f"the cuda kernels take float32/float64/float16/bfloat16, not {x.dtype}"
     training = _is_training_call(block, x)
     if block.mlp.fc1.weight.shape[0] < 1:
         return "the MLP has no hidden units"
+    if x.is_cuda:
+        if training:
+            return (f"training on CUDA tensors is not supported: {BACKWARD_UNBOUND}; run "
+                    f"inference under torch.no_grad() (the backward runs emulated on CPU tensors)")
+        return None   # the binding checks shared memory against the GPU's own limit
     c = x.shape[1]
     smem = cuda_emu.mlp_smem_bytes(c, x.dtype, block.mlp.fc1.weight.shape[0])
     if smem > cuda_emu.MAX_DYNAMIC_SMEM:
@@ -68,12 +110,21 @@ def _prepare_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def _moments(x: torch.Tensor) -> Partials:
-    mean, var = cuda_emu.moments_op(x)
+    if x.is_cuda:
+        mean, var = torch.ops.riformer.moments(x)
+    else:
+        mean, var = cuda_emu.moments_op(x)
     return Partials(mean, var, 0)
 
 
 def _mlp_forward(x, cf, l2, w1, b1, w2, b2, save_u: bool, emit_moments: bool):
     w1, w2 = (w.reshape(w.shape[0], -1) for w in (w1, w2))
+    if x.is_cuda:
+        ops = torch.ops.riformer
+        args = (x, cf.A, cf.B, cf.a, cf.b, w1, b1, w2, b2, l2, emit_moments)
+        if save_u:
+            return tuple(ops.mlp_forward_save_u(*args))
+        return (*ops.mlp_forward(*args), None)
     out, mean, var, u = cuda_emu.mlp_forward_op(x, cf.A, cf.B, cf.a, cf.b, l2, w1, b1, w2, b2,
                                                 save_u, emit_moments)
     return out, mean, var, (u if save_u else None)
@@ -105,13 +156,10 @@ def _backward_dx(g, sv, p1: Phase1, bc):
     return dx, p1.weights
 
 
-if cuda_emu.ENABLED:
-    KERNELS = KernelSet(
-        'cuda', availability=cuda_emu.availability, supports=_supports,
-        prepare_input=_prepare_input, moments=_moments,
-        merge=lambda m1, m2, tokens, span: (m1, m2), mlp_forward=_mlp_forward,
-        output_span=lambda out: 0, backward_weights_and_sums=_backward_weights_and_sums,
-        backward_dx=_backward_dx)
-    register_kernel_set(KERNELS)
-else:
-    register_backend(Backend('cuda', availability=lambda: _ext.native_availability('CUDA')))
+KERNELS = KernelSet(
+    'cuda', availability=_availability, supports=_supports,
+    prepare_input=_prepare_input, moments=_moments,
+    merge=lambda m1, m2, tokens, span: (m1, m2), mlp_forward=_mlp_forward,
+    output_span=lambda out: 0, backward_weights_and_sums=_backward_weights_and_sums,
+    backward_dx=_backward_dx)
+register_kernel_set(KERNELS)

@@ -35,7 +35,7 @@ from ..atomic import replacing
 
 ENV_FLAG = 'RIFORMER_CUDA_EMULATE'
 ENABLED = os.environ.get(ENV_FLAG, '0') not in ('', '0')
-ABI_VERSION = 3
+ABI_VERSION = 5
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / 'csrc'
@@ -139,10 +139,10 @@ def library():
             lib.riformer_emu_moments.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ctypes.c_int,
                                                  ctypes.c_int, ptr, ptr, cstr, ctypes.c_size_t]
             lib.riformer_emu_mlp_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
-                                                     ctypes.c_int, ptr, ptr, ptr, cstr,
-                                                     ctypes.c_size_t]
-            lib.riformer_emu_mlp_smem_bytes.argtypes = [i64, i64, ctypes.c_int, ctypes.c_int]
-            lib.riformer_emu_mlp_smem_bytes.restype = i64
+                                                     ctypes.c_int, ctypes.c_int, ptr, ptr, ptr,
+                                                     cstr, ctypes.c_size_t]
+            lib.riformer_emu_mlp_plan.argtypes = [i64, i64, ctypes.c_int, ctypes.c_int,
+                                                  ctypes.c_int, ctypes.POINTER(i64)]
             lib.riformer_emu_set_seed.argtypes = [ctypes.c_uint64]
             lib.riformer_emu_count_bytes.argtypes = [ctypes.c_int]
             lib.riformer_emu_bytes_log_size.restype = i64
@@ -263,29 +263,52 @@ def moments(x: torch.Tensor, sms: int = DEFAULT_SMS):
 
 
 MLP_KERNELS = ('auto', 'ffma', 'mma')
+MLP_PATHS = ('auto', 'fused', 'two_gemm')
+
+
+class MlpPlan(NamedTuple):
+    """How the MLP forward runs a shape (csrc/cuda/mlp_forward_kernels.cuh, plan_mlp): the
+    kernel ('mma' tensor cores or 'ffma'), the path ('fused': one launch; 'two_gemm': a hidden
+    launch writing h, then an output launch), and the dynamic shared memory per CTA of the
+    fused/output launch and of the hidden launch (0 when fused)."""
+    kernel: str
+    path: str
+    smem: int
+    smem_hidden: int
+
+
+def mlp_plan(c: int, hidden: int, dtype: torch.dtype, kernel: str = 'auto',
+             path: str = 'auto') -> MlpPlan:
+    """The plan a launch of this shape gets. kernel 'auto': tensor cores where they can run
+    (fp16/bf16 with C and hidden multiples of 16); path 'auto': the large-C rule
+    (prefer_two_gemm)."""
+    if kernel not in MLP_KERNELS:
+        raise ValueError(f"unknown MLP kernel {kernel!r}; choose one of {MLP_KERNELS}")
+    if path not in MLP_PATHS:
+        raise ValueError(f"unknown MLP path {path!r}; choose one of {MLP_PATHS}")
+    if dtype not in _DTYPE_CODES:
+        raise TypeError(f"the cuda kernels take float32/float64/float16/bfloat16, not {dtype}")
+    lib = library()
+    out = (ctypes.c_int64 * 5)()
+    mma = {'auto': -1, 'ffma': 0, 'mma': 1}[kernel]
+    two = {'auto': -1, 'fused': 0, 'two_gemm': 1}[path]
+    if lib.riformer_emu_mlp_plan(c, hidden, _DTYPE_CODES[dtype], mma, two, out) != 0:
+        raise ValueError(f"the mma MLP kernel takes float16/bfloat16 with C and the hidden size "
+                         f"multiples of 16, not {dtype} with C={c}, hidden={hidden}")
+    return MlpPlan('mma' if out[0] else 'ffma', 'two_gemm' if out[1] else 'fused', int(out[2]),
+                   int(out[3]))
 
 
 def mlp_kernel(c: int, hidden: int, dtype: torch.dtype, kernel: str = 'auto') -> str:
-    """Which MLP kernel runs: 'mma' (tensor cores, fp16/bf16 with C and hidden multiples of 16)
-    where it can under 'auto', else 'ffma' (fp32/fp64 FFMA; half inputs widened on load)."""
-    if kernel not in MLP_KERNELS:
-        raise ValueError(f"unknown MLP kernel {kernel!r}; choose one of {MLP_KERNELS}")
-    can_mma = library().riformer_emu_mlp_smem_bytes(c, hidden, _DTYPE_CODES[dtype], 1) >= 0
-    if kernel == 'mma' and not can_mma:
-        raise ValueError(f"the mma MLP kernel takes float16/bfloat16 with C and the hidden size "
-                         f"multiples of 16, not {dtype} with C={c}, hidden={hidden}")
-    if kernel == 'auto':
-        return 'mma' if can_mma else 'ffma'
-    return kernel
+    """Which MLP kernel runs: 'mma' or 'ffma' (see `mlp_plan`)."""
+    return mlp_plan(c, hidden, dtype, kernel).kernel
 
 
 def mlp_smem_bytes(c: int, dtype: torch.dtype, hidden: int | None = None,
-                   kernel: str = 'auto') -> int:
-    """Dynamic shared memory per CTA of the MLP kernel `kernel` picks for this shape."""
-    hidden = 4 * c if hidden is None else hidden
-    which = mlp_kernel(c, hidden, dtype, kernel)
-    return library().riformer_emu_mlp_smem_bytes(c, hidden, _DTYPE_CODES[dtype],
-                                                 int(which == 'mma'))
+                   kernel: str = 'auto', path: str = 'auto') -> int:
+    """The largest dynamic shared memory per CTA among the launches of this shape's plan."""
+    plan = mlp_plan(c, 4 * c if hidden is None else hidden, dtype, kernel, path)
+    return max(plan.smem, plan.smem_hidden)
 
 
 class MlpForward(NamedTuple):
@@ -299,10 +322,11 @@ class MlpForward(NamedTuple):
 
 
 def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto', save_u: bool = False,
-                emit_moments: bool = False) -> MlpForward:
+                emit_moments: bool = False, path: str = 'auto') -> MlpForward:
     """out = a x + b + l2 (W2 GELU(W1 (A x + B) + b1) + b2) by csrc/cuda/mlp_forward_kernels.cuh.
 
     kernel: 'auto' (mma where `mlp_kernel` allows, else ffma), 'ffma' or 'mma'.
+    path: 'auto' (the large-C rule), 'fused' or 'two_gemm' (see `mlp_plan`).
     save_u: also return u = W1 (A x + B) + b1, rounded to x's dtype.
     emit_moments: also return out's moments, reduced by the kernel's epilogue from the stored
     values (per-tile partials) and merged by the moments merge kernel.
@@ -338,8 +362,9 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto', save_u:
         if t.dtype != sd or t.device != x.device:
             raise TypeError(f"mlp_forward: {name} is {t.dtype} on {t.device}, expected {sd} on "
                             f"{x.device} (the statistics dtype of {x.dtype})")
-    which = mlp_kernel(c, hd, x.dtype, kernel)
-    smem = mlp_smem_bytes(c, x.dtype, hd, which)
+    plan = mlp_plan(c, hd, x.dtype, kernel, path)
+    which = plan.kernel
+    smem = max(plan.smem, plan.smem_hidden)
     if smem > MAX_DYNAMIC_SMEM:
         raise ValueError(f"mlp_forward: C={c} needs {smem} bytes of shared memory per CTA, more "
                          f"than the {MAX_DYNAMIC_SMEM} a CTA can have")
@@ -364,12 +389,14 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto', save_u:
         # The mma kernel reads weight pairs as 32-bit words: a view starting at an odd element
         # would be a misaligned load on the device (the emulator does not check global memory).
         keep[5], keep[7] = (t if t.data_ptr() % 4 == 0 else t.clone() for t in (keep[5], keep[7]))
-    dims = (ctypes.c_int64 * 7)(n, c, hd, h * w, x.stride(0), x.stride(1),
-                                x.stride(3) if layout(x) == 'channels_last' else 1)
+    dims = (ctypes.c_int64 * 9)(n, c, hd, h * w, x.stride(0), x.stride(1),
+                                x.stride(3) if layout(x) == 'channels_last' else 1,
+                                1 if save_u else 0, hd if save_u else 0)
     ptrs_c = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in keep[:5]])
     ptrs_w = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep[5:]])
     _call(library().riformer_emu_mlp_forward, _DTYPE_CODES[x.dtype], x.data_ptr(),
           out.data_ptr(), dims, ptrs_c, ptrs_w, int(which == 'mma'),
+          int(plan.path == 'two_gemm'),
           u.data_ptr() if save_u else None, mean.data_ptr() if emit_moments else None,
           var.data_ptr() if emit_moments else None)
     return MlpForward(out, mean, var, u)
