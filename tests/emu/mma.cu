@@ -56,6 +56,34 @@ __global__ void mma_tf32_direct(const float* A, const float* B, const float* C, 
   for (int e = 0; e < 4; ++e) D[c_row(lane, e) * 8 + c_col(lane, e)] = d[e];
 }
 
+// D (16x8) = A (16xK, row-major) B (Kx8, [k][n]) in fp32 three ways, for the choice of the fp32
+// MLP GEMMs: mode 0 one tf32 mma per k-step; mode 1 3xTF32 (a = hi + lo with hi = tf32(a),
+// lo = tf32(a - hi): hi*hi + hi*lo + lo*hi, dropping lo*lo); mode 2 plain FFMA in k order.
+__global__ void fp32_gemm(const float* A, const float* B, float* D, int K, int mode) {
+  int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  auto tf = [](float x) { uint32_t u = float_to_tf32(x); float f; std::memcpy(&f, &u, 4); return f; };
+  if (mode == 2) {
+    for (int e = 0; e < 4; ++e)
+      for (int k = 0; k < K; ++k) d[e] += A[c_row(lane, e) * K + k] * B[k * 8 + c_col(lane, e)];
+  } else {
+    for (int k0 = 0; k0 < K; k0 += 8) {
+      float av[4], bv[2];
+      for (int i = 0; i < 4; ++i) av[i] = A[(g + 8 * (i & 1)) * K + k0 + t + 4 * (i >> 1)];
+      for (int i = 0; i < 2; ++i) bv[i] = B[(k0 + t + 4 * i) * 8 + g];
+      uint32_t ah[4], al[4], bh[2], bl[2];
+      for (int i = 0; i < 4; ++i) { ah[i] = float_to_tf32(av[i]); al[i] = float_to_tf32(av[i] - tf(av[i])); }
+      for (int i = 0; i < 2; ++i) { bh[i] = float_to_tf32(bv[i]); bl[i] = float_to_tf32(bv[i] - tf(bv[i])); }
+      if (mode == 1) {   // small terms first, as CUTLASS's 3xTF32 does
+        riformer::ptx::mma_m16n8k8_tf32(d, al, bh, d);
+        riformer::ptx::mma_m16n8k8_tf32(d, ah, bl, d);
+      }
+      riformer::ptx::mma_m16n8k8_tf32(d, ah, bh, d);
+    }
+  }
+  for (int e = 0; e < 4; ++e) D[c_row(lane, e) * 8 + c_col(lane, e)] = d[e];
+}
+
 // ldmatrix of four 8x8 b16 matrices stored row-major one after another in shared memory; every
 // lane writes its registers out, for the host to check against the documented map.
 template <int N, bool Trans>
@@ -270,6 +298,31 @@ int main() {
       bad += float_to_tf32(f) != c.t;
     }
     report("tf32_rounding", bad == 0, std::to_string(bad) + " wrong");
+  }
+  {
+    // fp32 GEMM accuracy (the MLP kernels' K: C = 64 .. 768 for GEMM1, 4C up to 3072 for GEMM2)
+    // against float64, relative to the result's scale, on N(0,1)-like data: one line per K
+    // with the three modes' errors, read by tests/test_cuda_emu.py.
+    std::normal_distribution<float> N01(0.f, 1.f);
+    for (int K : {64, 512, 3072}) {
+      std::vector<float> A(16 * size_t(K)), B(size_t(K) * 8), D(128);
+      for (auto& x : A) x = N01(rng);
+      for (auto& x : B) x = N01(rng);
+      double scale = 0, err[3] = {0, 0, 0};
+      std::vector<double> ref(128, 0.0);
+      for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 8; ++j) {
+          for (int k = 0; k < K; ++k) ref[i * 8 + j] += double(A[i * K + k]) * B[k * 8 + j];
+          scale = std::max(scale, std::abs(ref[i * 8 + j]));
+        }
+      for (int mode = 0; mode < 3; ++mode) {
+        riformer::emu::launch(fp32_gemm, dim3(1), dim3(32), 0, A.data(), B.data(), D.data(), K, mode);
+        for (int i = 0; i < 128; ++i) err[mode] = std::max(err[mode], std::abs(D[i] - ref[i]) / scale);
+      }
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "tf32 %.3e 3xtf32 %.3e ffma %.3e", err[0], err[1], err[2]);
+      report(("fp32_gemm_accuracy_k" + std::to_string(K)).c_str(), true, buf);
+    }
   }
   return failures ? 1 : 0;
 }
