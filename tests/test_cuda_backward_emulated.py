@@ -434,3 +434,37 @@ def test_torch_compile_fullgraph_trains_like_eager():
     assert torch.equal(xc.grad, grads_e['x'])
     for n, p in cblock.named_parameters():
         assert torch.equal(p.grad, grads_e[n]), n
+
+
+# ---------------------------------------------------------------------------------------------
+# bytes moved (the emulator's global-memory counter, DRAM model: distinct bytes per launch)
+
+def test_backward_kernels_move_exactly_their_operands():
+    # N = 2, T = 42 (two tiles a sample), one tile a split: 4 splits, each in one sample, so no
+    # read-modify-write; pairs (s, n) = (0,0), (1,0), (2,1), (3,1) use slots 0, 1, 3, 4 of 6.
+    n, c, hd = 2, 32, 128
+    args = _inputs(n, c, hd, 6, 7, torch.float32, channels_last=False)
+    x, g, coeffs, weights, pqrs = args
+    assert cuda_emu.mlp_backward_splits(n, 42, c, hd, torch.float32, 1) == 4
+    nbytes = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    with cuda_emu.counting_global_bytes() as log:
+        _run(*args, tiles_per_split=1)
+    names = [e.kernel for e in log]
+    assert [k for k in ('partials', 'weights', 'sums', 'dx') if any(k in n for n in names)] == \
+        ['partials', 'weights', 'sums', 'dx'] and len(log) == 4, names
+    part, wts, sums, dx = log
+    f4, splits, pairs_used, hchunks = 4, 4, 4, 2
+    w1, b1, w2, b2 = weights
+    mean, A, B, l2 = coeffs
+    # phase 1 reads x, g, A, B, mean, l2 and the weights but b2; writes every partial it owns
+    assert part.read_distinct == nbytes(x, g, A, B, mean, l2, w1, b1, w2)
+    partial_bytes = f4 * (splits * (2 * hd * c + hd) + pairs_used * c * (2 + 3 * hchunks))
+    assert part.write_distinct == partial_bytes
+    # the reductions read exactly the slots that were written, and the (N, C) factors they need
+    assert wts.read_distinct == f4 * (splits * (2 * hd * c + hd) + pairs_used * c) + nbytes(l2)
+    assert wts.write_distinct == f4 * (2 * hd * c + hd + c)
+    assert sums.read_distinct == f4 * pairs_used * c * (2 + 3 * hchunks) + nbytes(b2)
+    assert sums.write_distinct == f4 * 5 * n * c
+    # phase 2 reads x, g, eight (N, C) coefficient arrays and the weights but b2; writes dx
+    assert dx.read_distinct == nbytes(x, g, A, B, mean, l2, *pqrs, w1, b1, w2)
+    assert dx.write_distinct == nbytes(x)
