@@ -162,6 +162,7 @@ MLP_CASES = [  # (N, C, hidden, H, W): T = 35 / 9 / 66 tokens (never a multiple 
     (1, 64, 256, 11, 6),
     (1, 96, 384, 5, 7),     # two output-channel slices, the second half-empty
     (2, 16, 72, 3, 3),      # a partial hidden chunk (72 = 64 + 8)
+    (1, 192, 128, 3, 3),    # three output slices, all full
 ]
 
 

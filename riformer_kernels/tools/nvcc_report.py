@@ -61,9 +61,12 @@ def parse_ptxas(text: str) -> list[dict]:
     """Parse `ptxas -v` output into one dict per (entry kernel, arch).
 
     Keys: kernel (mangled), name (demangled when c++filt is available), arch,
-    registers, spill_stores, spill_loads, stack, smem. Non-entry functions that were
-    not inlined get their own rows with entry=False (their stack/spills count too).
+    registers, spill_stores, spill_loads, stack, smem, warnings (the ptxas warning lines of
+    the whole compile: spills and local memory, from --warn-on-spills and
+    --warn-on-local-memory-usage). Non-entry functions that were not inlined get their own
+    rows with entry=False (their stack/spills count too).
     """
+    warnings = [ln.strip() for ln in text.splitlines() if "ptxas warning" in ln]
     rows: dict[tuple[str, str], dict] = {}
     current: tuple[str, str] | None = None  # (kernel, arch) being compiled
     props_for: str | None = None
@@ -96,6 +99,8 @@ def parse_ptxas(text: str) -> list[dict]:
             s = _SMEM.search(line)
             rows[current]["smem"] = int(s.group(1)) if s else 0
     out = list(rows.values())
+    for r in out:
+        r["warnings"] = warnings
     _demangle(out)
     return out
 
@@ -119,8 +124,11 @@ def _demangle(rows: list[dict]) -> None:
 
 def _compile_one(nvcc: str, source: Path, arch: str, flags: list[str]) -> str:
     with tempfile.TemporaryDirectory() as tmp:
+        # --warn-on-spills / --warn-on-local-memory-usage: ptxas names each kernel that spills
+        # or uses local memory (parse_ptxas keeps those lines), on top of the -v counts.
         cmd = [nvcc, "-cubin", "-o", str(Path(tmp, "out.cubin")), str(source),
-               f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v"] + flags
+               f"-gencode=arch=compute_{arch},code=sm_{arch}",
+               "-Xptxas", "-v,--warn-on-spills,--warn-on-local-memory-usage"] + flags
         res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"nvcc failed for {source} (sm_{arch}):\n{' '.join(cmd)}\n"
