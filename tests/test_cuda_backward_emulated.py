@@ -468,3 +468,11 @@ def test_backward_kernels_move_exactly_their_operands():
     # phase 2 reads x, g, eight (N, C) coefficient arrays and the weights but b2; writes dx
     assert dx.read_distinct == nbytes(x, g, A, B, mean, l2, *pqrs, w1, b1, w2)
     assert dx.write_distinct == nbytes(x)
+
+
+@needs_emulated_backend
+@pytest.mark.parametrize('deploy', [False, True], ids=['training-form', 'deploy-form'])
+def test_block_fp64_gradcheck(deploy):
+    # Finite differences of the emulated kernels themselves (fp64 oracle path), x and every
+    # parameter; tolerances in helpers.gradcheck_block (tighter than gradcheck's defaults).
+    assert helpers.gradcheck_block(make_block(6, deploy=deploy, dtype=torch.float64), 'cuda')
