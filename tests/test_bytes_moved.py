@@ -95,7 +95,7 @@ def test_fused_block_forward_bytes_against_targets():
 def _emulated_mlp_case(dtype, channels_last):
     from riformer_kernels.backends import cuda_emu
     g = torch.Generator().manual_seed(7)
-    n, c, hd, h, w = 2, 32, 128, 6, 7        # T = 42: two token tiles, the second partial
+    n, c, hd, h, w = 2, 32, 128, 6, 7        # T = 42: a partial token tile
     sd = torch.float64 if dtype == torch.float64 else torch.float32
     x = torch.randn(n, c, h, w, generator=g).to(dtype)
     if channels_last:
@@ -114,7 +114,9 @@ def test_emulated_cuda_mlp_forward_moves_exactly_its_operands(dtype, channels_la
     m = measure_bytes(cuda_emu.mlp_forward_op, x, *coeffs, *weights, False, True)
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     n, c = x.shape[:2]
-    tiles = -(-x.shape[2] * x.shape[3] // 32)
+    plan = cuda_emu.mlp_plan(x.shape[1], weights[0].shape[0], dtype)
+    assert plan.path == 'fused'            # C = 32: one launch
+    tiles = -(-x.shape[2] * x.shape[3] // plan.tile_tokens)   # 32 tokens (FFMA) or 64 (mma)
     acc = 4                                   # fp32 statistics
     # The MLP kernel reads x, the five (N, C) coefficients and the weights once each (DRAM
     # model: distinct bytes per launch) and writes out, the (N, tiles, C) partial moments (3

@@ -11,7 +11,8 @@ Two levels:
 * the `cuda` kernel set through the pipeline (RIFORMER_CUDA_EMULATE=1, which tests/helpers.py
   sets where there is no GPU): every gradient of a block, both forms, both memory modes,
   against the float64 reference; drop path with a dropped sample; fp16/bf16 within twice the
-  reference's own error over several draws; bitwise determinism; torch.compile(fullgraph).
+  reference's own error over several draws; bitwise determinism; torch.compile(fullgraph) of a
+  training step.
 
 Every output the wrappers return starts as NaN (and so does the phase-1 scratch), and rel_err
 refuses non-finite values, so an element a kernel fails to write fails the test. Inputs are
@@ -411,15 +412,10 @@ def test_block_gradients_bitwise_deterministic(recompute):
 
 
 @needs_emulated_backend
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
-                   reason="dispatch under torch.compile traces the cuda kernel set's availability "
-                          "and supports, which stat the sources (cuda_emu.build_availability) and "
-                          "query shared-memory sizes through ctypes; both need pure-Python "
-                          "answers before fullgraph can trace a cuda block (the kernels "
-                          "themselves are custom ops with fakes)")
 def test_torch_compile_fullgraph_trains_like_eager():
-    # Every emulated kernel is a custom op with a fake implementation: once dispatch traces,
-    # fullgraph compiles, and the compiled step's output and gradients equal eager's.
+    # Every emulated kernel, forward and backward, is a custom op with a fake implementation and
+    # dispatch reads cached answers: fullgraph compiles a training step, whose output and
+    # gradients equal eager's (the eager run first also fills the kernel set's caches).
     block = make_block(16, dtype=torch.float32).train()
     x = random_input((2, 16, 5, 7), torch.float32)
     g = random_input(x.shape, torch.float32)

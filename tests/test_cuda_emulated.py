@@ -449,3 +449,32 @@ def test_cuda_backend_unchanged_without_the_variable():
     if not torch.cuda.is_available():
         assert not usable and 'no CUDA device' in reason, reason
         assert 'RIFORMER_CUDA_EMULATE=1' in reason, reason   # and says how to emulate
+
+
+# ---------------------------------------------------------------------------------------------
+# the emulated kernels as torch.library custom ops: fake implementations, compile
+
+@pytest.mark.parametrize('dtype,channels_last', [(torch.float32, False), (torch.float16, True),
+                                                 (torch.bfloat16, False)])
+def test_emulated_ops_pass_opcheck(dtype, channels_last):
+    """Schema, fake implementation (shapes, dtypes, strides of the real outputs) and AOT dispatch
+    of riformer_cuda_emu::moments and ::mlp_forward, by torch.library.opcheck."""
+    x, coeffs, weights = _mlp_inputs(2, 32, 64, 3, 5, dtype, channels_last)
+    utils = ('test_schema', 'test_faketensor', 'test_aot_dispatch_dynamic')
+    torch.library.opcheck(cuda_emu.moments_op, (x,), test_utils=utils)
+    for save_u, emit in ((False, False), (True, True)):
+        torch.library.opcheck(cuda_emu.mlp_forward_op, (x, *coeffs, *weights, save_u, emit),
+                              test_utils=utils)
+
+
+@pytest.mark.skipif(not cuda_emu.ENABLED, reason='the cuda kernel set runs emulated only with '
+                    'RIFORMER_CUDA_EMULATE=1 (tests/helpers.py sets it without a GPU)')
+def test_cuda_backend_block_compiles_fullgraph():
+    import riformer_kernels as rk
+    from helpers import make_block
+    block = make_block(32, dtype=torch.float32).eval()
+    x = random_input((2, 32, 5, 6), torch.float32, channels_last=True)
+    with torch.no_grad(), rk.use_backend('cuda'):
+        eager = block(x)
+        compiled = torch.compile(block, fullgraph=True, backend='aot_eager')(x)
+    assert torch.equal(compiled, eager)

@@ -1254,17 +1254,21 @@ RIFORMER_EMU_FN float bf16_bits_to_f32(uint16_t b) { return std::bit_cast<float>
 // constexpr default constructor on purpose: a block-scope thread_local (__shared__) array of them
 // is then constant-initialised, with no TLS guard variable (a guard would live in, and be read
 // from, the poisoned static shared region).
+// The conversion operator and the converting constructor are instrumented (not NOSAN): a kernel
+// reading `float(p[i])` straight from memory, or constructing a value in place, then goes
+// through the access hooks like any load or store -- checked in shared memory, counted in
+// global memory. Only the bit conversions themselves are the emulator's (uninstrumented).
 struct __half {
   uint16_t __x;
   constexpr __half() : __x(0) {}
-  RIFORMER_EMU_NOSAN __half(float f) : __x(::riformer::emu::detail::f32_to_f16_bits(f)) {}
-  RIFORMER_EMU_NOSAN operator float() const { return ::riformer::emu::detail::f16_bits_to_f32(__x); }
+  __half(float f) : __x(::riformer::emu::detail::f32_to_f16_bits(f)) {}
+  operator float() const { return ::riformer::emu::detail::f16_bits_to_f32(__x); }
 };
 struct __nv_bfloat16 {
   uint16_t __x;
   constexpr __nv_bfloat16() : __x(0) {}
-  RIFORMER_EMU_NOSAN __nv_bfloat16(float f) : __x(::riformer::emu::detail::f32_to_bf16_bits(f)) {}
-  RIFORMER_EMU_NOSAN operator float() const { return ::riformer::emu::detail::bf16_bits_to_f32(__x); }
+  __nv_bfloat16(float f) : __x(::riformer::emu::detail::f32_to_bf16_bits(f)) {}
+  operator float() const { return ::riformer::emu::detail::bf16_bits_to_f32(__x); }
 };
 struct alignas(4) __half2 { __half x, y; };
 struct alignas(4) __nv_bfloat162 { __nv_bfloat16 x, y; };

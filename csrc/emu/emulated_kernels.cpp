@@ -187,7 +187,7 @@ int riformer_emu_bytes_log_entry(int64_t i, char* name, size_t len, uint64_t* co
 // the mma kernel cannot run the shape or dtype.
 // The MLP launch plan for a shape: kernel, path and dynamic shared memory per launch.
 // mma / two_gemm: -1 lets plan_mlp choose, 0/1 force. out: {mma, two_gemm, smem,
-// smem_hidden, launches}; returns -1 when a forced mma cannot run the shape or dtype.
+// smem_hidden, launches, tokens per CTA}; returns -1 when a forced mma cannot run the shape or dtype.
 int riformer_emu_mlp_plan(int64_t C, int64_t Hd, int dtype, int mma, int two_gemm,
                           int64_t* out) {
   using namespace riformer::mlp_cuda;
@@ -201,6 +201,7 @@ int riformer_emu_mlp_plan(int64_t C, int64_t Hd, int dtype, int mma, int two_gem
   out[2] = pl.smem;
   out[3] = pl.smem_hidden;
   out[4] = pl.two_gemm ? 2 : 1;
+  out[5] = pl.mma ? kMmaTokens : kTokens;
   return 0;
 }
 

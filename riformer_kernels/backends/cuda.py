@@ -42,7 +42,7 @@ def _is_training_call(block, x: torch.Tensor) -> bool:
                                         any(p.requires_grad for p in block.parameters()))
 
 
-def _compiled_availability() -> str | None:
+def _probe_compiled() -> str | None:
     """None when the compiled CUDA forward kernels can run on CUDA tensors here."""
     if _ext._C is None:
         return _ext.LOAD_ERROR
@@ -55,6 +55,20 @@ def _compiled_availability() -> str | None:
     return None
 
 
+# Both availabilities are probed once, at import, and kept as Python values: dispatch runs
+# inside torch.compile's trace, which cannot follow file-system or dispatcher queries.
+_COMPILED = _probe_compiled()
+_EMULATED = cuda_emu.availability()
+# Shared memory per (C, hidden, dtype), from the emulated library's plan; filled eagerly (a
+# compiled trace only reads it, see _supports).
+_SMEM: dict = {}
+_BACKWARD_SMEM: dict = {}   # the same for the backward kernels (training calls)
+
+
+def _compiled_availability() -> str | None:
+    return _COMPILED
+
+
 def _availability() -> str | None:
     compiled = _compiled_availability()
     if compiled is None:
@@ -62,8 +76,7 @@ def _availability() -> str | None:
     if not cuda_emu.ENABLED:
         return (f"{compiled} (set {cuda_emu.ENV_FLAG}=1 before importing riformer_kernels to run "
                 f"the kernels emulated on CPU tensors)")
-    emulated = cuda_emu.availability()
-    return None if emulated is None else f"{compiled}; the emulated build: {emulated}"
+    return None if _EMULATED is None else f"{compiled}; the emulated build: {_EMULATED}"
 
 
 def _supports(block, x: torch.Tensor) -> str | None:
@@ -75,9 +88,8 @@ def _supports(block, x: torch.Tensor) -> str | None:
         if not cuda_emu.ENABLED:
             return (f"the cuda kernels take CUDA tensors; CPU tensors run them emulated only "
                     f"with {cuda_emu.ENV_FLAG}=1 set before import")
-        why = cuda_emu.availability()
-        if why is not None:
-            return why
+        if _EMULATED is not None:
+            return _EMULATED
     else:
         return f"the cuda kernels take CUDA tensors (or CPU tensors emulated), not {x.device}"
     if x.dtype not in cuda_emu.SUPPORTED_DTYPES:
@@ -90,13 +102,23 @@ def _supports(block, x: torch.Tensor) -> str | None:
             return (f"training on CUDA tensors is not supported: {BACKWARD_UNBOUND}; run "
                     f"inference under torch.no_grad() (the backward runs emulated on CPU tensors)")
         return None   # the binding checks shared memory against the GPU's own limit
-    c = x.shape[1]
-    smem = cuda_emu.mlp_smem_bytes(c, x.dtype, block.mlp.fc1.weight.shape[0])
+    c, hidden = x.shape[1], block.mlp.fc1.weight.shape[0]
+    key = (c, hidden, x.dtype)
+    if key not in _SMEM:
+        if torch.compiler.is_compiling():
+            return None   # not probed eagerly: the launch itself refuses an oversized CTA
+        _SMEM[key] = cuda_emu.mlp_smem_bytes(c, x.dtype, hidden)
+    smem = _SMEM[key]
     if smem > cuda_emu.MAX_DYNAMIC_SMEM:
         return (f"C={c} in {x.dtype} needs {smem} bytes of shared memory per CTA (the MLP kernel "
                 f"keeps z for all C channels of its token tile), over {cuda_emu.MAX_DYNAMIC_SMEM}")
     if training:
-        smem = cuda_emu.mlp_backward_smem_bytes(c, x.dtype, block.mlp.fc1.weight.shape[0])
+        # Cached like the forward's: a compiled trace only reads what eager calls probed.
+        if key not in _BACKWARD_SMEM:
+            if torch.compiler.is_compiling():
+                return None   # not probed eagerly: the launch itself refuses an oversized CTA
+            _BACKWARD_SMEM[key] = cuda_emu.mlp_backward_smem_bytes(c, x.dtype, hidden)
+        smem = _BACKWARD_SMEM[key]
         if smem > cuda_emu.MAX_DYNAMIC_SMEM:
             return (f"training at C={c} in {x.dtype}: the backward kernels need {smem} bytes of "
                     f"shared memory per CTA (z and l2 g of all C channels of a token tile), over "

@@ -270,11 +270,13 @@ class MlpPlan(NamedTuple):
     """How the MLP forward runs a shape (csrc/cuda/mlp_forward_kernels.cuh, plan_mlp): the
     kernel ('mma' tensor cores or 'ffma'), the path ('fused': one launch; 'two_gemm': a hidden
     launch writing h, then an output launch), and the dynamic shared memory per CTA of the
-    fused/output launch and of the hidden launch (0 when fused)."""
+    fused/output launch and of the hidden launch (0 when fused), and the tokens a CTA takes
+    (the token tile of the output's partial moments)."""
     kernel: str
     path: str
     smem: int
     smem_hidden: int
+    tile_tokens: int
 
 
 def mlp_plan(c: int, hidden: int, dtype: torch.dtype, kernel: str = 'auto',
@@ -289,14 +291,14 @@ def mlp_plan(c: int, hidden: int, dtype: torch.dtype, kernel: str = 'auto',
     if dtype not in _DTYPE_CODES:
         raise TypeError(f"the cuda kernels take float32/float64/float16/bfloat16, not {dtype}")
     lib = library()
-    out = (ctypes.c_int64 * 5)()
+    out = (ctypes.c_int64 * 6)()
     mma = {'auto': -1, 'ffma': 0, 'mma': 1}[kernel]
     two = {'auto': -1, 'fused': 0, 'two_gemm': 1}[path]
     if lib.riformer_emu_mlp_plan(c, hidden, _DTYPE_CODES[dtype], mma, two, out) != 0:
         raise ValueError(f"the mma MLP kernel takes float16/bfloat16 with C and the hidden size "
                          f"multiples of 16, not {dtype} with C={c}, hidden={hidden}")
     return MlpPlan('mma' if out[0] else 'ffma', 'two_gemm' if out[1] else 'fused', int(out[2]),
-                   int(out[3]))
+                   int(out[3]), int(out[5]))
 
 
 def mlp_kernel(c: int, hidden: int, dtype: torch.dtype, kernel: str = 'auto') -> str:
