@@ -33,6 +33,11 @@ def channel_moments(x: torch.Tensor):
     E[x^2] - E[x]^2 would.
     """
     xs = x.to(stats_dtype(x.dtype))
+    if x.shape[0] == 0:
+        # An empty batch has no statistics to compute (var_mean would warn about its zero
+        # degrees of freedom); shapes only, so the empty-batch path stays shape-polymorphic.
+        empty = xs.new_empty(x.shape[:2])
+        return empty, empty.clone()
     var, mean = torch.var_mean(xs, dim=(2, 3), unbiased=False)
     return mean, var
 

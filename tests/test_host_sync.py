@@ -25,7 +25,8 @@ import helpers
 from helpers import make_block, randomize_, random_input, rel_err
 
 DEVICE = {'cpu': torch.device('cpu'), 'torch': torch.device('cpu'),
-          'reference': torch.device('cpu'), 'triton': helpers.KERNEL_DEVICE}
+          'reference': torch.device('cpu'), 'triton': helpers.KERNEL_DEVICE,
+          'cuda': helpers.KERNEL_DEVICE}
 BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(
     not rk.available_backends()[name].usable, reason=rk.available_backends()[name].reason))
     for name in DEVICE]

@@ -57,7 +57,8 @@ from helpers import rel_err  # noqa: E402
 
 # The kernel-test device for triton (CUDA, or CPU under the interpreter); CPU for the rest.
 DEVICE = {'reference': torch.device('cpu'), 'torch': torch.device('cpu'),
-          'cpu': torch.device('cpu'), 'triton': helpers.KERNEL_DEVICE}
+          'cpu': torch.device('cpu'), 'triton': helpers.KERNEL_DEVICE,
+          'cuda': helpers.KERNEL_DEVICE}
 BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(
     not rk.available_backends()[name].usable, reason=rk.available_backends()[name].reason))
     for name in DEVICE]

@@ -16,12 +16,15 @@ from helpers import OpLog, randomize_, random_input, make_block, rel_err
 
 # The kernel set's statistics op, as the dispatcher sees it.
 MOMENTS_OP = {'cpu': 'riformer.moments.default',
-              'triton': 'riformer_triton.moments_partials.default'}
+              'triton': 'riformer_triton.moments_partials.default',
+              'cuda': ('riformer.moments.default' if helpers.KERNEL_DEVICE.type == 'cuda'
+                       else 'riformer_cuda_emu.moments.default')}
 KERNEL_SETS = [pytest.param(name, marks=pytest.mark.skipif(
     not rk.available_backends()[name].usable, reason=rk.available_backends()[name].reason))
     for name in MOMENTS_OP]
 # The device each kernel set's tests run on: the cpu kernels take CPU tensors only.
-DEVICE = {'cpu': torch.device('cpu'), 'triton': helpers.KERNEL_DEVICE}
+DEVICE = {'cpu': torch.device('cpu'), 'triton': helpers.KERNEL_DEVICE,
+          'cuda': helpers.KERNEL_DEVICE}
 ARCH = dict(layers=[3, 2, 1, 2], embed_dims=[8, 16, 24, 32], mlp_ratios=[4, 4, 4, 4],
             layer_scale_init_value=1e-5)
 
@@ -83,7 +86,7 @@ def test_stale_statistics_are_never_used(kernels):
     assert rel_err(out, truth) <= 1e-5     # the fp32 block contract (tests/test_triton_forward.py)
 
 
-@pytest.mark.skipif(not all(rk.available_backends()[k].usable for k in MOMENTS_OP),
+@pytest.mark.skipif(not all(rk.available_backends()[k].usable for k in ("cpu", "triton")),
                     reason="needs both the cpu and the triton kernel sets")
 @pytest.mark.skipif(DEVICE['triton'].type != 'cpu',
                     reason="the cpu kernels take CPU tensors and the triton kernels here take "
