@@ -458,12 +458,25 @@ def test_cuda_backend_unchanged_without_the_variable():
                                                  (torch.bfloat16, False)])
 def test_emulated_ops_pass_opcheck(dtype, channels_last):
     """Schema, fake implementation (shapes, dtypes, strides of the real outputs) and AOT dispatch
-    of riformer_cuda_emu::moments and ::mlp_forward, by torch.library.opcheck."""
+    of every riformer_cuda_emu op (moments, mlp_forward, the two backward ops), by
+    torch.library.opcheck."""
     x, coeffs, weights = _mlp_inputs(2, 32, 64, 3, 5, dtype, channels_last)
     utils = ('test_schema', 'test_faketensor', 'test_aot_dispatch_dynamic')
     torch.library.opcheck(cuda_emu.moments_op, (x,), test_utils=utils)
     for save_u, emit in ((False, False), (True, True)):
         torch.library.opcheck(cuda_emu.mlp_forward_op, (x, *coeffs, *weights, save_u, emit),
+                              test_utils=utils)
+    # The backward ops, with u recomputed and u read from the forward's saved copy.
+    A, B, a, b, l2 = coeffs
+    g = random_input(tuple(x.shape), dtype, channels_last=channels_last)
+    mean = x.to(A.dtype).mean(dim=(2, 3))
+    P, Q, R, S = (torch.randn(x.shape[:2], dtype=A.dtype) for _ in range(4))
+    u_saved = cuda_emu.mlp_forward(x, *coeffs, *weights, save_u=True).u
+    for u in (None, u_saved):
+        common = (g, x, mean, A, B, l2, *weights)
+        torch.library.opcheck(cuda_emu.mlp_backward_weights_and_sums_op, (*common, u),
+                              test_utils=utils)
+        torch.library.opcheck(cuda_emu.mlp_backward_dx_op, (*common, P, Q, R, S, u),
                               test_utils=utils)
 
 
