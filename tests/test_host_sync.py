@@ -109,10 +109,10 @@ def test_the_log_sees_a_sync_in_the_backward(monkeypatch):
 def test_block_compiles_fullgraph_forward_and_backward(backend, deploy, recompute):
     """fullgraph=True raises on any graph break (a data-dependent branch or value read in the
     forward); aot_eager traces the backward with fake tensors, where a value read raises too.
-    Compiled and eager agree. (recompute=False: the kernel sets' save-u ops; the cpu set only,
+    Compiled and eager agree. (recompute=False: the kernel sets' save-u ops; cpu and cuda here,
     the triton one is compiled with it in tests/test_triton_training.py.)"""
-    if not recompute and backend != 'cpu':
-        pytest.skip("save-u is compiled here for the cpu kernel set only")
+    if not recompute and backend not in ('cpu', 'cuda'):
+        pytest.skip("save-u is compiled here for the cpu and cuda kernel sets")
     dev = DEVICE[backend]
     block = make_block(16, deploy=deploy, dtype=torch.float32, device=dev, drop_path=0.2).train()
     block.recompute = recompute
