@@ -292,6 +292,28 @@ __device__ __forceinline__ void hidden_chunk(const MlpBackwardArgs<scalar_t, acc
   }
 }
 
+// The CTA's hidden chunk's share of the per-(n, c) sums for channel c0 + tid (threads
+// tid < kCh), from the chunk's flushed blocks in shared memory (we[j][c] = W1 E, wf[c][j] =
+// W2 F, ds[j] = D), summed over j in order, into the (pair, chunk) slot: both phase-1 kernels.
+template <typename Args, typename acc_t>
+__device__ __forceinline__ void store_chunk_sums(const Args& p, int tid, int64_t c0, int64_t h0,
+                                                 int64_t pair, const acc_t* ds, const acc_t* we,
+                                                 const acc_t* wf) {
+  if (tid >= kCh || c0 + tid >= p.C) return;
+  const int64_t c = c0 + tid;
+  const int64_t hn = p.Hd - h0 < kHid ? p.Hd - h0 : int64_t(kHid);
+  acc_t sdz = acc_t(0), sdzx = acc_t(0), sgo = acc_t(0);
+  for (int64_t j = 0; j < hn; ++j) {
+    sdz += load_as<acc_t>(p.w1 + (h0 + j) * p.C + c) * ds[j];
+    sdzx += we[j * kCh + tid];
+    sgo += wf[tid * kHid + j];
+  }
+  const int64_t slot = (pair * p.hchunks + blockIdx.y) * p.C + c;
+  p.sdzp[slot] = sdz;
+  p.sdzxp[slot] = sdzx;
+  p.sgop[slot] = sgo;
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
 mlp_backward_partials_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
@@ -423,20 +445,7 @@ mlp_backward_partials_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
       }
     }
     __syncthreads();  // we, wf, ds complete
-    if (tid < kCh && c0 + tid < p.C) {
-      const int64_t c = c0 + tid;
-      const int64_t hn = p.Hd - h0 < kHid ? p.Hd - h0 : int64_t(kHid);
-      acc_t sdz = acc_t(0), sdzx = acc_t(0), sgo = acc_t(0);
-      for (int64_t j = 0; j < hn; ++j) {
-        sdz += load_as<acc_t>(p.w1 + (h0 + j) * p.C + c) * ds[j];
-        sdzx += we[j * kCh + tid];
-        sgo += wf[tid * kHid + j];
-      }
-      const int64_t slot = (pair * p.hchunks + blockIdx.y) * p.C + c;
-      p.sdzp[slot] = sdz;
-      p.sdzxp[slot] = sdzx;
-      p.sgop[slot] = sgo;
-    }
+    store_chunk_sums(p, tid, c0, h0, pair, ds, we, wf);
     first_flush = false;
 #pragma unroll
     for (int a = 0; a < kBR; ++a) {
@@ -861,20 +870,7 @@ mlp_backward_partials_mma_kernel(MlpBackwardArgs<scalar_t, float> p) {
         wf[row * kHid + col] = w2f;
       }
     __syncthreads();  // we, wf complete
-    if (tid < kCh && c0 + tid < p.C) {
-      const int64_t c = c0 + tid;
-      const int64_t hn = p.Hd - h0 < kHid ? p.Hd - h0 : int64_t(kHid);
-      float sdz = 0.f, sdzx = 0.f, sgo = 0.f;
-      for (int64_t j = 0; j < hn; ++j) {
-        sdz += load_as<float>(p.w1 + (h0 + j) * p.C + c) * ds[j];
-        sdzx += we[j * kCh + tid];
-        sgo += wf[tid * kHid + j];
-      }
-      const int64_t slot = (pair * p.hchunks + blockIdx.y) * p.C + c;
-      p.sdzp[slot] = sdz;
-      p.sdzxp[slot] = sdzx;
-      p.sgop[slot] = sgo;
-    }
+    store_chunk_sums(p, tid, c0, h0, pair, ds, we, wf);
     first_flush = false;
     red0 = red1 = 0.f;
 #pragma unroll

@@ -44,6 +44,18 @@ int guarded(F&& f, char* err, size_t errlen) {
   return 1;
 }
 
+// dims[0..6] as every MLP entry point receives them: N, C, Hd, T and x's strides sn, sc, st.
+template <typename Args>
+void unpack_shape(Args& p, const int64_t* dims) {
+  p.N = dims[0];
+  p.C = dims[1];
+  p.Hd = dims[2];
+  p.T = dims[3];
+  p.sn = dims[4];
+  p.sc = dims[5];
+  p.st = dims[6];
+}
+
 template <typename scalar_t, typename acc_t>
 void run_moments(const void* x, int64_t N, int64_t C, int64_t T, bool channels_last, int sms,
                  void* mean, void* var) {
@@ -75,13 +87,7 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
   MlpForwardArgs<scalar_t, acc_t> p;
   p.x = static_cast<const scalar_t*>(x);
   p.out = static_cast<scalar_t*>(out);
-  p.N = dims[0];
-  p.C = dims[1];
-  p.Hd = dims[2];
-  p.T = dims[3];
-  p.sn = dims[4];
-  p.sc = dims[5];
-  p.st = dims[6];
+  unpack_shape(p, dims);
   const MlpPlan plan = plan_mlp(p.N, p.C, p.Hd, p.T, int(sizeof(scalar_t)),
                                 sizeof(scalar_t) == 2, mma ? 1 : 0, two_gemm);
   p.tiles = plan.tiles;
@@ -267,13 +273,7 @@ riformer::mlp_bwd_cuda::MlpBackwardArgs<scalar_t, acc_t> backward_args(
   p.x = static_cast<const scalar_t*>(x);
   p.g = static_cast<const scalar_t*>(g);
   p.u = static_cast<const scalar_t*>(u);
-  p.N = dims[0];
-  p.C = dims[1];
-  p.Hd = dims[2];
-  p.T = dims[3];
-  p.sn = dims[4];
-  p.sc = dims[5];
-  p.st = dims[6];
+  unpack_shape(p, dims);
   p.usn = dims[7];
   p.usc = dims[8];
   p.ust = dims[9];
