@@ -208,11 +208,13 @@ __device__ __forceinline__ double normal_cdf(double u) {
   return 0.5 * (1.0 + erf(u * 0.70710678118654752440));
 }
 
-// z = A x + B and dO = l2 g of all C channels of the tile's tokens into zs / dOs ([C][kTokens],
-// 0 past T so the GEMMs read defined values). The walk follows x's unit stride (coalesced).
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ void load_z_and_do(const MlpBackwardArgs<scalar_t, acc_t>& p, int64_t n,
-                                              int64_t t0, acc_t* zs, acc_t* dOs) {
+// z = A x + B and dO = l2 g of all C channels of the tile's tokens, handed to
+// store(k, j, z, dO): channel k, token j of the tile, 0 past T so the GEMMs read defined values.
+// The walk follows x's unit stride (coalesced). Both phase-1/phase-2 kernel families use it,
+// each storing into its own shared layout.
+template <typename acc_t, typename scalar_t, typename Store>
+__device__ __forceinline__ void walk_z_and_do(const MlpBackwardArgs<scalar_t, acc_t>& p, int64_t n,
+                                              int64_t t0, const Store& store) {
   const scalar_t* xn = p.x + n * p.sn;
   const scalar_t* gn = p.g + n * p.sn;
   const bool tokens_fastest = p.st == 1;
@@ -226,9 +228,18 @@ __device__ __forceinline__ void load_z_and_do(const MlpBackwardArgs<scalar_t, ac
       z = p.A[n * p.C + k] * load_as<acc_t>(xn + off) + p.B[n * p.C + k];
       d = p.l2[n * p.C + k] * load_as<acc_t>(gn + off);
     }
+    store(k, j, z, d);
+  }
+}
+
+// The FFMA kernels' layout: zs / dOs [C][kTokens] in the accumulation type.
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ void load_z_and_do(const MlpBackwardArgs<scalar_t, acc_t>& p, int64_t n,
+                                              int64_t t0, acc_t* zs, acc_t* dOs) {
+  walk_z_and_do(p, n, t0, [&](int64_t k, int j, acc_t z, acc_t d) {
     zs[k * kTokens + j] = z;
     dOs[k * kTokens + j] = d;
-  }
+  });
 }
 
 // One hidden chunk (units h0 .. h0 + kHid - 1) of one tile: u (recomputed from zs, or read from
@@ -637,22 +648,10 @@ __device__ __forceinline__ void load_z_and_do_mma(const MlpBackwardArgs<scalar_t
                                                   int64_t n, int64_t t0, scalar_t* zsT,
                                                   scalar_t* dOsT) {
   const int64_t ZS = p.C + kPad;
-  const scalar_t* xn = p.x + n * p.sn;
-  const scalar_t* gn = p.g + n * p.sn;
-  const bool tokens_fastest = p.st == 1;
-  for (int64_t i = threadIdx.x; i < p.C * kTokens; i += kThreads) {
-    const int64_t k = tokens_fastest ? i / kTokens : i % p.C;
-    const int j = int(tokens_fastest ? i % kTokens : i / p.C);
-    const int64_t t = t0 + j;
-    float z = 0.f, d = 0.f;
-    if (t < p.T) {
-      const int64_t off = k * p.sc + t * p.st;
-      z = p.A[n * p.C + k] * load_as<float>(xn + off) + p.B[n * p.C + k];
-      d = p.l2[n * p.C + k] * load_as<float>(gn + off);
-    }
+  walk_z_and_do(p, n, t0, [&](int64_t k, int j, float z, float d) {
     store_rounded(zsT + j * ZS + k, z);
     store_rounded(dOsT + j * ZS + k, d);
-  }
+  });
 }
 
 // u and dh of hidden chunk h0 for this warp's 16 hidden units x 16 tokens, then

@@ -79,6 +79,18 @@ def _availability() -> str | None:
     return None if _EMULATED is None else f"{compiled}; the emulated build: {_EMULATED}"
 
 
+def _probed(cache: dict, key: tuple, probe) -> int | None:
+    """Shared-memory bytes of (C, hidden, dtype) from the emulated library's plan, cached: a
+    compiled trace cannot call the library, so it only reads what eager calls probed (None
+    when nothing was: the launch itself then refuses an oversized CTA)."""
+    if key not in cache:
+        if torch.compiler.is_compiling():
+            return None
+        c, hidden, dtype = key
+        cache[key] = probe(c, dtype, hidden)
+    return cache[key]
+
+
 def _supports(block, x: torch.Tensor) -> str | None:
     if x.device.type == 'cuda':
         why = _compiled_availability()
@@ -104,22 +116,13 @@ def _supports(block, x: torch.Tensor) -> str | None:
         return None   # the binding checks shared memory against the GPU's own limit
     c, hidden = x.shape[1], block.mlp.fc1.weight.shape[0]
     key = (c, hidden, x.dtype)
-    if key not in _SMEM:
-        if torch.compiler.is_compiling():
-            return None   # not probed eagerly: the launch itself refuses an oversized CTA
-        _SMEM[key] = cuda_emu.mlp_smem_bytes(c, x.dtype, hidden)
-    smem = _SMEM[key]
-    if smem > cuda_emu.MAX_DYNAMIC_SMEM:
+    smem = _probed(_SMEM, key, cuda_emu.mlp_smem_bytes)
+    if smem is not None and smem > cuda_emu.MAX_DYNAMIC_SMEM:
         return (f"C={c} in {x.dtype} needs {smem} bytes of shared memory per CTA (the MLP kernel "
                 f"keeps z for all C channels of its token tile), over {cuda_emu.MAX_DYNAMIC_SMEM}")
     if training:
-        # Cached like the forward's: a compiled trace only reads what eager calls probed.
-        if key not in _BACKWARD_SMEM:
-            if torch.compiler.is_compiling():
-                return None   # not probed eagerly: the launch itself refuses an oversized CTA
-            _BACKWARD_SMEM[key] = cuda_emu.mlp_backward_smem_bytes(c, x.dtype, hidden)
-        smem = _BACKWARD_SMEM[key]
-        if smem > cuda_emu.MAX_DYNAMIC_SMEM:
+        smem = _probed(_BACKWARD_SMEM, key, cuda_emu.mlp_backward_smem_bytes)
+        if smem is not None and smem > cuda_emu.MAX_DYNAMIC_SMEM:
             return (f"training at C={c} in {x.dtype}: the backward kernels need {smem} bytes of "
                     f"shared memory per CTA (z and l2 g of all C channels of a token tile), over "
                     f"{cuda_emu.MAX_DYNAMIC_SMEM}")
