@@ -241,7 +241,7 @@ def block_table(n=8, c=64, hw=(56, 56), dtype=torch.float32, backends=('referenc
         g = torch.randn_like(x)
         block = blocks[0].train()
         for backend in backends:
-            for recompute in ((True, False) if backend in ('triton', 'cpu') else (True,)):
+            for recompute in ((True, False) if backend in ('triton', 'cpu', 'cuda') else (True,)):
                 block.recompute = recompute
                 # fresh gradients: accumulating into the previous row's would add 3 |x|
                 xg.grad = None
@@ -252,7 +252,7 @@ def block_table(n=8, c=64, hw=(56, 56), dtype=torch.float32, backends=('referenc
                         block(xg).backward(g)
 
                 m = measure_bytes(step)
-                kind = 'fwd+bwd' + ('' if backend not in ('triton', 'cpu') else
+                kind = 'fwd+bwd' + ('' if backend not in ('triton', 'cpu', 'cuda') else
                                     (' recompute' if recompute else ' save-u'))
                 rows.append((backend, kind, m['total'] / unit, m))
     return rows

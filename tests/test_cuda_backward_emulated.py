@@ -243,19 +243,23 @@ def test_backward_kernel_choice_and_mma_refusals():
 
 
 def test_split_plan_depends_on_the_shape_only():
-    # Splits are runs of tiles of the flattened (sample, tile) order. Partials at most half of
-    # |x| (2 Hd acc / (32 r scalar) tiles a split) where at least 528 phase-1 CTAs remain:
-    # S12 stage 1 (N = 64, C = 64, 56 x 56, 98 tiles a sample): 32 tiles a split; stage 2
-    # (C = 128, 28 x 28, 25 tiles): 64 wanted, capped at 48 by the CTA floor; stage 4 (C = 512,
-    # 7 x 7, 2 tiles): 256 wanted, 62 allowed; a small problem: one tile a split.
+    # Splits are runs of tiles of the flattened (sample, tile) order, tiles_per_split the larger
+    # of the bytes rule (partials at most half of |x|: 2 Hd acc / (32 r scalar) tiles) and the
+    # parallel rule (no more splits than give 528 phase-1 CTAs). S12 stage 1 (N = 64, C = 64,
+    # 56 x 56, 98 tiles a sample, 4 CTAs a split): bytes 32, parallel 47 -> 47; stage 2
+    # (C = 128, 28 x 28, 25 tiles, 16 CTAs a split): bytes 64, parallel 48 -> 64; stage 4
+    # (C = 512, 7 x 7, 2 tiles, 256 CTAs a split): bytes 256 > all 128 tiles -> one split.
     f32 = torch.float32
-    assert cuda_emu.mlp_backward_splits(64, 3136, 64, 256, f32) == -(-64 * 98 // 32)
-    assert cuda_emu.mlp_backward_splits(64, 784, 128, 512, f32) == -(-64 * 25 // 48)
-    assert cuda_emu.mlp_backward_splits(64, 49, 512, 2048, f32) == -(-64 * 2 // 62)
-    assert cuda_emu.mlp_backward_splits(2, 35, 16, 64, f32) == 4
+    assert cuda_emu.mlp_backward_splits(64, 3136, 64, 256, f32) == -(-64 * 98 // 47)
+    assert cuda_emu.mlp_backward_splits(64, 784, 128, 512, f32) == -(-64 * 25 // 64)
+    assert cuda_emu.mlp_backward_splits(64, 49, 512, 2048, f32) == 1
+    # Few samples: the scratch cap wins over parallelism (N = 1 at stage 1: 98 tiles, 32 a
+    # split, 16 CTAs; the parallel rule alone would make 98 one-tile splits, 16 |x| of partials)
+    assert cuda_emu.mlp_backward_splits(1, 3136, 64, 256, f32) == -(-98 // 32)
+    assert cuda_emu.mlp_backward_splits(2, 35, 16, 64, f32) == 1
     assert cuda_emu.mlp_backward_splits(2, 72, 8, 32, f32, 2) == 3   # override: 6 tiles / 2
-    # bf16 inputs with fp32 partials want 64 tiles a split at stage 1; the CTA floor allows 47
-    assert cuda_emu.mlp_backward_splits(64, 3136, 64, 256, torch.bfloat16) == -(-64 * 98 // 47)
+    # bf16 inputs with fp32 partials: the bytes rule wants 64 tiles a split at stage 1
+    assert cuda_emu.mlp_backward_splits(64, 3136, 64, 256, torch.bfloat16) == -(-64 * 98 // 64)
 
 
 def test_backward_wrappers_reject_bad_input():
@@ -464,6 +468,27 @@ def test_backward_kernels_move_exactly_their_operands():
     # phase 2 reads x, g, eight (N, C) coefficient arrays and the weights but b2; writes dx
     assert dx.read_distinct == nbytes(x, g, A, B, mean, l2, *pqrs, w1, b1, w2)
     assert dx.write_distinct == nbytes(x)
+
+
+def test_one_split_writes_the_weight_gradients_in_place():
+    # N = 2, T = 42: 4 tiles, one split of all of them (the plan's choice for this small shape).
+    # Phase 1 writes dW1, dW2, db1 directly (no partials to write, read back and copy) and the
+    # weights kernel reads only the per-pair sum g slots and l2, and writes db2.
+    n, c, hd = 2, 32, 128
+    args = _inputs(n, c, hd, 6, 7, torch.float32, channels_last=False)
+    x, g, coeffs, weights, pqrs = args
+    assert cuda_emu.mlp_backward_splits(n, 42, c, hd, torch.float32) == 1
+    with cuda_emu.counting_global_bytes() as log:
+        got = _run(*args)
+    part, wts, sums, dx = log
+    f4, pairs_used, hchunks = 4, 2, 2          # pairs (0, 0), (0, 1): slots 0 and 1
+    w1, b1, w2, b2 = weights
+    mean, A, B, l2 = coeffs
+    assert part.write_distinct == f4 * ((2 * hd * c + hd) + pairs_used * c * (2 + 3 * hchunks))
+    assert wts.read_distinct == f4 * pairs_used * c + l2.numel() * l2.element_size()
+    assert wts.write_distinct == f4 * c
+    for name, a, b in zip(NAMES, got, _truth(*args)):   # and every output is right
+        assert rel_err(a, b) <= KERNEL_TOL[torch.float32], (name, rel_err(a, b))
 
 
 @needs_emulated_backend

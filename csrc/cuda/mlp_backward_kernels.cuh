@@ -31,7 +31,8 @@
 //      sum dz, sum dz x~ and sum_j W2 F (plus sum g, sum g x~ from the hidden-chunk-0 CTAs)
 //      into the (split, sample) pair's slot. With recompute=False u is read from the saved u.
 //   2. mlp_backward_weights_kernel, one thread per element of dW1, dW2, db1, db2: sums its
-//      element over the splits in ascending order.
+//      element over the splits in ascending order (with one split phase 1 wrote dW1, dW2, db1
+//      in place and only db2 is left: weights_in_place).
 //   3. mlp_backward_sums_kernel, one thread per (n, c): the five sums of sample n, its pairs
 //      ascending, each pair's hidden chunks ascending.
 //   4. (after riformer_kernels.fold.backward_coefficients, in torch ops)
@@ -93,9 +94,10 @@ static_assert((kHid / kBR) * kBG == kThreads, "E / F tile covers the 64 x 64 blo
 // dz slice (kCh x kTokens): each thread 2 channels x 4 tokens.
 constexpr int kDR = kCh * kHTG / kThreads;         // 2
 static_assert(kDR * (kThreads / kHTG) == kCh, "dz tile covers the channel slice");
-// The split plan's two aims (see plan_splits): at least this many phase-1 CTAs where the shape
-// has the tiles for them (a GPU wants several CTAs per SM; 4 x 132, an H100's SM count, as a
-// fixed constant, not a device query), and partials no larger than this fraction of |x|.
+// The split plan's two aims (see plan_splits): partials no larger than this fraction of |x|,
+// and, where that cap leaves room, no more splits than give this many phase-1 CTAs (a GPU
+// wants several CTAs per SM; 4 x 132, an H100's SM count, as a fixed constant, not a device
+// query: the plan, hence every rounding, must not depend on the device).
 constexpr int64_t kMinPartialCtas = 528;
 constexpr int64_t kScratchPerInputNum = 1, kScratchPerInputDen = 2;   // 1/2
 
@@ -112,6 +114,7 @@ struct MlpBackwardArgs {
   int64_t tiles_per_split;  // a split: this many consecutive tiles of the flattened (n, tile)
   int64_t splits;           // order; it may span samples
   int64_t hchunks;          // ceil(Hd / kHid): grid.y of phase 1
+  int64_t weights_from;     // first element the weights kernel reduces (weights_in_place)
   const acc_t* A;         // (N, C) contiguous, statistics dtype
   const acc_t* B;
   const acc_t* mean;
@@ -152,9 +155,17 @@ struct SplitPlan {
 // A function of the shape and dtypes only (never of the device), so the reduction order -- and
 // with it every rounding -- is the same on every GPU. A split is a run of tiles_per_split tiles
 // of the flattened (sample, tile) order and may span samples; its weight partials are
-// 2 Hd C + Hd accumulation-type values, so tiles_per_split >= 2 Hd acc / (32 r scalar) keeps
-// them under r = 1/2 of the x bytes the split covers (C cancels), unless that leaves fewer than
-// kMinPartialCtas CTAs: then parallelism wins. tiles_per_split > 0 overrides (tests).
+// 2 Hd C + Hd accumulation-type values, written once and read once by the weights kernel.
+// Two rules for tiles_per_split:
+//   bytes:    >= 2 Hd acc / (32 r scalar) keeps the partials under r = 1/2 of the x bytes the
+//             split covers (C cancels);
+//   parallel: total * CTAs-per-split / kMinPartialCtas tiles still leaves kMinPartialCtas CTAs.
+// The larger wins. Where both can hold (a large batch) that is the parallel rule: just enough
+// CTAs, and less scratch than the cap. Where they conflict (few samples: N = 1 at S12 stage 1
+// would want 98 one-tile splits, 16 |x| of partials written and read again) the scratch cap
+// wins: a small problem cannot fill the GPU anyway, and its time goes to traffic. (The triton
+// backend's weight-gradient split rule makes the same choice.) tiles_per_split > 0 overrides
+// (tests).
 inline SplitPlan plan_splits(int64_t N, int64_t T, int64_t C, int64_t Hd, int64_t scalar_size,
                              int64_t acc_size, int64_t tiles_per_split = 0) {
   SplitPlan p;
@@ -167,7 +178,7 @@ inline SplitPlan plan_splits(int64_t N, int64_t T, int64_t C, int64_t Hd, int64_
         (kTokens * scalar_size * kScratchPerInputNum);
     const int64_t ctas_per_split = ((Hd + kHid - 1) / kHid) * ((C + kCh - 1) / kCh);
     const int64_t parallel_rule = total * ctas_per_split / kMinPartialCtas;
-    tps = bytes_rule < parallel_rule ? bytes_rule : parallel_rule;
+    tps = bytes_rule > parallel_rule ? bytes_rule : parallel_rule;
   }
   if (tps < 1) tps = 1;
   if (tps > total) tps = total;
@@ -467,12 +478,34 @@ mlp_backward_partials_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
   }
 }
 
-// Elements in order: dW1 (Hd * C), dW2 (C * Hd), db1 (Hd), db2 (C); one thread each, splits
-// ascending (db2: samples ascending, then the sample's pairs).
+// With one split the split's partials are the weight gradients: phase 1 writes dW1, dW2 and
+// db1 in place (the partial pointers alias the outputs) and the weights kernel reduces db2
+// only. Without this, a single-split plan -- every late-stage shape: at C = 512, 7 x 7 the
+// weight gradients are 3.3 |x| at N = 64 and 84 |x| at N = 1 -- would write them as partials,
+// read them back and write them again. Both launchers (the emulated entry and the torch
+// binding) call it after filling the pointers and before launching.
+template <typename scalar_t, typename acc_t>
+inline void weights_in_place(MlpBackwardArgs<scalar_t, acc_t>* p) {
+  p->weights_from = 0;
+  if (p->splits != 1) return;
+  p->dw1p = p->dw1;
+  p->dw2p = p->dw2;
+  p->db1p = p->db1;
+  p->weights_from = 2 * p->Hd * p->C + p->Hd;
+}
+
+// Threads of the weights kernel: one per element it reduces.
+template <typename scalar_t, typename acc_t>
+inline int64_t weights_elements(const MlpBackwardArgs<scalar_t, acc_t>& p) {
+  return 2 * p.Hd * p.C + p.Hd + p.C - p.weights_from;
+}
+
+// Elements in order: dW1 (Hd * C), dW2 (C * Hd), db1 (Hd), db2 (C), from p.weights_from on;
+// one thread each, splits ascending (db2: samples ascending, then the sample's pairs).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
 mlp_backward_weights_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
-  const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t i = p.weights_from + int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t HC = p.Hd * p.C;
   acc_t acc = acc_t(0);
   if (i < HC) {

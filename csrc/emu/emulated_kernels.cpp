@@ -313,8 +313,8 @@ bool use_backward_mma(const Args& p, int64_t mma) {
 }
 
 // partials (see MlpBackwardArgs): dw1p, dw2p, db1p (per split: `riformer_emu_mlp_backward_splits`
-// of them), sgp, sgxp (per pair: splits + N), sdzp, sdzxp, sgop (per pair and hidden chunk);
-// outs: dw1, db1, dw2, db2, sums.
+// of them; unused with one split, see weights_in_place), sgp, sgxp (per pair: splits + N), sdzp,
+// sdzxp, sgop (per pair and hidden chunk); outs: dw1, db1, dw2, db2, sums.
 template <typename scalar_t, typename acc_t>
 void run_mlp_backward_phase1(const void* x, const void* g, const void* u, const int64_t* dims,
                              const void* const* coeffs, const void* const* weights,
@@ -337,6 +337,7 @@ void run_mlp_backward_phase1(const void* x, const void* g, const void* u, const 
   p.dw2 = o[2];
   p.db2 = o[3];
   p.sums = o[4];
+  weights_in_place(&p);
   const dim3 grid(unsigned(p.splits), unsigned(p.hchunks), ceil_div(p.C, kCh));
   bool launched = false;
   if (use_backward_mma<scalar_t, acc_t>(p, dims[11])) {
@@ -350,7 +351,7 @@ void run_mlp_backward_phase1(const void* x, const void* g, const void* u, const 
     emu::launch(mlp_backward_partials_kernel<scalar_t, acc_t>, grid, dim3(kThreads),
                 size_t(partials_smem_bytes(p.C, sizeof(acc_t))), p);
   emu::launch(mlp_backward_weights_kernel<scalar_t, acc_t>,
-              dim3(ceil_div(2 * p.Hd * p.C + p.Hd + p.C, kThreads)), dim3(kThreads), 0, p);
+              dim3(ceil_div(weights_elements(p), kThreads)), dim3(kThreads), 0, p);
   emu::launch(mlp_backward_sums_kernel<scalar_t, acc_t>, dim3(ceil_div(p.N * p.C, kThreads)),
               dim3(kThreads), 0, p);
 }

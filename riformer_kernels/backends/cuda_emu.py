@@ -626,8 +626,10 @@ def mlp_backward_weights_and_sums(g, x, mean, A, B, l2, w1, b1, w2, b2, u=None,
     pairs, hchunks = splits + n, -(-hd // 64)
     # Scratch, poisoned too: a partial phase 1 fails to write reaches every output it feeds
     # (pair slots no (split, sample) pair uses are never read).
-    partials = [_nan(splits, hd, c, dtype=sd), _nan(splits, c, hd, dtype=sd),
-                _nan(splits, hd, dtype=sd), _nan(pairs, c, dtype=sd), _nan(pairs, c, dtype=sd),
+    # With one split phase 1 writes dw1, dw2, db1 in place (weights_in_place): no partials.
+    wsplits = 0 if splits == 1 else splits
+    partials = [_nan(wsplits, hd, c, dtype=sd), _nan(wsplits, c, hd, dtype=sd),
+                _nan(wsplits, hd, dtype=sd), _nan(pairs, c, dtype=sd), _nan(pairs, c, dtype=sd),
                 *(_nan(pairs, hchunks, c, dtype=sd) for _ in range(3))]
     keep_c = [t.contiguous() for t in (A, B, mean, l2)]
     keep_w = _backward_weights(weights, which)
