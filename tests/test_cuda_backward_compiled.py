@@ -218,11 +218,12 @@ def test_compiled_ops_match_emulated_and_truth(case, dtype, channels_last, saved
     torch.cuda.synchronize()
     for i, (name, a, b, t) in enumerate(zip(NAMES, got, again, truth)):
         assert torch.equal(a, b), ('two runs differ', name)   # fixed orders, no atomics
-        assert a.is_cuda and a.dtype == (dtype if name == 'dx' else
-                                         cuda_emu.stats_dtype(dtype)), name
+        assert a.device == on_gpu[0].device, name
+        assert a.dtype == (dtype if name == 'dx' else cuda_emu.stats_dtype(dtype)), name
         a = a.cpu()
         if not emulate:
-            bound = KERNEL_TOL.get(dtype, 8 * torch.finfo(dtype).eps)
+            # half: the emulated kernels measured at most 0.47 eps on this shape (fp16, bf16)
+            bound = KERNEL_TOL.get(dtype, 2 * torch.finfo(dtype).eps)
             assert rel_err(a, t) <= bound, (name, rel_err(a, t))
             continue
         e = emu[i]
@@ -306,3 +307,23 @@ def test_compiled_backward_raises_on_mismatched_inputs():
     with pytest.raises(RuntimeError, match='P has shape'):
         torch.ops.riformer.cuda_mlp_backward_dx(g, x, mean, A, B, l2, *w, pqrs[0][:, :2],
                                                 *pqrs[1:], None)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize('dtype,channels_last', [(torch.float32, False), (torch.float16, True),
+                                                 (torch.bfloat16, False), (torch.float64, True)])
+def test_compiled_backward_ops_pass_opcheck(dtype, channels_last):
+    """Schema, fake implementation (shapes, dtypes and strides of the real outputs) and AOT
+    dispatch of both compiled ops, u recomputed and read, by torch.library.opcheck (as the
+    emulated ops are checked in tests/test_cuda_emulated.py)."""
+    x, g, coeffs, weights, pqrs = _kernel_inputs(2, 32, 64, 3, 5, dtype, channels_last)
+    x, g, coeffs, weights, pqrs = x.cuda(), g.cuda(), _cuda(coeffs), _cuda(weights), _cuda(pqrs)
+    u = torch.randn((2, 64, 3, 5), dtype=torch.float64).to('cuda', dtype)
+    utils = ('test_schema', 'test_faketensor', 'test_aot_dispatch_dynamic')
+    for saved in (None, u, u.contiguous(memory_format=torch.channels_last)):
+        common = (g, x, *coeffs, *weights)
+        torch.library.opcheck(torch.ops.riformer.cuda_mlp_backward_weights_and_sums.default,
+                              (*common, saved), test_utils=utils)
+        torch.library.opcheck(torch.ops.riformer.cuda_mlp_backward_dx.default,
+                              (*common, *pqrs, saved), test_utils=utils)
