@@ -47,13 +47,17 @@ struct Operands {
   at::ScalarType acc = at::kFloat;
 };
 
+// Before the device guard, which takes x's device: the op reaches this kernel when any of its
+// tensors is on a CUDA device, so x itself may not be.
+void check_x_on_cuda(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.is_cuda(), "riformer::", op, ": expected CUDA tensors, x is on ", x.device());
+}
+
 Operands prepare(const at::Tensor& g, const at::Tensor& x_in, const at::Tensor& w1,
                  const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                  const std::optional<at::Tensor>& u, const char* op) {
   TORCH_CHECK(x_in.dim() == 4, "riformer::", op, ": expected a 4-D (N, C, H, W) x, got ",
               x_in.sizes());
-  TORCH_CHECK(x_in.is_cuda(), "riformer::", op, ": expected CUDA tensors, x is on ",
-              x_in.device());
   const auto st = x_in.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
               "riformer::", op, ": supports float32, float64, float16 and bfloat16, got ", st);
@@ -221,6 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> weights_a
     const at::Tensor& B, const at::Tensor& l2, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, const std::optional<at::Tensor>& u) {
   const char* op = "cuda_mlp_backward_weights_and_sums";
+  check_x_on_cuda(x, op);
   c10::cuda::CUDAGuard guard(x.device());
   const Operands o = prepare(g, x, w1, b1, w2, b2, u, op);
   const at::Tensor meanc = coeff(mean, o, "mean", op), Ac = coeff(A, o, "A", op);
@@ -289,6 +294,7 @@ at::Tensor dx_cuda(const at::Tensor& g, const at::Tensor& x, const at::Tensor& m
                    const at::Tensor& b2, const at::Tensor& P, const at::Tensor& Q,
                    const at::Tensor& R, const at::Tensor& S, const std::optional<at::Tensor>& u) {
   const char* op = "cuda_mlp_backward_dx";
+  check_x_on_cuda(x, op);
   c10::cuda::CUDAGuard guard(x.device());
   const Operands o = prepare(g, x, w1, b1, w2, b2, u, op);
   const at::Tensor meanc = coeff(mean, o, "mean", op), Ac = coeff(A, o, "A", op);
