@@ -131,7 +131,8 @@ def build_extensions():
         macros.append(("RIFORMER_NO_ISA_DISPATCH", "1"))
         print("riformer_kernels: CPU tile code for baseline x86-64 only (RIFORMER_CPU_ISA_DISPATCH=0)")
     if build_cuda:
-        sources += [f"{CSRC}/cuda/moments.cu", f"{CSRC}/cuda/mlp_forward.cu"]
+        sources += [f"{CSRC}/cuda/moments.cu", f"{CSRC}/cuda/mlp_forward.cu",
+                    f"{CSRC}/cuda/mlp_backward.cu"]
         macros.append(("RIFORMER_WITH_CUDA", "1"))
         nvcc_flags = ["-O3", "-lineinfo", "-DRIFORMER_WITH_CUDA=1"]
         ext = cpp_ext.CUDAExtension(

@@ -21,8 +21,9 @@ TORCH_LIBRARY(riformer, m) {
   m.def("moments(Tensor x) -> (Tensor mean, Tensor var)");
 
   // The fused block's kernels: CPU implementations in csrc/cpu/block_mlp.cpp;
-  // no CUDA implementation yet (calling one on a CUDA tensor fails with "no
-  // kernel registered").
+  // CUDA ones for mlp_forward / mlp_forward_save_u in csrc/cuda/mlp_forward.cu
+  // (mlp_backward and input_grad have none: the CUDA backward is the two
+  // cuda_mlp_backward_* ops below).
   m.def(
       "mlp_forward(Tensor x, Tensor A, Tensor B, Tensor a, Tensor b, "
       "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor l2, "
@@ -43,6 +44,24 @@ TORCH_LIBRARY(riformer, m) {
   m.def(
       "input_grad(Tensor grad_out, Tensor dz, Tensor x, Tensor mean, "
       "Tensor P, Tensor Q, Tensor R, Tensor S) -> Tensor");
+
+  // The CUDA kernel set's two backward phases (csrc/cuda/mlp_backward.cu, CUDA kernels only),
+  // with the signatures and outputs of the emulated ops riformer_cuda_emu::* (backends/
+  // cuda_emu.py), so backends/cuda.py passes the same arguments whichever device runs them.
+  // Phase 1: dw1 (Hd, C), db1 (Hd), dw2 (C, Hd), db2 (C) = sum l2 g, sums (5, N, C), all in
+  // the statistics dtype; u: the forward's saved pre-activation (N, Hd, H, W), or None to
+  // recompute it.
+  m.def(
+      "cuda_mlp_backward_weights_and_sums(Tensor g, Tensor x, Tensor mean, "
+      "Tensor A, Tensor B, Tensor l2, Tensor w1, Tensor b1, Tensor w2, "
+      "Tensor b2, Tensor? u) -> (Tensor dw1, Tensor db1, Tensor dw2, "
+      "Tensor db2, Tensor sums)");
+  // Phase 2: dx = P g + Q dz + R (x - m) + S in x's dtype and memory format, dz recomputed
+  // per token tile (u read when given, as in phase 1; backends/cuda.py passes None).
+  m.def(
+      "cuda_mlp_backward_dx(Tensor g, Tensor x, Tensor mean, Tensor A, "
+      "Tensor B, Tensor l2, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+      "Tensor P, Tensor Q, Tensor R, Tensor S, Tensor? u) -> Tensor");
 }
 
 // The Python module: the library's value is in its static operator

@@ -197,7 +197,8 @@ def test_moments_rejects_empty_spatial():
 
 @needs_ext
 def test_other_schemas_are_registered():
-    for op in ("mlp_forward", "mlp_backward", "input_grad"):
+    for op in ("mlp_forward", "mlp_backward", "input_grad", "cuda_mlp_backward_weights_and_sums",
+               "cuda_mlp_backward_dx"):
         assert hasattr(torch.ops.riformer, op), op
 
 
@@ -279,8 +280,8 @@ def test_cuda_kernels_no_spills_no_stack():
         # Every instantiation the bindings can launch: moments.cu partial_nchw, partial_cl and
         # merge x 4 dtypes; mlp_forward.cu the FFMA kernel x 3 modes (fused, hidden, output) x
         # 4 dtypes, the mma kernel x 3 modes x 2 half dtypes, and the merge x 4 dtypes;
-        # mlp_backward.cu (emulated only so far) the partials, weights, sums and dx kernels x 4
-        # dtypes and the mma partials and dx kernels x 2 half dtypes.
+        # mlp_backward.cu the partials, weights, sums and dx kernels x 4 dtypes and the mma
+        # partials and dx kernels x 2 half dtypes (each launched by the binding, no other).
         assert per_source == {"csrc/cuda/moments.cu": 12, "csrc/cuda/mlp_forward.cu": 22,
                               "csrc/cuda/mlp_backward.cu": 20}, per_source
     bad = [r for r in rows if r["spill_stores"] or r["spill_loads"] or r["stack"]]

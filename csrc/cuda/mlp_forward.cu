@@ -22,6 +22,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "binding.h"
 #include "mlp_forward_kernels.cuh"
 #include "moments_kernels.cuh"
 
@@ -29,30 +30,7 @@ namespace riformer {
 namespace {
 
 using namespace mlp_cuda;
-
-// ATen's half types and the CUDA ones the kernels are written for: same bits.
-template <typename T>
-struct KernelType { using type = T; };
-template <>
-struct KernelType<at::Half> { using type = __half; };
-template <>
-struct KernelType<at::BFloat16> { using type = __nv_bfloat16; };
-
-bool channels_last_of(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.dim() == 4, "riformer::", op, ": expected a 4-D (N, C, H, W) input, got ",
-              x.sizes());
-  TORCH_CHECK(x.is_cuda(), "riformer::", op, ": expected a CUDA tensor, got ", x.device());
-  if (x.is_contiguous()) return false;
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "riformer::", op,
-              ": x must be contiguous in NCHW or channels_last order (got strides ",
-              x.strides(), ")");
-  return true;
-}
-
-void check_device(const at::Tensor& t, const at::Tensor& x, const char* name, const char* op) {
-  TORCH_CHECK(t.device() == x.device(), "riformer::", op, ": ", name, " is on ", t.device(),
-              ", x on ", x.device());
-}
+using namespace cuda_binding;
 
 at::Tensor coeff(const at::Tensor& t, const at::Tensor& x, int64_t N, int64_t C,
                  at::ScalarType acc, const char* name, const char* op) {
@@ -60,33 +38,6 @@ at::Tensor coeff(const at::Tensor& t, const at::Tensor& x, int64_t N, int64_t C,
   TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == C, "riformer::", op, ": ", name,
               " must have shape (", N, ", ", C, "), got ", t.sizes());
   return t.to(acc).contiguous();
-}
-
-// Weights and biases in x's dtype (the kernels read them as x's type), contiguous.
-at::Tensor param(const at::Tensor& w, const at::Tensor& x, int64_t rows, int64_t cols,
-                 const char* name, const char* op) {
-  check_device(w, x, name, op);
-  TORCH_CHECK(w.numel() == rows * cols && w.size(0) == rows, "riformer::", op, ": ", name,
-              " must have ", rows, " x ", cols, " elements in ", rows, " rows, got ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "riformer::", op, ": ", name, " has dtype ",
-              w.scalar_type(), ", expected the input's ", x.scalar_type());
-  // The mma kernel reads weight pairs as 32-bit words: a fresh contiguous copy is aligned, a
-  // view at an odd element offset is not.
-  at::Tensor c = w.contiguous().reshape({rows, cols});
-  if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 4 != 0) c = c.clone();
-  return c;
-}
-
-// Kernels asking for more than the default 48 KiB of dynamic shared memory must opt in.
-template <typename Kernel>
-void allow_smem(Kernel* kernel, int64_t bytes, int device, const char* op) {
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(bytes <= optin, "riformer::", op, ": C needs ", bytes,
-              " bytes of shared memory per CTA, more than this GPU's ", optin);
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        int(bytes)));
 }
 
 template <typename Kernel, typename Args>

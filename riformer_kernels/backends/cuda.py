@@ -2,8 +2,9 @@
 
 The same kernel sources run two ways, chosen per call by the input's device:
 
-* CUDA tensors: the compiled extension's CUDA implementations of riformer::moments and
-  riformer::mlp_forward / mlp_forward_save_u (csrc/cuda/*.cu), on the current stream;
+* CUDA tensors: the compiled extension's CUDA implementations of riformer::moments,
+  riformer::mlp_forward / mlp_forward_save_u and the backward's riformer::cuda_mlp_backward_*
+  (csrc/cuda/*.cu), on the current stream;
 * CPU tensors, when RIFORMER_CUDA_EMULATE=1 was set before riformer_kernels was imported: the
   same sources built against the SIMT emulator (`cuda_emu`), whose checks (races, uninitialised
   shared memory, barriers, bounds) run with every launch. A test vehicle, orders of magnitude
@@ -18,8 +19,13 @@ reads it (recompute=False).
 Training (autograd): the backward kernels (csrc/cuda/mlp_backward_kernels.cuh) -- phase 1, the
 MLP weight gradients and the five per-(n,c) sums from per-split partials reduced in a fixed
 order (bitwise deterministic; u read from the forward's saved u with recompute=False, else
-recomputed), and phase 2, dx (recomputing u, du and dz per token tile) -- run emulated on CPU
-tensors; on CUDA tensors training is declined until the backward has a torch binding.
+recomputed), and phase 2, dx (recomputing u, du and dz per token tile). On CUDA tensors they run
+through the compiled ops riformer::cuda_mlp_backward_weights_and_sums / ::cuda_mlp_backward_dx
+(csrc/cuda/mlp_backward.cu), on CPU tensors through the emulated ops
+riformer_cuda_emu::mlp_backward_weights_and_sums / ::mlp_backward_dx: the same arguments, the
+same launch sequence and split plan, so the same fixed reduction orders. Both have fake
+implementations, so torch.compile traces a training step on either device. The compiled
+backward has been compiled (0 spills) and traced on fake CUDA tensors, not yet run on a GPU.
 
 On GPUs `auto` keeps `triton` first and `cuda` second (dispatch.AUTO_ORDER): the CUDA kernels
 have been run only under the emulator, never timed on a GPU; the order changes when a GPU
@@ -33,8 +39,9 @@ from .. import _ext
 from ..pipeline import KernelSet, Partials, Phase1, register_kernel_set
 from . import cuda_emu
 
-BACKWARD_UNBOUND = ("the CUDA backward kernels (csrc/cuda/mlp_backward_kernels.cuh) have no "
-                    "torch binding yet")
+# The compiled ops the kernel set calls on CUDA tensors (csrc/cuda/*.cu).
+COMPILED_OPS = ('moments', 'mlp_forward', 'mlp_forward_save_u',
+                'cuda_mlp_backward_weights_and_sums', 'cuda_mlp_backward_dx')
 
 
 def _is_training_call(block, x: torch.Tensor) -> bool:
@@ -43,13 +50,12 @@ def _is_training_call(block, x: torch.Tensor) -> bool:
 
 
 def _probe_compiled() -> str | None:
-    """None when the compiled CUDA forward kernels can run on CUDA tensors here."""
+    """None when the compiled CUDA kernels, forward and backward, can run on CUDA tensors here."""
     if _ext._C is None:
         return _ext.LOAD_ERROR
     if not torch.cuda.is_available():
         return "no CUDA device is visible to torch"
-    missing = [op for op in ('moments', 'mlp_forward', 'mlp_forward_save_u')
-               if not _ext.has_kernel(op, 'CUDA')]
+    missing = [op for op in COMPILED_OPS if not _ext.has_kernel(op, 'CUDA')]
     if missing:
         return f"the extension has no CUDA kernels for {missing} (built without CUDA?)"
     return None
@@ -110,10 +116,9 @@ def _supports(block, x: torch.Tensor) -> str | None:
     if block.mlp.fc1.weight.shape[0] < 1:
         return "the MLP has no hidden units"
     if x.is_cuda:
-        if training:
-            return (f"training on CUDA tensors is not supported: {BACKWARD_UNBOUND}; run "
-                    f"inference under torch.no_grad() (the backward runs emulated on CPU tensors)")
-        return None   # the binding checks shared memory against the GPU's own limit
+        # The bindings check shared memory against the GPU's own opt-in limit (and raise naming
+        # the bytes); the emulated plan's answers are for the emulator's 227 KiB.
+        return None
     c, hidden = x.shape[1], block.mlp.fc1.weight.shape[0]
     key = (c, hidden, x.dtype)
     smem = _probed(_SMEM, key, cuda_emu.mlp_smem_bytes)
@@ -166,8 +171,11 @@ def _grad_in_x_layout(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _backward_weights_and_sums(g, sv) -> Phase1:
     g = _grad_in_x_layout(g, sv.x)
-    dw1, db1, dw2, db2, sums = cuda_emu.mlp_backward_weights_and_sums_op(
-        g, sv.x, sv.mean, sv.A, sv.B, sv.l2, sv.w1, sv.b1, sv.w2, sv.b2, sv.u)
+    # The compiled op and the emulated one take the same arguments and return the same outputs.
+    op = (torch.ops.riformer.cuda_mlp_backward_weights_and_sums if g.is_cuda
+          else cuda_emu.mlp_backward_weights_and_sums_op)
+    dw1, db1, dw2, db2, sums = op(g, sv.x, sv.mean, sv.A, sv.B, sv.l2, sv.w1, sv.b1, sv.w2,
+                                  sv.b2, sv.u)
     return Phase1(sums, db2, (dw1, db1, dw2), (g,))
 
 
@@ -176,9 +184,40 @@ def _backward_dx(g, sv, p1: Phase1, bc):
     # Phase 2 recomputes u even when the forward saved it (as the triton backend does): one
     # GEMM per tile there instead of reading u, 4 |x| of traffic. Phase 1 reads the saved u,
     # which spares it the u GEMM once per channel chunk.
-    dx = cuda_emu.mlp_backward_dx_op(g, sv.x, sv.mean, sv.A, sv.B, sv.l2, sv.w1, sv.b1, sv.w2,
-                                     sv.b2, bc.P, bc.Q, bc.R, bc.S, None)
+    op = torch.ops.riformer.cuda_mlp_backward_dx if g.is_cuda else cuda_emu.mlp_backward_dx_op
+    dx = op(g, sv.x, sv.mean, sv.A, sv.B, sv.l2, sv.w1, sv.b1, sv.w2, sv.b2, bc.P, bc.Q, bc.R,
+            bc.S, None)
     return dx, p1.weights
+
+
+# Fake implementations of the compiled backward ops (the forward's are registered with the cpu
+# kernel set's, backends/cpu.py): shapes, dtypes and strides as csrc/cuda/mlp_backward.cu makes
+# them, so torch.compile / torch.export trace a training step on CUDA tensors.
+def _register_backward_fakes():
+    lib = 'riformer::'
+
+    @torch.library.register_fake(lib + 'cuda_mlp_backward_weights_and_sums')
+    def _(g, x, mean, A, B, l2, w1, b1, w2, b2, u):
+        n, c = x.shape[:2]
+        hd = w1.shape[0]
+        sd = cuda_emu.stats_dtype(x.dtype)
+        return (x.new_empty((hd, c), dtype=sd), x.new_empty((hd,), dtype=sd),
+                x.new_empty((c, hd), dtype=sd), x.new_empty((c,), dtype=sd),
+                x.new_empty((5, n, c), dtype=sd))
+
+    @torch.library.register_fake(lib + 'cuda_mlp_backward_dx')
+    def _(g, x, mean, A, B, l2, w1, b1, w2, b2, P, Q, R, S, u):
+        # The binding writes dx with the strides of x as it reads it: x itself when NCHW or
+        # channels_last (empty_like keeps a dense tensor's strides), else its NCHW copy.
+        if cuda_emu.layout(x) is None:
+            return torch.empty_like(x, memory_format=torch.contiguous_format)
+        return torch.empty_like(x)
+
+
+# An extension built before these ops existed has no schemas for them (the kernel set then
+# reports them missing, _probe_compiled).
+if _ext._C is not None and hasattr(torch.ops.riformer, 'cuda_mlp_backward_dx'):
+    _register_backward_fakes()
 
 
 KERNELS = KernelSet(
