@@ -243,14 +243,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> weights_a
   const dim3 grid1(grid_dim(plan.splits, kMaxGridX, "splits", op),
                    grid_dim(hchunks, kMaxGridYZ, "hidden chunks", op),
                    grid_dim(ceil_div(o.C, kCh), kMaxGridYZ, "channel chunks", op));
-  const dim3 grid_w(grid_dim(ceil_div(2 * o.Hd * o.C + o.Hd + o.C, kThreads), kMaxGridX,
-                             "weight-gradient blocks", op));
   const dim3 grid_s(grid_dim(ceil_div(o.N * o.C, kThreads), kMaxGridX, "sum blocks", op));
   // The phase-1 scratch in one allocation, carved in MlpBackwardArgs' order: per split dw1p,
   // dw2p (Hd C each) and db1p (Hd); per (split, sample) pair sgp, sgxp (C each); per (pair,
   // hidden chunk) sdzp, sdzxp, sgop (C each). Every slot a reduction reads is written first.
-  const int64_t sizes[8] = {plan.splits * o.Hd * o.C, plan.splits * o.C * o.Hd,
-                            plan.splits * o.Hd,       pairs * o.C,
+  // With one split there are no weight partials: phase 1 writes dw1, dw2, db1 in place
+  // (weights_in_place, below).
+  const int64_t wsplits = plan.splits == 1 ? 0 : plan.splits;
+  const int64_t sizes[8] = {wsplits * o.Hd * o.C, wsplits * o.C * o.Hd,
+                            wsplits * o.Hd,       pairs * o.C,
                             pairs * o.C,              pairs * hchunks * o.C,
                             pairs * hchunks * o.C,    pairs * hchunks * o.C};
   int64_t total = 0;
@@ -283,6 +284,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> weights_a
     p.dw2 = dw2.mutable_data_ptr<acc_t>();
     p.db2 = db2.mutable_data_ptr<acc_t>();
     p.sums = sums.mutable_data_ptr<acc_t>();
+    weights_in_place(&p);
+    const dim3 grid_w(grid_dim(ceil_div(weights_elements(p), kThreads), kMaxGridX,
+                               "weight-gradient blocks", op));
     launch_phase1(p, o.mma, grid1, grid_w, grid_s, device, stream, op);
   });
   return {dw1, db1, dw2, db2, sums};
