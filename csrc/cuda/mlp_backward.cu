@@ -271,20 +271,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> weights_a
       part[i] = next;
       next += sizes[i];
     }
-    p.dw1p = part[0];
-    p.dw2p = part[1];
-    p.db1p = part[2];
-    p.sgp = part[3];
-    p.sgxp = part[4];
-    p.sdzp = part[5];
-    p.sdzxp = part[6];
-    p.sgop = part[7];
-    p.dw1 = dw1.mutable_data_ptr<acc_t>();
-    p.db1 = db1.mutable_data_ptr<acc_t>();
-    p.dw2 = dw2.mutable_data_ptr<acc_t>();
-    p.db2 = db2.mutable_data_ptr<acc_t>();
-    p.sums = sums.mutable_data_ptr<acc_t>();
-    weights_in_place(&p);
+    acc_t* out[5] = {dw1.mutable_data_ptr<acc_t>(), db1.mutable_data_ptr<acc_t>(),
+                     dw2.mutable_data_ptr<acc_t>(), db2.mutable_data_ptr<acc_t>(),
+                     sums.mutable_data_ptr<acc_t>()};
+    set_phase1_buffers(&p, part, out);
     const dim3 grid_w(grid_dim(ceil_div(weights_elements(p), kThreads), kMaxGridX,
                                "weight-gradient blocks", op));
     launch_phase1(p, o.mma, grid1, grid_w, grid_s, device, stream, op);

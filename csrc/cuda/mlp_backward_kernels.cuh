@@ -494,6 +494,28 @@ inline void weights_in_place(MlpBackwardArgs<scalar_t, acc_t>* p) {
   p->weights_from = 2 * p->Hd * p->C + p->Hd;
 }
 
+// Phase 1's buffers, as both launchers hand them over: part = dw1p, dw2p, db1p, sgp, sgxp,
+// sdzp, sdzxp, sgop (the scratch, MlpBackwardArgs' order; the first three unused with one
+// split), out = dw1, db1, dw2, db2, sums. Then weights_in_place.
+template <typename scalar_t, typename acc_t>
+inline void set_phase1_buffers(MlpBackwardArgs<scalar_t, acc_t>* p, acc_t* const* part,
+                               acc_t* const* out) {
+  p->dw1p = part[0];
+  p->dw2p = part[1];
+  p->db1p = part[2];
+  p->sgp = part[3];
+  p->sgxp = part[4];
+  p->sdzp = part[5];
+  p->sdzxp = part[6];
+  p->sgop = part[7];
+  p->dw1 = out[0];
+  p->db1 = out[1];
+  p->dw2 = out[2];
+  p->db2 = out[3];
+  p->sums = out[4];
+  weights_in_place(p);
+}
+
 // Threads of the weights kernel: one per element it reduces.
 template <typename scalar_t, typename acc_t>
 inline int64_t weights_elements(const MlpBackwardArgs<scalar_t, acc_t>& p) {

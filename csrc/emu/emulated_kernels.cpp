@@ -322,22 +322,8 @@ void run_mlp_backward_phase1(const void* x, const void* g, const void* u, const 
   using namespace riformer;
   using namespace riformer::mlp_bwd_cuda;
   auto p = backward_args<scalar_t, acc_t>(x, g, u, dims, coeffs, weights);
-  acc_t* const* part = reinterpret_cast<acc_t* const*>(partials);
-  p.dw1p = part[0];
-  p.dw2p = part[1];
-  p.db1p = part[2];
-  p.sgp = part[3];
-  p.sgxp = part[4];
-  p.sdzp = part[5];
-  p.sdzxp = part[6];
-  p.sgop = part[7];
-  acc_t* const* o = reinterpret_cast<acc_t* const*>(outs);
-  p.dw1 = o[0];
-  p.db1 = o[1];
-  p.dw2 = o[2];
-  p.db2 = o[3];
-  p.sums = o[4];
-  weights_in_place(&p);
+  set_phase1_buffers(&p, reinterpret_cast<acc_t* const*>(partials),
+                     reinterpret_cast<acc_t* const*>(outs));
   const dim3 grid(unsigned(p.splits), unsigned(p.hchunks), ceil_div(p.C, kCh));
   bool launched = false;
   if (use_backward_mma<scalar_t, acc_t>(p, dims[11])) {
