@@ -15,27 +15,29 @@
 // coefficient is per row; "cols": token-major tile, per column.
 // ---------------------------------------------------------------------------
 
-// z = A x + B for a channel-major tile: rows c, x row stride ldx.
-template <typename S>
-void prologue_rows(const S* __restrict x, int64_t ldx,
+// z = A x + B for a channel-major tile: rows c, x row stride ldx. IO: the
+// activations' type (x, out, g, dz), S the GEMM operands' (z, h, weights):
+// the same but for the mixed-precision instantiation (fp32 IO, bf16 GEMMs).
+template <typename S, typename IO = S>
+void prologue_rows(const IO* __restrict x, int64_t ldx,
                                        const acc_t<S>* __restrict A,
                                        const acc_t<S>* __restrict B, int64_t rows,
                                        int64_t L, S* __restrict z, int64_t ldz) {
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t<S> ar = A[r], br = B[r];
-    const S* __restrict xr = x + r * ldx;
+    const IO* __restrict xr = x + r * ldx;
     S* __restrict zr = z + r * ldz;
     for (int64_t j = 0; j < L; ++j) zr[j] = from_acc<S>(block_z(ar, br, to_acc(xr[j])));
   }
 }
 
 // z = A x + B for a token-major tile: L rows of C contiguous channels.
-template <typename S>
-void prologue_cols(const S* __restrict x, const acc_t<S>* __restrict A,
+template <typename S, typename IO = S>
+void prologue_cols(const IO* __restrict x, const acc_t<S>* __restrict A,
                                        const acc_t<S>* __restrict B, int64_t L, int64_t C,
                                        S* __restrict z) {
   for (int64_t j = 0; j < L; ++j) {
-    const S* __restrict xr = x + j * C;
+    const IO* __restrict xr = x + j * C;
     S* __restrict zr = z + j * C;
     for (int64_t c = 0; c < C; ++c) zr[c] = from_acc<S>(block_z(A[c], B[c], to_acc(xr[c])));
   }
@@ -98,37 +100,37 @@ void gelu_cols(acc_t<S>* __restrict u, const acc_t<S>* __restrict b1,
 // Epilogue of a channel-major tile: out = a x + b + l2 (acc + b2), rounded to
 // S; `acc` is overwritten with the rounded values (the moments below are of
 // exactly what was stored, i.e. what the next block will read).
-template <typename S>
-void epilogue_rows(const S* __restrict x, int64_t ld, const acc_t<S>* a,
+template <typename S, typename IO = S>
+void epilogue_rows(const IO* __restrict x, int64_t ld, const acc_t<S>* a,
                                        const acc_t<S>* b, const acc_t<S>* l2,
                                        const acc_t<S>* b2, int64_t rows, int64_t L,
                                        acc_t<S>* __restrict acc, int64_t ldacc,
-                                       S* __restrict out) {
+                                       IO* __restrict out) {
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t<S> ar = a[r], br = b[r], lr = l2[r], b2r = b2[r];
-    const S* __restrict xr = x + r * ld;
-    S* __restrict outr = out + r * ld;
+    const IO* __restrict xr = x + r * ld;
+    IO* __restrict outr = out + r * ld;
     acc_t<S>* __restrict accr = acc + r * ldacc;
     for (int64_t j = 0; j < L; ++j) {
-      const S v = from_acc<S>(block_out(ar, br, lr, b2r, to_acc(xr[j]), accr[j]));
+      const IO v = from_acc<IO>(block_out(ar, br, lr, b2r, to_acc(xr[j]), accr[j]));
       outr[j] = v;
       accr[j] = to_acc(v);
     }
   }
 }
 
-template <typename S>
-void epilogue_cols(const S* __restrict x, const acc_t<S>* __restrict a,
+template <typename S, typename IO = S>
+void epilogue_cols(const IO* __restrict x, const acc_t<S>* __restrict a,
                                        const acc_t<S>* __restrict b,
                                        const acc_t<S>* __restrict l2,
                                        const acc_t<S>* __restrict b2, int64_t L, int64_t C,
-                                       acc_t<S>* __restrict acc, S* __restrict out) {
+                                       acc_t<S>* __restrict acc, IO* __restrict out) {
   for (int64_t j = 0; j < L; ++j) {
-    const S* __restrict xr = x + j * C;
-    S* __restrict outr = out + j * C;
+    const IO* __restrict xr = x + j * C;
+    IO* __restrict outr = out + j * C;
     acc_t<S>* __restrict accr = acc + j * C;
     for (int64_t c = 0; c < C; ++c) {
-      const S v = from_acc<S>(block_out(a[c], b[c], l2[c], b2[c], to_acc(xr[c]), accr[c]));
+      const IO v = from_acc<IO>(block_out(a[c], b[c], l2[c], b2[c], to_acc(xr[c]), accr[c]));
       outr[c] = v;
       accr[c] = to_acc(v);
     }
@@ -211,21 +213,21 @@ void gelu_grad_from_saved(const S* __restrict u, int64_t ldu, int64_t rows,
 }
 
 // dO = l2 g for a channel-major tile (g row stride ldg) ...
-template <typename S>
-void scale_rows(const S* __restrict g, int64_t ldg,
+template <typename S, typename IO = S>
+void scale_rows(const IO* __restrict g, int64_t ldg,
                                     const acc_t<S>* __restrict l2, int64_t rows, int64_t L,
                                     S* __restrict out, int64_t ldo) {
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t<S> lr = l2[r];
-    const S* __restrict gr = g + r * ldg;
+    const IO* __restrict gr = g + r * ldg;
     S* __restrict o = out + r * ldo;
     for (int64_t j = 0; j < L; ++j) o[j] = from_acc<S>(lr * to_acc(gr[j]));
   }
 }
 
 // ... and for a token-major one.
-template <typename S>
-void scale_cols(const S* __restrict g, const acc_t<S>* __restrict l2,
+template <typename S, typename IO = S>
+void scale_cols(const IO* __restrict g, const acc_t<S>* __restrict l2,
                                     int64_t L, int64_t C, S* __restrict out) {
   for (int64_t j = 0; j < L; ++j)
     for (int64_t c = 0; c < C; ++c)
@@ -280,18 +282,18 @@ void hidden_grad_cols(acc_t<S>* __restrict dh, const acc_t<S>* __restrict d,
 // Per-channel sums of a channel-major tile: sums[0..3][c] = sum_t g,
 // g (x - m), dz, dz (x - m); also stores dz (acc buffer, dense) to its
 // tensor (row stride ld).
-template <typename S>
-void tile_sums_rows(const S* __restrict g, const S* __restrict x,
+template <typename S, typename IO = S>
+void tile_sums_rows(const IO* __restrict g, const IO* __restrict x,
                                         const acc_t<S>* __restrict dzacc, int64_t ld,
                                         int64_t ldacc, const acc_t<S>* __restrict mean,
-                                        int64_t rows, int64_t L, S* __restrict dz,
+                                        int64_t rows, int64_t L, IO* __restrict dz,
                                         acc_t<S>* __restrict sums) {
   using A = acc_t<S>;
   for (int64_t r = 0; r < rows; ++r) {
-    const S* __restrict gr = g + r * ld;
-    const S* __restrict xr = x + r * ld;
+    const IO* __restrict gr = g + r * ld;
+    const IO* __restrict xr = x + r * ld;
     const A* __restrict zr = dzacc + r * ldacc;
-    S* __restrict dzr = dz + r * ld;
+    IO* __restrict dzr = dz + r * ld;
     const A m = mean[r];
     A sg[kLanes] = {}, sgx[kLanes] = {}, sd[kLanes] = {}, sdx[kLanes] = {};
     int64_t i = 0;
@@ -299,7 +301,7 @@ void tile_sums_rows(const S* __restrict g, const S* __restrict x,
       for (int64_t q = 0; q < kLanes; ++q) {
         const A gv = to_acc(gr[i + q]);
         const A xc = to_acc(xr[i + q]) - m;
-        const S dzs = from_acc<S>(zr[i + q]);
+        const IO dzs = from_acc<IO>(zr[i + q]);
         const A dv = to_acc(dzs);
         dzr[i + q] = dzs;
         sg[q] += gv;
@@ -310,7 +312,7 @@ void tile_sums_rows(const S* __restrict g, const S* __restrict x,
     for (; i < L; ++i) {
       const A gv = to_acc(gr[i]);
       const A xc = to_acc(xr[i]) - m;
-      const S dzs = from_acc<S>(zr[i]);
+      const IO dzs = from_acc<IO>(zr[i]);
       const A dv = to_acc(dzs);
       dzr[i] = dzs;
       const int64_t q = i % kLanes;
@@ -326,11 +328,11 @@ void tile_sums_rows(const S* __restrict g, const S* __restrict x,
   }
 }
 
-template <typename S>
-void tile_sums_cols(const S* __restrict g, const S* __restrict x,
+template <typename S, typename IO = S>
+void tile_sums_cols(const IO* __restrict g, const IO* __restrict x,
                                         const acc_t<S>* __restrict dzacc,
                                         const acc_t<S>* __restrict mean, int64_t L, int64_t C,
-                                        S* __restrict dz, acc_t<S>* __restrict sums) {
+                                        IO* __restrict dz, acc_t<S>* __restrict sums) {
   using A = acc_t<S>;
   A* __restrict sg = sums;
   A* __restrict sgx = sums + C;
@@ -342,7 +344,7 @@ void tile_sums_cols(const S* __restrict g, const S* __restrict x,
       const int64_t e = j * C + c;
       const A gv = to_acc(g[e]);
       const A xc = to_acc(x[e]) - mean[c];
-      const S dzs = from_acc<S>(dzacc[e]);
+      const IO dzs = from_acc<IO>(dzacc[e]);
       const A dv = to_acc(dzs);
       dz[e] = dzs;
       sg[c] += gv;
@@ -384,29 +386,30 @@ void weight2_grad(const acc_t<S>* __restrict gh, const S* __restrict w2,
 
 // dst[c, r] = src[r, c] for a [rows, cols] block (row strides lds, ldd): the
 // GEMMs take no transposed operands, so the kernels transpose the small ones
-// (z and g tiles, C x L values) rather than the 4C x L hidden tiles.
-template <typename S>
+// (z and g tiles, C x L values) rather than the 4C x L hidden tiles. D: the
+// destination type (the mixed instantiation transposes fp32 g into bf16).
+template <typename S, typename D = S>
 void transpose_block(const S* __restrict src, int64_t lds, int64_t rows, int64_t cols,
-                     S* __restrict dst, int64_t ldd) {
+                     D* __restrict dst, int64_t ldd) {
   constexpr int64_t kB = 16;
   for (int64_t r0 = 0; r0 < rows; r0 += kB)
     for (int64_t c0 = 0; c0 < cols; c0 += kB) {
       const int64_t r1 = std::min(rows, r0 + kB), c1 = std::min(cols, c0 + kB);
       for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
+        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = convert_to<D>(src[r * lds + c]);
     }
 }
 
 // sum_t g (o + b2) per channel of a channel-major segment (o = W2 h before
 // its bias, row stride ldo; g row stride ldg) ...
-template <typename S>
-void sum_g_o_rows(const S* __restrict g, int64_t ldg,
+template <typename S, typename IO = S>
+void sum_g_o_rows(const IO* __restrict g, int64_t ldg,
                                       const acc_t<S>* __restrict o, int64_t ldo,
                                       const acc_t<S>* __restrict b2, int64_t rows, int64_t L,
                                       acc_t<S>* __restrict sgo) {
   using A = acc_t<S>;
   for (int64_t r = 0; r < rows; ++r) {
-    const S* __restrict gr = g + r * ldg;
+    const IO* __restrict gr = g + r * ldg;
     const A* __restrict orow = o + r * ldo;
     const A br = b2[r];
     A lane[kLanes] = {};
@@ -419,8 +422,8 @@ void sum_g_o_rows(const S* __restrict g, int64_t ldg,
 }
 
 // ... and of a token-major one ([L, C], both row stride C).
-template <typename S>
-void sum_g_o_cols(const S* __restrict g, const acc_t<S>* __restrict o,
+template <typename S, typename IO = S>
+void sum_g_o_cols(const IO* __restrict g, const acc_t<S>* __restrict o,
                                       const acc_t<S>* __restrict b2, int64_t L, int64_t C,
                                       acc_t<S>* __restrict sgo) {
   for (int64_t c = 0; c < C; ++c) sgo[c] = 0;
@@ -536,7 +539,7 @@ void tile_transpose(bool cl, int64_t L, int64_t rows, const S* src, S* dst) {
 }
 
 
-template <typename S>
+template <typename S, typename IO = S>
 void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments,
                         at::Tensor& out_mean, at::Tensor& out_var, at::Tensor* u_out) {
   using Acc = acc_t<S>;
@@ -549,8 +552,8 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
                   whole_batch_tokens<S>());
   const int64_t K = tiling.per_sample, W = tiling.width();
 
-  const S* X = f.x.const_data_ptr<S>();
-  S* OUT = out.mutable_data_ptr<S>();
+  const IO* X = f.x.const_data_ptr<IO>();
+  IO* OUT = out.mutable_data_ptr<IO>();
   S* UOUT = u_out ? u_out->mutable_data_ptr<S>() : nullptr;
   const Acc *cA = f.A.const_data_ptr<Acc>(), *cB = f.B.const_data_ptr<Acc>();
   const Acc *ca = f.a.const_data_ptr<Acc>(), *cb = f.b.const_data_ptr<Acc>();
@@ -579,9 +582,10 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
       tiling.for_each_segment_parallel(task, inline_tile, [&](int64_t n, int64_t, int64_t t0,
                                                               int64_t len, int64_t col) {
         if (!cl)
-          prologue_rows<S>(X + n * C * T + t0, T, cA + n * C, cB + n * C, C, len, Z + col, L);
+          prologue_rows<S, IO>(X + n * C * T + t0, T, cA + n * C, cB + n * C, C, len, Z + col,
+                               L);
         else
-          prologue_cols<S>(X + (n * T + t0) * C, cA + n * C, cB + n * C, len, C, Z + col * C);
+          prologue_cols<S, IO>(X + (n * T + t0) * C, cA + n * C, cB + n * C, len, C, Z + col * C);
       });
       tile_gemm<S>(cl, L, Hd, C, W1, W1T, Z, U);  // u = W1 z
       if (!cl) {
@@ -620,12 +624,12 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
         Acc* pm2n = emit_moments ? pm2.data() + (n * K + k) * C : nullptr;
         if (!cl) {
           const int64_t off = n * C * T + t0;
-          epilogue_rows<S>(X + off, T, ca + nc, cb + nc, cl2 + nc, B2, C, len, O + col, L,
+          epilogue_rows<S, IO>(X + off, T, ca + nc, cb + nc, cl2 + nc, B2, C, len, O + col, L,
                            OUT + off);
           if (emit_moments) row_moments<Acc>(O + col, L, C, len, pmn, pm2n);
         } else {
           const int64_t off = (n * T + t0) * C;
-          epilogue_cols<S>(X + off, ca + nc, cb + nc, cl2 + nc, B2, len, C, O + col * C,
+          epilogue_cols<S, IO>(X + off, ca + nc, cb + nc, cl2 + nc, B2, len, C, O + col * C,
                            OUT + off);
           if (emit_moments) col_moments<Acc>(O + col * C, len, C, moment_scratch, pmn, pm2n);
         }
@@ -649,7 +653,7 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
 }
 
 
-template <typename S>
+template <typename S, typename IO = S>
 void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Tensor& mean_t,
                          const at::Tensor* u_saved, at::Tensor& dz, at::Tensor& dw1,
                          at::Tensor& db1, at::Tensor& dw2, at::Tensor& db2, at::Tensor& sums) {
@@ -675,10 +679,10 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
   const int64_t groups = std::max<int64_t>(
       1, std::min({tasks, kMaxGroups, kGroupBudgetBytes / std::max<int64_t>(group_bytes, 1)}));
 
-  const S* X = f.x.const_data_ptr<S>();
-  const S* G = g.const_data_ptr<S>();
+  const IO* X = f.x.const_data_ptr<IO>();
+  const IO* G = g.const_data_ptr<IO>();
   const S* US = u_saved ? u_saved->const_data_ptr<S>() : nullptr;
-  S* DZ = dz.mutable_data_ptr<S>();
+  IO* DZ = dz.mutable_data_ptr<IO>();
   const Acc *cA = f.A.const_data_ptr<Acc>(), *cB = f.B.const_data_ptr<Acc>();
   const Acc* cl2 = f.l2.const_data_ptr<Acc>();
   const Acc* MEAN = mean_t.const_data_ptr<Acc>();
@@ -735,15 +739,15 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
           const int64_t nc = n * C;
           if (!cl) {
             const int64_t off = n * C * T + t0;
-            prologue_rows<S>(X + off, T, cA + nc, cB + nc, C, len, Z + col, L);
-            scale_rows<S>(G + off, T, cl2 + nc, C, len, DO + col, L);
+            prologue_rows<S, IO>(X + off, T, cA + nc, cB + nc, C, len, Z + col, L);
+            scale_rows<S, IO>(G + off, T, cl2 + nc, C, len, DO + col, L);
             if (US) {
               gelu_grad_from_saved<S>(US + n * Hd * T + t0, T, Hd, len, Hh + col, U + col, L);
             }
           } else {
             const int64_t off = (n * T + t0) * C;
-            prologue_cols<S>(X + off, cA + nc, cB + nc, len, C, Z + col * C);
-            scale_cols<S>(G + off, cl2 + nc, len, C, DO + col * C);
+            prologue_cols<S, IO>(X + off, cA + nc, cB + nc, len, C, Z + col * C);
+            scale_cols<S, IO>(G + off, cl2 + nc, len, C, DO + col * C);
             if (US) {
               gelu_grad_from_saved<S>(US + (n * T + t0) * Hd, Hd, len, Hd, Hh + col * Hd,
                                       U + col * Hd, Hd);
@@ -789,25 +793,25 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
           Acc* ts = tsum + (n * K + k) * 5 * C;
           if (!cl) {
             const int64_t off = n * C * T + t0;
-            tile_sums_rows<S>(G + off, X + off, DZT + col, T, L, MEAN + nc, C, len, DZ + off,
+            tile_sums_rows<S, IO>(G + off, X + off, DZT + col, T, L, MEAN + nc, C, len, DZ + off,
                               ts);
             if (weight2_by_gemm) {
-              sum_g_o_rows<S>(G + off, T, O + col, L, B2, C, len, ts + 4 * C);
+              sum_g_o_rows<S, IO>(G + off, T, O + col, L, B2, C, len, ts + 4 * C);
               return;
             }
             // GH^T[Hd, C] = H[Hd, len] G^T[len, C]
-            transpose_block<S>(G + off, T, C, len, GT, C);
+            transpose_block<IO, S>(G + off, T, C, len, GT, C);
             blas::gemm_nn(Hd, C, len, Hh + col, L, GT, C, GH, C, false);
             weight2_grad_t<S>(GH, W2T, cl2 + nc, B2, ts, C, Hd, dW2, ts + 4 * C);
           } else {
             const int64_t off = (n * T + t0) * C;
-            tile_sums_cols<S>(G + off, X + off, DZT + col * C, MEAN + nc, len, C, DZ + off, ts);
+            tile_sums_cols<S, IO>(G + off, X + off, DZT + col * C, MEAN + nc, len, C, DZ + off, ts);
             if (weight2_by_gemm) {
-              sum_g_o_cols<S>(G + off, O + col * C, B2, len, C, ts + 4 * C);
+              sum_g_o_cols<S, IO>(G + off, O + col * C, B2, len, C, ts + 4 * C);
               return;
             }
             // GH[C, Hd] = G^T[C, len] H[len, Hd]
-            transpose_block<S>(G + off, C, len, C, GT, len);
+            transpose_block<IO, S>(G + off, C, len, C, GT, len);
             blas::gemm_nn(C, Hd, len, GT, len, Hh + col * Hd, Hd, GH, Hd, false);
             weight2_grad<S>(GH, W2, cl2 + nc, B2, ts, C, Hd, dW2, ts + 4 * C);
           }
@@ -903,4 +907,22 @@ void input_grad_kernel(const at::Tensor& grad_out, const at::Tensor& dz, const a
       }
     });
   }
+}
+
+
+// The mixed-precision instantiations (fp32 activations x, out, g, dz; bf16
+// GEMM operands z, h, dO, du and weights, fp32 accumulation): what the
+// pipeline runs under autocast, so the residual stream stays fp32 as in the
+// reference under autocast. Named functions because RIFORMER_ISA_CALL's
+// argument list cannot hold a template argument list's comma.
+void mlp_forward_kernel_f32_bf16(const ForwardArgs& f, at::Tensor& out, bool emit_moments,
+                                 at::Tensor& out_mean, at::Tensor& out_var, at::Tensor* u_out) {
+  mlp_forward_kernel<c10::BFloat16, float>(f, out, emit_moments, out_mean, out_var, u_out);
+}
+
+void mlp_backward_kernel_f32_bf16(const ForwardArgs& f, const at::Tensor& g,
+                                  const at::Tensor& mean_t, const at::Tensor* u_saved,
+                                  at::Tensor& dz, at::Tensor& dw1, at::Tensor& db1,
+                                  at::Tensor& dw2, at::Tensor& db2, at::Tensor& sums) {
+  mlp_backward_kernel<c10::BFloat16, float>(f, g, mean_t, u_saved, dz, dw1, db1, dw2, db2, sums);
 }

@@ -269,9 +269,10 @@ def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _like(x, channels=None):
+def _like(x, channels=None, dtype=None):
     shape = (x.shape[0], x.shape[1] if channels is None else channels, x.shape[2], x.shape[3])
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device,
+                       memory_format=_memory_format(x))
 
 
 def _stats(x, rows=None):
@@ -294,7 +295,8 @@ def _register_fakes():
     @torch.library.register_fake(lib + 'mlp_forward_save_u')
     def _(x, A, B, a, b, w1, b1, w2, b2, l2, emit_moments):
         rows = x.shape[0] if emit_moments else 0
-        return _like(x), _stats(x, rows), _stats(x, rows), _like(x, w1.shape[0])
+        # u is GEMM-side: in w1's dtype (bf16 with fp32 x in the mixed-precision mode)
+        return _like(x), _stats(x, rows), _stats(x, rows), _like(x, w1.shape[0], w1.dtype)
 
     @torch.library.register_fake(lib + 'mlp_backward')
     def _(grad_out, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
@@ -317,5 +319,8 @@ KERNELS = KernelSet(
     'cpu', availability=_availability, supports=_supports, prepare_input=_prepare_input,
     moments=_moments, merge=_merge, mlp_forward=_mlp_forward, output_span=lambda out: 0,
     backward_weights_and_sums=_backward_weights_and_sums, backward_dx=_backward_dx,
-    auto_declines=_auto_declines)
+    auto_declines=_auto_declines,
+    # csrc/cpu's mixed instantiation: fp32 activations around MKL's bf16 x bf16 -> fp32 GEMM
+    # (no fp16 GEMM route in the kernels, so CPU autocast in fp16 declines).
+    mixed_precision=(torch.bfloat16,))
 register_kernel_set(KERNELS)
