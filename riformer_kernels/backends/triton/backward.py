@@ -292,9 +292,13 @@ def _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
     cdt = w1.dtype
     for name, t in (('x', x), ('g', g), ('w1', w1), ('w2', w2), ('b1', b1), ('b2', b2)):
         _check_floating(name, t)
-    if not (x.dtype == g.dtype == cdt == w2.dtype):
-        raise ValueError(f"x, g, w1, w2 must share one dtype; got {x.dtype}, {g.dtype}, "
-                         f"{w1.dtype}, {w2.dtype}")
+    # One dtype for x and g and one for w1 and w2 (the dots'): the same, or fp32 activations
+    # with half weights (the mixed-precision mode autocast runs; dz and dx are then fp32).
+    mixed = x.dtype == torch.float32 and cdt in (torch.float16, torch.bfloat16)
+    if not (x.dtype == g.dtype and cdt == w2.dtype and (x.dtype == cdt or mixed)):
+        raise ValueError(f"x, g, w1, w2 must share one dtype, or x and g be float32 with w1 "
+                         f"and w2 in one half dtype; got {x.dtype}, {g.dtype}, {w1.dtype}, "
+                         f"{w2.dtype}")
     if tuple(w1.shape[:2]) != (hid, c) or tuple(w2.shape[:2]) != (c, hid):
         raise ValueError(f"w1 {tuple(w1.shape)} / w2 {tuple(w2.shape)} do not match C={c}")
     if u_saved is not None and (tuple(u_saved.shape) != (n, hid, hh, ww) or u_saved.dtype != cdt):
@@ -311,7 +315,8 @@ def _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
         su=_token_strides(u) if has_u else (0, 0, 0),
         w1=w1.reshape(hid, c).contiguous(), w2=w2.reshape(c, hid).contiguous(),
         b1=b1.contiguous(), b2=b2.contiguous(),
-        dot_f32=_dot_f32(cdt), prec=_precision(cdt), round_bf16=_round_bf16(cdt))
+        dot_f32=_dot_f32(cdt), prec=_precision(cdt),
+        round_bf16=_round_bf16(cdt) or _round_bf16(x.dtype))
     a.update(zip(('mean', 'A', 'B', 'l2'),
                  (v.to(torch.float32).contiguous() for v in (mean, A, B, l2))))
     return a
@@ -788,12 +793,13 @@ def _unit_args(fn, layout: str, has_u: bool):
     return ones
 
 
-def _spec(fn, name, tn, constexprs, layout, has_u, config, options, ones=()):
+def _spec(fn, name, tn, constexprs, layout, has_u, config, options, ones=(), io=None):
     """(jit_fn, signature, constexprs, description, options): the tuple gpu_build_report reads.
     The arguments equal to 1 at launch (`_unit_args` and `ones`) become constexpr 1; `options`
     (num_warps, num_stages) must match the launch, or the report checks another kernel than the
-    one that runs."""
-    pointer_types = _ptrs(tn, [k for k in fn.arg_names if k.endswith('_ptr')])
+    one that runs. io: the activations' type where it differs from `tn` (the dots' type): the
+    mixed-precision mode, fp32 x, g, dz, dx and biases."""
+    pointer_types = _ptrs(tn, [k for k in fn.arg_names if k.endswith('_ptr')], io)
     const = dict(constexprs)
     for k in [*_unit_args(fn, layout, has_u), *ones]:
         const[k] = 1
@@ -806,20 +812,23 @@ def _spec(fn, name, tn, constexprs, layout, has_u, config, options, ones=()):
         else:
             sig[arg] = 'i32'
     tag = '/cl' if layout == 'cl' else ''
-    desc = f"{name}{tag} {tn} {config} num_warps={options['num_warps']}"
+    mixed = f" {io} with {tn} dots" if io not in (None, tn) else f" {tn}"
+    desc = f"{name}{tag}{mixed} {config} num_warps={options['num_warps']}"
     if 'num_stages' in options:
         desc += f" num_stages={options['num_stages']}"
     return (fn, sig, const, desc, options)
 
 
-def _ptrs(tn, names):
-    """Pointer types: the activations/weights/scratch in the io dtype, the rest fp32."""
-    io = {'x_ptr', 'g_ptr', 'u_ptr', 'w1_ptr', 'b1_ptr', 'w2_ptr', 'b2_ptr', 'hs_ptr', 'dus_ptr',
-          'dz_ptr', 'dx_ptr'}
-    return {k: (tn if k in io else 'fp32') for k in names}
+def _ptrs(tn, names, io=None):
+    """Pointer types: the weights, u and the scratch in the dots' type `tn`; the activations
+    and biases in `io` (default `tn`); the rest fp32."""
+    dot_side = {'u_ptr', 'w1_ptr', 'w2_ptr', 'hs_ptr', 'dus_ptr'}
+    io_side = {'x_ptr', 'g_ptr', 'b1_ptr', 'b2_ptr', 'dz_ptr', 'dx_ptr'}
+    io = tn if io is None else io
+    return {k: (tn if k in dot_side else io if k in io_side else 'fp32') for k in names}
 
 
-def _small_path_specs(dtype, layout):
+def _small_path_specs(dtype, layout, io=None):
     tn, prec = _TL_NAME[dtype], _precision(dtype)
     specs = []
     for bc in _DX_CONFIGS:
@@ -830,7 +839,8 @@ def _small_path_specs(dtype, layout):
                      ROUND_BF16=False)
         specs.append(_spec(
             _mlp_dx_kernel, 'mlp_dx', tn, const, layout, False,
-            f"C<={bc} BLOCK_T={bt} BLOCK_H={bh}", {'num_warps': warps, 'num_stages': stages}))
+            f"C<={bc} BLOCK_T={bt} BLOCK_H={bh}", {'num_warps': warps, 'num_stages': stages},
+            io=io))
         for has_u in (False, True):
             wbt, wbh, wbw, wbk, wwarps = _wg_config(bc, dtype, layout)
             const = dict(HAS_U=has_u, SCRATCH=False, SUMS=True, FUSE_DX=False, BLOCK_T=wbt,
@@ -840,11 +850,11 @@ def _small_path_specs(dtype, layout):
                 _mlp_weight_grad_kernel, 'mlp_weight_grad', tn, const, layout, has_u,
                 f"C<={_pow2_channels(_small_path_max(dtype))} u_saved={has_u} sums "
                 f"BLOCK_T={wbt} BLOCK_H={wbh} BLOCK_W={wbw} BLOCK_K={wbk}",
-                {'num_warps': wwarps}))
+                {'num_warps': wwarps}, io=io))
     return specs
 
 
-def _large_path_specs(dtype, layout):
+def _large_path_specs(dtype, layout, io=None):
     """The large-C path's kernel configurations for one dtype and layout (any C > 256); kernels
     A and B also with TILES == 1 (T <= BLOCK_T, e.g. 7x7 tokens)."""
     tn, prec = _TL_NAME[dtype], _precision(dtype)
@@ -859,7 +869,7 @@ def _large_path_specs(dtype, layout):
                 _mlp_hidden_kernel, 'mlp_hidden', tn, const, layout, has_u,
                 f"C>256 u_saved={has_u}{' TILES=1' if one_tile else ''} BLOCK_T={bt} "
                 f"BLOCK_H={bh} BLOCK_K={bk}", {'num_warps': warps, 'num_stages': stages},
-                ones=('TILES',) if one_tile else ()))
+                ones=('TILES',) if one_tile else (), io=io))
     bt, bc, bh, warps, stages = cfg['dz']
     const = dict(BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=False, PRECISION=prec,
                  ROUND_BF16=False)
@@ -867,7 +877,8 @@ def _large_path_specs(dtype, layout):
         specs.append(_spec(
             _mlp_dz_chunk_kernel, 'mlp_dz_chunk', tn, const, layout, False,
             f"C>256{' TILES=1' if one_tile else ''} BLOCK_T={bt} BLOCK_C={bc} BLOCK_H={bh}",
-            {'num_warps': warps, 'num_stages': stages}, ones=('TILES',) if one_tile else ()))
+            {'num_warps': warps, 'num_stages': stages}, ones=('TILES',) if one_tile else (),
+            io=io))
     bt, bh, bw, warps = cfg['wg']
     for fuse in (False, True):
         const = dict(HAS_U=False, SCRATCH=True, SUMS=False, FUSE_DX=fuse, BLOCK_T=bt,
@@ -876,7 +887,7 @@ def _large_path_specs(dtype, layout):
         specs.append(_spec(
             _mlp_weight_grad_kernel, 'mlp_weight_grad', tn, const, layout, False,
             f"C>256 scratch fuse_dx={fuse} BLOCK_T={bt} BLOCK_H={bh} BLOCK_W={bw}",
-            {'num_warps': warps}))
+            {'num_warps': warps}, io=io))
     return specs
 
 
@@ -892,6 +903,13 @@ def _build_specs():
                 _input_grad_kernel, 'input_grad', tn, const, layout, False,
                 f"BLOCK_T={_INPUT_GRAD_BLOCK_T} BLOCK_C={_INPUT_GRAD_BLOCK_C}",
                 {'num_warps': _INPUT_GRAD_WARPS}))
+    # The mixed-precision mode (autocast): fp32 activations with half weights, on the half
+    # configs (the backward's configs and path follow the weights' dtype). Its input_grad is
+    # the fp32 kernel above.
+    for dtype in (torch.float16, torch.bfloat16):
+        for layout in _LAYOUTS:
+            specs += _small_path_specs(dtype, layout, io='fp32')
+            specs += _large_path_specs(dtype, layout, io='fp32')
     specs.append(_spec(_sum_partials_kernel, 'sum_partials', 'fp32', dict(BLOCK=_SUM_BLOCK),
                        'nchw', False, f"BLOCK={_SUM_BLOCK}", {'num_warps': _SUM_WARPS}))
     # One spec per distinct compiled kernel (C<=32..256 share the weight-gradient config).
