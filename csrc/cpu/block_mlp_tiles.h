@@ -212,68 +212,90 @@ void gelu_grad_from_saved(const S* __restrict u, int64_t ldu, int64_t rows,
   }
 }
 
-// dO = l2 g for a channel-major tile (g row stride ldg) ...
-template <typename S, typename IO = S>
+// v rounded to S, and with kLo the rounding's remainder v - hi rounded to S
+// as well: a two-term (hi + lo) operand whose two GEMMs give the product to
+// ~2^-16 relative in bf16 (see kCompensate in mlp_backward_kernel).
+template <typename S, bool kLo>
+RIFORMER_INLINE void store_split(acc_t<S> v, S& hi, S* lo) {
+  const S h = from_acc<S>(v);
+  hi = h;
+  if constexpr (kLo) *lo = from_acc<S>(v - to_acc(h));
+}
+
+// dO = l2 g for a channel-major tile (g row stride ldg) (kLo: also its
+// remainder into lo, same layout) ...
+template <typename S, typename IO = S, bool kLo = false>
 void scale_rows(const IO* __restrict g, int64_t ldg,
                                     const acc_t<S>* __restrict l2, int64_t rows, int64_t L,
-                                    S* __restrict out, int64_t ldo) {
+                                    S* __restrict out, int64_t ldo, S* __restrict lo = nullptr) {
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t<S> lr = l2[r];
     const IO* __restrict gr = g + r * ldg;
     S* __restrict o = out + r * ldo;
-    for (int64_t j = 0; j < L; ++j) o[j] = from_acc<S>(lr * to_acc(gr[j]));
+    S* __restrict ol = kLo ? lo + r * ldo : nullptr;
+    for (int64_t j = 0; j < L; ++j) store_split<S, kLo>(lr * to_acc(gr[j]), o[j], ol + j);
   }
 }
 
 // ... and for a token-major one.
-template <typename S, typename IO = S>
+template <typename S, typename IO = S, bool kLo = false>
 void scale_cols(const IO* __restrict g, const acc_t<S>* __restrict l2,
-                                    int64_t L, int64_t C, S* __restrict out) {
+                                    int64_t L, int64_t C, S* __restrict out,
+                                    S* __restrict lo = nullptr) {
   for (int64_t j = 0; j < L; ++j)
     for (int64_t c = 0; c < C; ++c)
-      out[j * C + c] = from_acc<S>(l2[c] * to_acc(g[j * C + c]));
+      store_split<S, kLo>(l2[c] * to_acc(g[j * C + c]), out[j * C + c],
+                          kLo ? lo + j * C + c : nullptr);
 }
 
 // du = dh * GELU'(u) over a channel-major tile, db1 += row sums of du.
-// du may alias dh (fp32: computed in place).
-template <typename S>
+// du may alias dh (fp32: computed in place). kLo (bf16 only): also du's
+// rounding remainder into lo (same layout as du), see store_split.
+template <typename S, bool kLo = false>
 void hidden_grad_rows(acc_t<S>* __restrict dh, const acc_t<S>* __restrict d,
                                           int64_t rows, int64_t L, S* __restrict du,
-                                          acc_t<S>* __restrict db1) {
+                                          acc_t<S>* __restrict db1, S* __restrict lo = nullptr) {
   using A = acc_t<S>;
+  static_assert(!kLo || !kSameType<S>, "a remainder only where du is rounded");
   for (int64_t r = 0; r < rows; ++r) {
     A* __restrict dhr = dh + r * L;
     const A* __restrict dr = d + r * L;
     S* __restrict dur = kSameType<S> ? reinterpret_cast<S*>(dhr) : du + r * L;
+    S* __restrict lor = kLo ? lo + r * L : nullptr;
     A lane[kLanes] = {};
     int64_t i = 0;
     for (; i + kLanes <= L; i += kLanes)
       for (int64_t q = 0; q < kLanes; ++q) {
         const A v = dhr[i + q] * dr[i + q];
-        if constexpr (kSameType<S>) dhr[i + q] = v; else dur[i + q] = from_acc<S>(v);
+        if constexpr (kSameType<S>) dhr[i + q] = v;
+        else store_split<S, kLo>(v, dur[i + q], lor + i + q);
         lane[q] += v;
       }
     for (; i < L; ++i) {
       const A v = dhr[i] * dr[i];
-      if constexpr (kSameType<S>) dhr[i] = v; else dur[i] = from_acc<S>(v);
+      if constexpr (kSameType<S>) dhr[i] = v;
+      else store_split<S, kLo>(v, dur[i], lor + i);
       lane[i % kLanes] += v;
     }
     db1[r] += sum_lanes(lane);
   }
 }
 
-template <typename S>
+template <typename S, bool kLo = false>
 void hidden_grad_cols(acc_t<S>* __restrict dh, const acc_t<S>* __restrict d,
                                           int64_t L, int64_t Hd, S* __restrict du,
-                                          acc_t<S>* __restrict db1) {
+                                          acc_t<S>* __restrict db1, S* __restrict lo = nullptr) {
   using A = acc_t<S>;
+  static_assert(!kLo || !kSameType<S>, "a remainder only where du is rounded");
   for (int64_t j = 0; j < L; ++j) {
     A* __restrict dhr = dh + j * Hd;
     const A* __restrict dr = d + j * Hd;
     S* __restrict dur = kSameType<S> ? reinterpret_cast<S*>(dhr) : du + j * Hd;
+    S* __restrict lor = kLo ? lo + j * Hd : nullptr;
     for (int64_t c = 0; c < Hd; ++c) {
       const A v = dhr[c] * dr[c];
-      if constexpr (kSameType<S>) dhr[c] = v; else dur[c] = from_acc<S>(v);
+      if constexpr (kSameType<S>) dhr[c] = v;
+      else store_split<S, kLo>(v, dur[c], lor + c);
       db1[c] += v;
     }
   }
@@ -499,19 +521,21 @@ void input_grad_cols(const S* __restrict g, const S* __restrict dz,
 // ---------------------------------------------------------------------------
 // Wm [M, K] or its transposed copy WmT [K, M] may be null (add_transposed_weights
 // makes copies only for brgemm); the GEMM then reads the other one transposed.
+// accumulate: Y += the product instead of Y = it.
 template <typename S, typename Acc>
 void tile_gemm(bool cl, int64_t L, int64_t M, int64_t K, const S* Wm, const S* WmT,
-               const S* X, Acc* Y) {
+               const S* X, Acc* Y, bool accumulate = false) {
+  const Acc beta = accumulate ? Acc(1) : Acc(0);
   if (!cl) {
     if (Wm != nullptr)
-      blas::gemm_nn(M, L, K, Wm, K, X, L, Y, L, false);
+      blas::gemm_nn(M, L, K, Wm, K, X, L, Y, L, accumulate);
     else
-      blas::gemm(true, false, M, L, K, Acc(1), WmT, M, X, L, Acc(0), Y, L);
+      blas::gemm(true, false, M, L, K, Acc(1), WmT, M, X, L, beta, Y, L);
   } else {
     if (WmT != nullptr)
-      blas::gemm_nn(L, M, K, X, K, WmT, M, Y, M, false);
+      blas::gemm_nn(L, M, K, X, K, WmT, M, Y, M, accumulate);
     else
-      blas::gemm(false, true, L, M, K, Acc(1), X, K, Wm, K, Acc(0), Y, M);
+      blas::gemm(false, true, L, M, K, Acc(1), X, K, Wm, K, beta, Y, M);
   }
 }
 
@@ -675,6 +699,18 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
   // 1 thread: C512@7x7 backward 33 -> 29 ms; C320@14x14 39 vs 43 ms the
   // other way).
   const bool weight2_by_gemm = T < kWeight2GemmBelowTokens;
+  // The mixed-precision mode (fp32 activations, bf16 GEMMs: autocast) runs the
+  // two GEMMs on the way from g to dz -- dh = W2^T dO and dz = W1^T du -- on
+  // two-term operands, dO = hi + lo and du = hi + lo, each term bf16 (two GEMMs
+  // each, fp32 accumulation): the products then carry ~2^-16 relative error
+  // instead of bf16's 2^-8 in dO and du. Those two roundings dominate the
+  // error of dz's per-(n, c) sums, and so of the O(C) gradients (norm, mixer,
+  // layer scales), which come from sums with heavy cancellation: measured
+  // (C=32, 40 draws per form, fp32 input) the worst draw's error there was up
+  // to 2.4x the reference's under autocast with single bf16 operands, <= 1.5x
+  // with the two terms (the triton kernels' equivalent in the interpreter).
+  // The other GEMMs (u, dW1, dW2, o / G H^T) keep single bf16 operands.
+  constexpr bool kCompensate = !std::is_same_v<S, IO>;
   const int64_t group_bytes = (2 * Hd * C + Hd) * int64_t(sizeof(Acc));
   const int64_t groups = std::max<int64_t>(
       1, std::min({tasks, kMaxGroups, kGroupBudgetBytes / std::max<int64_t>(group_bytes, 1)}));
@@ -710,7 +746,8 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
     S* ZT = Z + C * W;      // z transposed (the dW1 GEMM's operand)
     S* GT = ZT + C * W;     // a segment of g transposed (the G H^T GEMM's operand)
     S* DOT = GT + C * W;    // dO transposed (weight2_by_gemm)
-    S* DO = thread_scratch<S>(1, C * W);
+    S* DO = thread_scratch<S>(1, (kCompensate ? 2 : 1) * C * W);
+    S* DOL = kCompensate ? DO + C * W : nullptr;  // dO's remainder (kCompensate)
     Acc* U = thread_scratch<Acc>(2, Hd * W);  // u, then GELU'(u)
     Acc* DH = thread_scratch<Acc>(3, Hd * W);
     Acc* GH = thread_scratch<Acc>(4, C * Hd);
@@ -718,6 +755,7 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
     Acc* O = DZT + C * W;   // W2 h without bias (weight2_by_gemm)
     S* Hh = thread_scratch<S>(6, Hd * W);
     S* DU = kSameType<S> ? reinterpret_cast<S*>(DH) : thread_scratch<S>(7, Hd * W);
+    S* DUL = kCompensate ? thread_scratch<S>(12, Hd * W) : nullptr;  // du's remainder
     // One group on the calling thread: its elementwise passes are split over the threads.
     const bool inline_tile = groups == 1;
     for (int64_t grp = gbegin; grp < gend; ++grp) {
@@ -740,14 +778,16 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
           if (!cl) {
             const int64_t off = n * C * T + t0;
             prologue_rows<S, IO>(X + off, T, cA + nc, cB + nc, C, len, Z + col, L);
-            scale_rows<S, IO>(G + off, T, cl2 + nc, C, len, DO + col, L);
+            scale_rows<S, IO, kCompensate>(G + off, T, cl2 + nc, C, len, DO + col, L,
+                                           kCompensate ? DOL + col : nullptr);
             if (US) {
               gelu_grad_from_saved<S>(US + n * Hd * T + t0, T, Hd, len, Hh + col, U + col, L);
             }
           } else {
             const int64_t off = (n * T + t0) * C;
             prologue_cols<S, IO>(X + off, cA + nc, cB + nc, len, C, Z + col * C);
-            scale_cols<S, IO>(G + off, cl2 + nc, len, C, DO + col * C);
+            scale_cols<S, IO, kCompensate>(G + off, cl2 + nc, len, C, DO + col * C,
+                                           kCompensate ? DOL + col * C : nullptr);
             if (US) {
               gelu_grad_from_saved<S>(US + (n * T + t0) * Hd, Hd, len, Hd, Hh + col * Hd,
                                       U + col * Hd, Hd);
@@ -768,15 +808,19 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
           });
         }
         tile_gemm<S>(cl, L, Hd, C, W2T, W2, DO, DH);  // dh = W2^T dO
+        if constexpr (kCompensate) tile_gemm<S>(cl, L, Hd, C, W2T, W2, DOL, DH, true);
         if (!cl) {
           rows_maybe_parallel(inline_tile, Hd, [&](int64_t r0, int64_t r1) {
-            hidden_grad_rows<S>(DH + r0 * L, U + r0 * L, r1 - r0, L, DU + r0 * L, dB1 + r0);
+            hidden_grad_rows<S, kCompensate>(DH + r0 * L, U + r0 * L, r1 - r0, L, DU + r0 * L,
+                                             dB1 + r0, kCompensate ? DUL + r0 * L : nullptr);
           });
         } else {
-          hidden_grad_cols<S>(DH, U, L, Hd, DU, dB1);  // db1 sums over tokens: one pass
+          // db1 sums over tokens: one pass
+          hidden_grad_cols<S, kCompensate>(DH, U, L, Hd, DU, dB1, DUL);
         }
         tile_weight_grad<S>(cl, L, Hd, C, DU, ZT, dW1, accumulate);  // dW1 (+)= dU z^T
         tile_gemm<S>(cl, L, C, Hd, W1T, W1, DU, DZT);                // dz = W1^T dU
+        if constexpr (kCompensate) tile_gemm<S>(cl, L, C, Hd, W1T, W1, DUL, DZT, true);
         if (weight2_by_gemm) {
           tile_transpose<S>(cl, L, C, DO, DOT);
           tile_weight_grad<S>(cl, L, Hd, C, Hh, DOT, dW2, accumulate);  // dW2^T (+)= h dO^T

@@ -294,7 +294,7 @@ def _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
         _check_floating(name, t)
     # One dtype for x and g and one for w1 and w2 (the dots'): the same, or fp32 activations
     # with half weights (the mixed-precision mode autocast runs; dz and dx are then fp32).
-    mixed = x.dtype == torch.float32 and cdt in (torch.float16, torch.bfloat16)
+    mixed = _is_mixed(x, w1)
     if not (x.dtype == g.dtype and cdt == w2.dtype and (x.dtype == cdt or mixed)):
         raise ValueError(f"x, g, w1, w2 must share one dtype, or x and g be float32 with w1 "
                          f"and w2 in one half dtype; got {x.dtype}, {g.dtype}, {w1.dtype}, "
@@ -316,7 +316,7 @@ def _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
         w1=w1.reshape(hid, c).contiguous(), w2=w2.reshape(c, hid).contiguous(),
         b1=b1.contiguous(), b2=b2.contiguous(),
         dot_f32=_dot_f32(cdt), prec=_precision(cdt),
-        round_bf16=_round_bf16(cdt) or _round_bf16(x.dtype))
+        round_bf16=_round_bf16(cdt) or _round_bf16(x.dtype), split=mixed)
     a.update(zip(('mean', 'A', 'B', 'l2'),
                  (v.to(torch.float32).contiguous() for v in (mean, A, B, l2))))
     return a
@@ -364,7 +364,8 @@ def _dx_small(a, P, Q, R, S):
         P, Q, R, S, dx, c, a['T'], a['hid'], tiles,
         *a['sx'], *a['sg'], *_token_strides(dx),
         BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=a['dot_f32'],
-        PRECISION=a['prec'], ROUND_BF16=a['round_bf16'], num_warps=warps, num_stages=stages)
+        PRECISION=a['prec'], ROUND_BF16=a['round_bf16'], SPLIT=a['split'], num_warps=warps,
+        num_stages=stages)
     return dx
 
 
@@ -399,6 +400,17 @@ def _mlp_backward_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
     zero, one = (torch.full((1, 1), v, dtype=torch.float32, device=a['dev']) for v in (0., 1.))
     dz = _dx_small(a, zero, one, zero, zero)
     return dz, dw1, db1, dw2, db2, sums
+
+
+def _dus_dtype(cdt: torch.dtype, split: bool) -> torch.dtype:
+    """The du scratch's dtype: the compute dtype, or fp32 in the mixed-precision mode (SPLIT),
+    whose kernel B splits du into two half terms in registers (one fp32 read instead of two
+    half ones: the same bytes)."""
+    return torch.float32 if split else cdt
+
+
+def _is_mixed(x: torch.Tensor, w1: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and w1.dtype in (torch.float16, torch.bfloat16)
 
 
 def _scratch_shapes(n, c, T, hid, dtype):
@@ -508,7 +520,7 @@ def _launch_weight_grad(a, bt, bh, bw, bk, warps, hs=None, dus=None, fuse=None, 
         *(a['su'] if has_u else (0, 0, 0)), *_token_strides(dz), *_token_strides(dx),
         HAS_U=has_u, SCRATCH=scratch, SUMS=sums, FUSE_DX=fuse is not None, BLOCK_T=bt,
         BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk, DOT_F32=a['dot_f32'], PRECISION=a['prec'],
-        ROUND_BF16=a['round_bf16'], num_warps=warps)
+        ROUND_BF16=a['round_bf16'], SPLIT=a['split'], num_warps=warps)
     return dw1p, dw2p, db1p, splits, part, slots
 
 
@@ -536,7 +548,7 @@ def _phase1_large(a):
     n, c, T, hid, dev = a['n'], a['c'], a['T'], a['hid'], a['dev']
     x = a['x']
     hs = _empty((n, hid, T), a['w1'].dtype, dev)
-    dus = _empty((n, hid, T), a['w1'].dtype, dev)
+    dus = _empty((n, hid, T), _dus_dtype(a['w1'].dtype, a['split']), dev)
 
     cfg = _large_config(a['w1'].dtype, a['layout'])
     bt, bh, bk, warps, stages = cfg['hidden']
@@ -546,7 +558,8 @@ def _phase1_large(a):
         x, a['g'], a['u'], a['A'], a['B'], a['l2'], a['w1'], a['b1'], a['w2'], hs, dus, db1p,
         c, T, hid, tiles_a, n_hb, *a['sx'], *a['sg'], *a['su'],
         HAS_U=a['has_u'], BLOCK_T=bt, BLOCK_H=bh, BLOCK_K=bk, DOT_F32=a['dot_f32'],
-        PRECISION=a['prec'], ROUND_BF16=a['round_bf16'], num_warps=warps, num_stages=stages)
+        PRECISION=a['prec'], ROUND_BF16=a['round_bf16'], SPLIT=a['split'], num_warps=warps,
+        num_stages=stages)
 
     bt, bc, bh, warps, stages = cfg['dz']
     tiles, n_cb = triton.cdiv(T, bt), triton.cdiv(c, bc)
@@ -556,7 +569,7 @@ def _phase1_large(a):
         x, a['g'], a['mean'], a['w1'], a['w2'], a['b2'], hs, dus, dz, part,
         n, c, T, hid, tiles, n_cb, *a['sx'], *a['sg'], *_token_strides(dz),
         BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=a['dot_f32'], PRECISION=a['prec'],
-        ROUND_BF16=a['round_bf16'], num_warps=warps, num_stages=stages)
+        ROUND_BF16=a['round_bf16'], SPLIT=a['split'], num_warps=warps, num_stages=stages)
 
     return dz, part, tiles, (hs, dus, db1p)
 
@@ -671,7 +684,8 @@ def _(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
     f32 = dict(dtype=torch.float32, device=x.device)
     hs, dus, db1p = _scratch_shapes(n, c, hh * ww, hid, w1.dtype)
     return (torch.empty_like(x), x.new_empty((5, n, c), **f32), x.new_empty((c,), **f32),
-            x.new_empty(hs, dtype=w1.dtype), x.new_empty(dus, dtype=w1.dtype),
+            x.new_empty(hs, dtype=w1.dtype),
+            x.new_empty(dus, dtype=_dus_dtype(w1.dtype, _is_mixed(x, w1))),
             x.new_empty(db1p, **f32))
 
 
@@ -821,8 +835,10 @@ def _spec(fn, name, tn, constexprs, layout, has_u, config, options, ones=(), io=
 
 def _ptrs(tn, names, io=None):
     """Pointer types: the weights, u and the scratch in the dots' type `tn`; the activations
-    and biases in `io` (default `tn`); the rest fp32."""
-    dot_side = {'u_ptr', 'w1_ptr', 'w2_ptr', 'hs_ptr', 'dus_ptr'}
+    and biases in `io` (default `tn`); the rest fp32. In the mixed mode (io differs) the du
+    scratch is fp32 (`_dus_dtype`)."""
+    dot_side = {'u_ptr', 'w1_ptr', 'w2_ptr', 'hs_ptr'} | ({'dus_ptr'} if io in (None, tn)
+                                                         else set())
     io_side = {'x_ptr', 'g_ptr', 'b1_ptr', 'b2_ptr', 'dz_ptr', 'dx_ptr'}
     io = tn if io is None else io
     return {k: (tn if k in dot_side else io if k in io_side else 'fp32') for k in names}
@@ -836,7 +852,7 @@ def _small_path_specs(dtype, layout, io=None):
             continue            # never launched: that C takes the large path in this dtype
         bt, _, bh, warps, stages = _dx_config(bc, dtype, layout)
         const = dict(BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=False, PRECISION=prec,
-                     ROUND_BF16=False)
+                     ROUND_BF16=False, SPLIT=io is not None)
         specs.append(_spec(
             _mlp_dx_kernel, 'mlp_dx', tn, const, layout, False,
             f"C<={bc} BLOCK_T={bt} BLOCK_H={bh}", {'num_warps': warps, 'num_stages': stages},
@@ -845,7 +861,7 @@ def _small_path_specs(dtype, layout, io=None):
             wbt, wbh, wbw, wbk, wwarps = _wg_config(bc, dtype, layout)
             const = dict(HAS_U=has_u, SCRATCH=False, SUMS=True, FUSE_DX=False, BLOCK_T=wbt,
                          BLOCK_H=wbh, BLOCK_W=wbw, BLOCK_K=wbk, DOT_F32=False, PRECISION=prec,
-                         ROUND_BF16=False)
+                         ROUND_BF16=False, SPLIT=io is not None)
             specs.append(_spec(
                 _mlp_weight_grad_kernel, 'mlp_weight_grad', tn, const, layout, has_u,
                 f"C<={_pow2_channels(_small_path_max(dtype))} u_saved={has_u} sums "
@@ -863,7 +879,7 @@ def _large_path_specs(dtype, layout, io=None):
     bt, bh, bk, warps, stages = cfg['hidden']
     for has_u in (False, True):
         const = dict(HAS_U=has_u, BLOCK_T=bt, BLOCK_H=bh, BLOCK_K=bk, DOT_F32=False,
-                     PRECISION=prec, ROUND_BF16=False)
+                     PRECISION=prec, ROUND_BF16=False, SPLIT=io is not None)
         for one_tile in (False, True):
             specs.append(_spec(
                 _mlp_hidden_kernel, 'mlp_hidden', tn, const, layout, has_u,
@@ -872,7 +888,7 @@ def _large_path_specs(dtype, layout, io=None):
                 ones=('TILES',) if one_tile else (), io=io))
     bt, bc, bh, warps, stages = cfg['dz']
     const = dict(BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=False, PRECISION=prec,
-                 ROUND_BF16=False)
+                 ROUND_BF16=False, SPLIT=io is not None)
     for one_tile in (False, True):
         specs.append(_spec(
             _mlp_dz_chunk_kernel, 'mlp_dz_chunk', tn, const, layout, False,
@@ -883,7 +899,7 @@ def _large_path_specs(dtype, layout, io=None):
     for fuse in (False, True):
         const = dict(HAS_U=False, SCRATCH=True, SUMS=False, FUSE_DX=fuse, BLOCK_T=bt,
                      BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bw, DOT_F32=False, PRECISION=prec,
-                     ROUND_BF16=False)
+                     ROUND_BF16=False, SPLIT=io is not None)
         specs.append(_spec(
             _mlp_weight_grad_kernel, 'mlp_weight_grad', tn, const, layout, False,
             f"C>256 scratch fuse_dx={fuse} BLOCK_T={bt} BLOCK_H={bh} BLOCK_W={bw}",
