@@ -12,7 +12,8 @@ Run by `riformer_kernels.pipeline` (statistics, fold, autograd, chaining live th
   phase 2: `riformer::input_grad` (dx = P g + Q dz + R (x - m) + S).
 
 Layouts: NCHW-contiguous and channels_last are read natively; any other strides are copied to
-NCHW first. dtypes: float32, bfloat16, float64.
+NCHW first. dtypes: float32, bfloat16, float64; and float32 activations with bfloat16 weights
+(the mixed-precision mode autocast runs: bf16 GEMM operands, fp32 residual stream).
 
 ISA levels (csrc/cpu/isa.h): the tile code is compiled for baseline x86-64, AVX2 (x86-64-v3) and
 AVX-512 (x86-64-v4); each kernel call runs the copy of min(what the CPU supports, the cap).

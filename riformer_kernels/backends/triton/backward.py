@@ -52,11 +52,23 @@ Other entry points: `mlp_backward` (phase 1 with dz itself; on the small path dz
 phase-2 kernel with (P, Q, R, S) = (0, 1, 0, 0)) and `input_grad` (`_input_grad_kernel`: phase 2
 alone from a given dz), for tests and callers that want the pieces.
 
-Interpreter (TRITON_INTERPRET=1, read at import): bf16 `tl.dot` is broken there, so dot operands
-are kept in fp32 (the interpreter's bf16 results are then slightly *more* accurate than a GPU's);
-fp32 -> bf16 casts truncate there, so stores (dz, dx and the large path's bf16 h/du scratch)
-round to nearest even by integer arithmetic instead: the interpreter rounds the scratch as a GPU
-does, and reads it back to fp32 dot operands.
+Mixed precision (what autocast runs; `riformer_kernels.pipeline.AutocastPlan`): x, g, dz and
+dx fp32 with w1/w2 in a half dtype. Every config and path follows the weights' dtype (the dots'),
+the activation pointers are fp32. The two GEMMs on the way from g to dz run on two-term operands
+(SPLIT): dh = W2^T (dO_hi + dO_lo) and dz = W1^T (du_hi + du_lo), each term in the half dtype
+(`backward_kernels._split`), so those products carry ~2^-16 relative error instead of the half
+dtype's rounding of dO and du, which dominated the error of the O(C) gradients (sums of dz with
+heavy cancellation; measured in the interpreter, C=32, 20 draws per form: worst 2.07x the
+reference-under-autocast's error without the split, 1.53x with it). Cost: one more dot for dh
+and one for dz per tile on the small path (and for the sums' dz share in the weight-gradient
+kernel); on the large path the du scratch is fp32 (kernel B splits it in registers), the same
+bytes as the two half terms.
+
+Interpreter (TRITON_INTERPRET=1, read at import): bf16 `tl.dot` is broken there, so the dots run
+in fp32 on operands rounded to bf16 values first (`backward_kernels._operand`), the operands a
+GPU's bf16 dots see; fp32 -> bf16 casts truncate there, so stores to bf16 (dz, dx and the large
+path's bf16 h/du scratch) round to nearest even by integer arithmetic instead, and stores to fp32
+(the mixed mode's dz and dx) are exact.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ Kernels:
 * The two-GEMM path, no C-wide register tile: `mlp_gemm1_kernel` (grid: sample x token tile x
   hidden tile; K-loop over C in masked BLOCK_K chunks, so C=320 is not padded to 512; prologue
   z = A x + B built per chunk; writes h = GELU(W1 z + b1) and optionally u = W1 z + b1 to
-  token-major (N, 4C, H, W) channels_last buffers in x's dtype) and `mlp_gemm2_kernel` (grid:
+  token-major (N, 4C, H, W) channels_last buffers in the weights' dtype) and `mlp_gemm2_kernel` (grid:
   sample x token span x channel tile; K-loop over 4C; the flash kernel's epilogue and partial
   moments, shared as the `_epilogue_and_moments` helper, so chaining works identically). Cost:
   the hidden makes one round trip, 2 x 4C/C = 8 |x| more traffic than the flash kernel (plus x
@@ -93,6 +93,14 @@ Every entry point is a `torch.library.custom_op` with a fake implementation (nam
 fp32->bf16 casts truncate, so bf16 operands are upcast to fp32 for the dot after being rounded to
 bf16 precision (round-to-nearest-even done in integer arithmetic), and bf16 stores (out, h, u) are
 rounded the same way first, which reproduces the GPU's numerics.
+
+Mixed precision (what autocast runs): fp32 x and out with half weights. The dots run in the
+weights' dtype (`dot_dtype` = w1's: z and h are rounded to it, h and u are stored in it), the
+epilogue reads x and writes out in fp32, so the residual stream is never rounded to the half
+dtype. The launch configuration follows x's dtype (the fp32 tiles: their shapes are valid half
+MMA shapes, K a multiple of 16; and the partials' span stays a function of the output alone,
+which `KernelSet.output_span` needs); the dot flags follow the weights'. GPU_BUILD_SPECS list the
+mixed variants; their spill counts have not been checked on a GPU yet.
 """
 from __future__ import annotations
 
@@ -695,7 +703,8 @@ def fused_mlp_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, a: torc
     by the path `mlp_path` picks (flash or two-GEMM).
 
     A, B, a, b: (N, C) fp32 contiguous; l2: (N, C) fp32 with unit channel stride (its sample
-    stride may be 0); w1 (HID, C, 1, 1), w2 (C, HID, 1, 1), biases in x's dtype.
+    stride may be 0); w1 (HID, C, 1, 1), w2 (C, HID, 1, 1) in x's dtype, or in a half dtype
+    with fp32 x (the mixed-precision mode); biases in any float dtype (read as fp32).
     """
     with device_of(x):
         return _launch_mlp(x, A, B, a, b, l2, w1, b1, w2, b2)[:3]
@@ -712,7 +721,7 @@ def mlp_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, a: torch.Tens
                 w2: torch.Tensor, b2: torch.Tensor, save_u: bool = False, path: str = 'auto'
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`fused_mlp_forward` with options: returns (out, pmean, pm2, u). save_u: also write
-    u = W1 z + b1 (pre-GELU) as an (N, HID, H, W) channels_last tensor in x's dtype (what
+    u = W1 z + b1 (pre-GELU) as an (N, HID, H, W) channels_last tensor in w1's dtype (what
     `backward.mlp_backward(u_saved=...)` takes), else u is an empty tensor. path:
     'auto' (the rule, `mlp_path`), 'flash' or 'two_gemm'."""
     with device_of(x):
@@ -728,7 +737,7 @@ def _(x, A, B, a, b, l2, w1, b1, w2, b2, save_u=False, path='auto'):
 def mlp_hidden(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, w1: torch.Tensor,
                b1: torch.Tensor, save_u: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """GEMM 1 of the two-GEMM path alone: (h, u), h = GELU(u), u = W1 (A x + B) + b1, both
-    (N, HID, H, W) channels_last in x's dtype; u is empty unless save_u."""
+    (N, HID, H, W) channels_last in w1's dtype; u is empty unless save_u."""
     n, c, hh, ww = x.shape
     with device_of(x):
         return _launch_gemm1(x, A, B, w1, b1, save_u,
