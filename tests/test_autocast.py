@@ -244,6 +244,20 @@ def test_kernel_sets_without_the_mixed_mode_decline_autocast(monkeypatch):
 
 
 @pytest.mark.parametrize('backend', [_usable('cpu')])
+def test_measured_slower_classes_do_not_decline_mixed_calls(backend, monkeypatch):
+    """`SLOWER_THAN_REFERENCE` holds plain fp32 calls measured against the eager fp32
+    reference; the kernel set judges an autocast call on an fp32 stand-in, which must not fall
+    into those classes (against the reference under autocast the mixed mode measured faster).
+    A wide, short training call: declined in plain fp32 at every ISA level, run under autocast."""
+    monkeypatch.delenv('RIFORMER_BACKEND', raising=False)
+    block = make_block(320, dtype=torch.float32)
+    x = random_input((1, 320, 2, 2), dtype=torch.float32).requires_grad_(True)
+    assert 'skipped cpu: measured slower' in rk.explain_dispatch(block, x)
+    with torch.autocast('cpu', dtype=AUTOCAST_DTYPE):
+        assert f'chosen: {backend}' in rk.explain_dispatch(block, x)
+
+
+@pytest.mark.parametrize('backend', [_usable('cpu')])
 def test_a_stage_under_autocast_keeps_chained_statistics(backend):
     """A bf16 input (a conv's output under autocast) to a stage: the first block casts it to
     fp32; the second block's input is the first's fp32 output, where the cast is a no-op, so

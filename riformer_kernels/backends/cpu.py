@@ -28,7 +28,7 @@ import torch
 
 from .. import _ext
 from ..dispatch import recompute_for
-from ..pipeline import KernelSet, Partials, Phase1, register_kernel_set
+from ..pipeline import KernelSet, Partials, Phase1, autocast_plan, register_kernel_set
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _OPS = ('moments', 'mlp_forward', 'mlp_forward_save_u', 'mlp_backward', 'input_grad')
@@ -197,6 +197,14 @@ def _is_training_call(block, x: torch.Tensor) -> bool:
 
 def _auto_declines(block, x: torch.Tensor) -> str | None:
     if not SLOWER_THAN_REFERENCE:
+        return None
+    plan = autocast_plan(block, x)
+    if plan is not None and plan.mixed:
+        # The classes were measured for plain calls against the eager reference in the same
+        # dtype. A mixed-precision call (autocast) is another class: against the reference under
+        # autocast (bf16 convs, which this AVX2 CPU emulates) it measured 7-30x faster for a
+        # training step at S12 stage 1 and 3 shapes (docs/kernels.md, "Mixed precision"), so no
+        # class of it is declined.
         return None
     mode = 'train' if _is_training_call(block, x) else 'forward'
     recompute = recompute_for(block)
