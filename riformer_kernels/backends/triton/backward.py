@@ -58,8 +58,9 @@ the activation pointers are fp32. The two GEMMs on the way from g to dz run on t
 (SPLIT): dh = W2^T (dO_hi + dO_lo) and dz = W1^T (du_hi + du_lo), each term in the half dtype
 (`backward_kernels._split`), so those products carry ~2^-16 relative error instead of the half
 dtype's rounding of dO and du, which dominated the error of the O(C) gradients (sums of dz with
-heavy cancellation; measured in the interpreter, C=32, 20 draws per form: worst 2.07x the
-reference-under-autocast's error without the split, 1.53x with it). Cost: one more dot for dh
+heavy cancellation; measured in the interpreter at C=32, fp32 input: one draw reached 2.07x the
+reference-under-autocast's error without the split; with it the worst of 40 draws (20 per form)
+is 1.53x). Cost: one more dot for dh
 and one for dz per tile on the small path (and for the sums' dz share in the weight-gradient
 kernel); on the large path the du scratch is fp32 (kernel B splits it in registers), the same
 bytes as the two half terms.
