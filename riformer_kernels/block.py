@@ -74,9 +74,13 @@ class RIFormerBlock(nn.Module):
             return reference_block_forward(self, x)
         dp1 = dp2 = None
         if self.training and self.drop_path_prob > 0:
-            # Two draws in upstream's order and shape: the same seed gives the same masks.
-            dp1 = drop_path_factors(x.shape[0], self.drop_path_prob, x.dtype, x.device)
-            dp2 = drop_path_factors(x.shape[0], self.drop_path_prob, x.dtype, x.device)
+            # Two draws in upstream's order and shape: the same seed gives the same masks. In
+            # the dtype upstream's drop_path draws in: its branch's, x's promoted with the
+            # layer scale's (x's outside autocast; fp32 for a half input to an fp32 block under
+            # autocast, where a draw in the half dtype could round a factor across the floor).
+            dtype = torch.promote_types(x.dtype, self.layer_scale_1.dtype)
+            dp1 = drop_path_factors(x.shape[0], self.drop_path_prob, dtype, x.device)
+            dp2 = drop_path_factors(x.shape[0], self.drop_path_prob, dtype, x.device)
         return backend.forward(self, x, dp1, dp2)
 
     def switch_to_deploy(self) -> None:

@@ -88,8 +88,9 @@ class KernelSet:
 
     availability() -> None when usable in this process, else why not.
     supports(block, x) -> None when the kernels can run this call, else why not (the checks
-        every kernel set shares -- MLP dropout -- are the pipeline's). Under autocast x is a
-        stand-in in the autocast dtype: the dtype the kernels will see.
+        every kernel set shares -- MLP dropout, autocast's mixed precision -- are the
+        pipeline's). Under autocast x is a stand-in in the dtype the kernels will see: fp32 in
+        the mixed-precision mode (`mixed_precision` below), else the autocast dtype.
     prepare_input(x) -> x in a layout the kernels read (a copy only where they cannot).
     moments(x) -> Partials of x.
     merge(m1, m2, tokens, span) -> (mean, var), each (N, C) in the statistics dtype.
@@ -102,7 +103,13 @@ class KernelSet:
     backward_dx(g, saved, phase1, coeffs: fold.BackwardCoefficients) -> (dx, (dw1, db1, dw2)).
     auto_declines(block, x) -> None, or why `auto` should run the next backend instead although
         these kernels can run the call (they were measured slower than it for this call's class);
-        a backend asked for by name runs regardless.
+        a backend asked for by name runs regardless. Under autocast x is the stand-in `supports`
+        gets (`autocast_plan` tells the mixed mode apart).
+    mixed_precision: the GEMM-operand dtypes the kernels take with fp32 activations: x, out,
+        grad_out, dz and dx in fp32, the MLP weights (and so the dot operands z, h, dO, du) in
+        that dtype, fp32 accumulation. Autocast over an fp32 block needs it (the reference
+        under autocast keeps its residual stream in fp32: fp32 layer scales promote it); a
+        kernel set without it declines those calls, so `auto` runs the next backend.
     """
     name: str
     availability: Callable[[], str | None]
@@ -115,6 +122,7 @@ class KernelSet:
     backward_weights_and_sums: Callable
     backward_dx: Callable
     auto_declines: Callable[[object, torch.Tensor], str | None] = lambda block, x: None
+    mixed_precision: tuple = ()
 
 
 _KERNEL_SETS: dict[str, KernelSet] = {}
@@ -125,10 +133,13 @@ def register_kernel_set(kernels: KernelSet) -> None:
     _KERNEL_SETS[kernels.name] = kernels
     register_backend(Backend(
         kernels.name, availability=kernels.availability,
-        # The kernel set judges the call in the dtype its kernels will see (autocast's).
-        supports=lambda block, x: (_shared_supports(block, x)
-                                   or kernels.supports(block, _kernel_input_proxy(x))),
-        auto_declines=lambda block, x: kernels.auto_declines(block, _kernel_input_proxy(x)),
+        # The kernel set judges the call in the dtype its kernels will see (under autocast: the
+        # mixed mode's fp32, or the autocast dtype itself for a block in that dtype).
+        supports=lambda block, x: (_shared_supports(block, x) or _autocast_supports(kernels,
+                                                                                    block, x)
+                                   or kernels.supports(block, _kernel_input_proxy(block, x))),
+        auto_declines=lambda block, x: kernels.auto_declines(block,
+                                                             _kernel_input_proxy(block, x)),
         note=_autocast_note,
         forward=lambda block, x, dp1, dp2: _block_call(kernels, block, x, dp1, dp2)))
 
@@ -149,43 +160,97 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device)
 
 
-def _kernel_input_proxy(x: torch.Tensor) -> torch.Tensor:
-    """x itself, or under autocast a stand-in with x's shape and device in the autocast dtype
-    (an expanded one-element tensor: nothing of x's size is allocated just to ask)."""
-    dtype = autocast_dtype(x)
-    if dtype is None or dtype == x.dtype:
+class AutocastPlan(NamedTuple):
+    """How a fused block runs a call under autocast. io: the dtype of x, the output and every
+    activation-sized tensor of the residual stream (grad_out, dz, dx) -- the reference's output
+    dtype under autocast, x's dtype promoted with the layer scales' (fp32 for an fp32 block,
+    whatever x is); gemm: the MLP weights' and so the dot operands' dtype, autocast's. mixed:
+    they differ (the kernel set's mixed-precision mode)."""
+    io: torch.dtype
+    gemm: torch.dtype
+
+    @property
+    def mixed(self) -> bool:
+        return self.io != self.gemm
+
+
+def autocast_plan(block, x: torch.Tensor) -> AutocastPlan | None:
+    """The plan of a call under autocast, or None when autocast leaves it alone."""
+    gemm = autocast_dtype(x)
+    if gemm is None:
+        return None
+    io = torch.promote_types(torch.promote_types(x.dtype, block.layer_scale_1.dtype),
+                             block.layer_scale_2.dtype)
+    return AutocastPlan(io, gemm)
+
+
+def _autocast_supports(ks: KernelSet, block, x: torch.Tensor) -> str | None:
+    plan = autocast_plan(block, x)
+    if plan is None or not plan.mixed:
+        return None
+    gemm = str(plan.gemm).replace('torch.', '')
+    if plan.io != torch.float32:
+        return (f"autocast {gemm} with {plan.io} activations: the fused kernels' mixed mode "
+                f"keeps the residual stream in float32 only")
+    if plan.gemm not in ks.mixed_precision:
+        return (f"autocast {gemm}: the {ks.name} kernels have no mixed-precision mode with "
+                f"{gemm} GEMM operands, which autocast needs (the reference under autocast keeps "
+                f"its residual stream in float32: its fp32 layer scales promote it)")
+    return None
+
+
+def _kernel_input_proxy(block, x: torch.Tensor) -> torch.Tensor:
+    """x itself, or under autocast a stand-in with x's shape and device in the dtype the
+    kernels will read (the plan's io dtype; an expanded one-element tensor: nothing of x's size
+    is allocated just to ask)."""
+    plan = autocast_plan(block, x)
+    if plan is None or plan.io == x.dtype:
         return x
-    proxy = x.new_empty((1, 1, 1, 1), dtype=dtype).expand(x.shape)
+    proxy = x.new_empty((1, 1, 1, 1), dtype=plan.io).expand(x.shape)
     return proxy.requires_grad_(x.requires_grad) if x.requires_grad else proxy
 
 
 def _autocast_note(block, x: torch.Tensor) -> str | None:
-    dtype = autocast_dtype(x)
-    if dtype is None:
+    plan = autocast_plan(block, x)
+    if plan is None:
         return None
-    name = str(dtype).replace('torch.', '')
-    return (f"autocast {name}: x and the MLP weights (fc1, fc2) are cast to {name} as autocast "
-            f"casts a conv's operands; the statistics, the fold and the O(C) parameters stay "
-            f"fp32; the kernels run with autocast disabled and return {name}")
+    name, io = (str(d).replace('torch.', '') for d in (plan.gemm, plan.io))
+    if not plan.mixed:
+        return (f"autocast {name}: the block and x are {name}: the kernels run in {name}; the "
+                f"statistics and the fold stay fp32; they run with autocast disabled")
+    cast_in = (f" (the {str(x.dtype).replace('torch.', '')} input is cast to {io} "
+               f"first)") if x.dtype != plan.io else ""
+    return (f"autocast {name}: the MLP weights (fc1, fc2) are cast to {name} as autocast casts "
+            f"a conv's, and the MLP's GEMMs run on {name} operands with fp32 accumulation; x, "
+            f"the output, the residual stream and its gradients stay {io}{cast_in}, as in the "
+            f"reference under autocast; the statistics, the fold and the O(C) parameters stay "
+            f"fp32; the kernels run with autocast disabled and return {io}")
 
 
 def _block_call(ks: KernelSet, block, x: torch.Tensor, dp1, dp2) -> torch.Tensor:
     p = BlockParams.of(block)
-    dtype = autocast_dtype(x)
-    if dtype is None:
+    plan = autocast_plan(block, x)
+    if plan is None:
         return block_forward(ks, x, p, dp1, dp2, recompute_for(block),
                              getattr(block, 'chain_statistics', False))
     # Under autocast: what autocast does to the block's two convs (fc1, fc2), done once for the
-    # fused MLP: x and the conv weights and biases in the autocast dtype. The casts are inside
-    # autograd, so the gradients reach the fp32 parameters (and x) in their own dtype. Nothing
-    # else is cast: the statistics run in fp32 (fold.stats_dtype) and the norm/mixer/layer-scale
-    # parameters enter the fold in fp32, as autocast's GroupNorm keeps fp32 statistics and
-    # parameters (CUDA autocast runs it in fp32 outright). A previous fused
-    # block's output is already in the autocast dtype, so the cast is a no-op there and its
-    # chained statistics still match.
-    p = dataclasses.replace(p, **{k: getattr(p, k).to(dtype) for k in ('w1', 'b1', 'w2', 'b2')})
+    # fused MLP: their weights in the autocast dtype, so every GEMM operand is (z, h and the
+    # backward's dO and du are rounded to the weights' dtype inside the kernels, as autocast
+    # rounds the convs' inputs). The residual stream stays in the plan's io dtype: the
+    # reference under autocast returns fp32 for an fp32 block (x + l1 * mixer is promoted by
+    # the fp32 layer scales), so x is read, and out, dz and dx written, in fp32. The biases
+    # stay fp32 (the kernels add them to fp32 accumulators; autocast would round them to the
+    # autocast dtype: this is at least as accurate). The casts are inside autograd, so the
+    # gradients reach the fp32 parameters (and x) in their own dtype. The statistics run in
+    # fp32 (fold.stats_dtype) and the norm/mixer/layer-scale parameters enter the fold in fp32.
+    # A half input (a stage's first block after a conv under autocast) is cast to fp32 here:
+    # one extra pass over x there only, since every fused block returns fp32 -- its successor's
+    # cast is a no-op and the chained statistics it attached still match.
+    p = dataclasses.replace(p, w1=p.w1.to(plan.gemm), w2=p.w2.to(plan.gemm))
+    if not plan.mixed:
+        p = dataclasses.replace(p, b1=p.b1.to(plan.gemm), b2=p.b2.to(plan.gemm))
     with torch.autocast(x.device.type, enabled=False):
-        return block_forward(ks, x.to(dtype), p, dp1, dp2, recompute_for(block),
+        return block_forward(ks, x.to(plan.io), p, dp1, dp2, recompute_for(block),
                              getattr(block, 'chain_statistics', False))
 
 

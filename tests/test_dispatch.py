@@ -79,12 +79,13 @@ def test_auto_explains_each_skipped_backend(monkeypatch):
 
 
 def test_autocast_dtype_no_cpu_kernel_takes_falls_back_to_reference_with_reason(monkeypatch):
-    """CPU autocast in float16: the fused kernels judge the call in the autocast dtype (the cpu
-    kernels take fp32/bf16/fp64), so auto runs the reference and names float16, not the input's
-    fp32. (bf16 autocast runs the cpu kernels: tests/test_autocast.py.)"""
+    """CPU autocast in float16: autocast needs the kernels' mixed-precision mode with float16
+    GEMM operands, which the cpu kernels lack (bf16 only), so auto runs the reference and the
+    reason names float16, not the input's fp32. (bf16 autocast runs the cpu kernels:
+    tests/test_autocast.py.)"""
     monkeypatch.delenv('RIFORMER_BACKEND', raising=False)
     block = make_block(8, dtype=torch.float32)
     x = random_input((1, 8, 2, 2), dtype=torch.float32)
     with torch.autocast('cpu', dtype=torch.float16):
         text = rk.explain_dispatch(block, x)
-    assert 'chosen: reference' in text and 'torch.float16' in text, text
+    assert 'chosen: reference' in text and 'float16 GEMM operands' in text, text

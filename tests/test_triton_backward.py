@@ -529,11 +529,12 @@ def test_gpu_build_specs_cover_every_launch_configuration():
             for bc in tb._DX_CONFIGS:
                 if bc > tb._pow2_channels(tb._small_path_max(dtype)):
                     assert not [s for s in tb.GPU_BUILD_SPECS if s[0] is tb._mlp_dx_kernel
-                                and s[1]['x_ptr'] == '*' + tn and s[2]['BLOCK_C'] == bc]
+                                and s[1]['x_ptr'] == '*' + tn and s[1]['w1_ptr'] == '*' + tn
+                                and s[2]['BLOCK_C'] == bc]
                     continue
                 bt, _, bh, warps, stages = tb._dx_config(bc, dtype, layout)
                 const = dict(BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=False,
-                             PRECISION=prec, ROUND_BF16=False)
+                             PRECISION=prec, ROUND_BF16=False, SPLIT=False)
                 assert len(find_specs(tb._mlp_dx_kernel, tn, const,
                                       dict(num_warps=warps, num_stages=stages),
                                       (f'sx{unit}', f'sg{unit}', f'sd{unit}'))) == 1
@@ -542,7 +543,7 @@ def test_gpu_build_specs_cover_every_launch_configuration():
                     bt, bh, bw, bk, warps = tb._wg_config(bc, dtype, layout)
                     const = dict(HAS_U=has_u, SCRATCH=False, SUMS=True, FUSE_DX=False,
                                  BLOCK_T=bt, BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk, DOT_F32=False,
-                                 PRECISION=prec, ROUND_BF16=False)
+                                 PRECISION=prec, ROUND_BF16=False, SPLIT=False)
                     # dz and dx are placeholders (x) in this variant: x's unit strides.
                     assert len(find_specs(tb._mlp_weight_grad_kernel, tn, const,
                                           dict(num_warps=warps),
@@ -552,14 +553,14 @@ def test_gpu_build_specs_cover_every_launch_configuration():
             for has_u in (False, True):
                 for tiles1 in ((), ('TILES',)):
                     const = dict(HAS_U=has_u, BLOCK_T=bt, BLOCK_H=bh, BLOCK_K=bk, DOT_F32=False,
-                                 PRECISION=prec, ROUND_BF16=False)
+                                 PRECISION=prec, ROUND_BF16=False, SPLIT=False)
                     ones = (f'sx{unit}', f'sg{unit}') + (('suc',) if has_u else ()) + tiles1
                     assert len(find_specs(tb._mlp_hidden_kernel, tn, const,
                                           dict(num_warps=warps, num_stages=stages), ones)) == 1
             bt, bc, bh, warps, stages = cfg['dz']
             for tiles1 in ((), ('TILES',)):
                 const = dict(BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=False, PRECISION=prec,
-                             ROUND_BF16=False)
+                             ROUND_BF16=False, SPLIT=False)
                 assert len(find_specs(tb._mlp_dz_chunk_kernel, tn, const,
                                       dict(num_warps=warps, num_stages=stages),
                                       (f'sx{unit}', f'sg{unit}', f'sz{unit}') + tiles1)) == 1
@@ -567,7 +568,7 @@ def test_gpu_build_specs_cover_every_launch_configuration():
             for fuse in (False, True):
                 const = dict(HAS_U=False, SCRATCH=True, SUMS=False, FUSE_DX=fuse, BLOCK_T=bt,
                              BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bw, DOT_F32=False, PRECISION=prec,
-                             ROUND_BF16=False)
+                             ROUND_BF16=False, SPLIT=False)
                 assert len(find_specs(tb._mlp_weight_grad_kernel, tn, const,
                                       dict(num_warps=warps),
                                       tuple(f's{r}{unit}' for r in 'xgzd'))) == 1
@@ -576,6 +577,21 @@ def test_gpu_build_specs_cover_every_launch_configuration():
             assert len(find_specs(tb._input_grad_kernel, tn, const,
                                   dict(num_warps=tb._INPUT_GRAD_WARPS),
                                   tuple(f's{r}{unit}' for r in 'gzxd'))) == 1
+    # The mixed-precision mode (fp32 activations, half weights; SPLIT): its own spec of every
+    # small- and large-path kernel per dot dtype and layout, on the half configs.
+    for dtype, tn in ((torch.float16, 'fp16'), (torch.bfloat16, 'bf16')):
+        for layout in ('nchw', 'cl'):
+            mixed = [s for s in tb.GPU_BUILD_SPECS if s[1].get('x_ptr') == '*fp32'
+                     and s[1].get('w1_ptr') == '*' + tn and (s[2].get('sxt') == 1) == (
+                         layout == 'nchw')]
+            assert mixed and all(s[2]['SPLIT'] and s[1]['dx_ptr' if 'dx_ptr' in s[1] else
+                                                        'x_ptr'] == '*fp32' for s in mixed)
+            assert {s[0] for s in mixed} == {tb._mlp_dx_kernel, tb._mlp_weight_grad_kernel,
+                                             tb._mlp_hidden_kernel, tb._mlp_dz_chunk_kernel}
+            assert len(mixed) == len([s for s in tb.GPU_BUILD_SPECS
+                                      if s[1].get('x_ptr') == '*' + tn
+                                      and s[0] is not tb._input_grad_kernel
+                                      and (s[2].get('sxt') == 1) == (layout == 'nchw')])
     for fn, sig, const, desc, options in tb.GPU_BUILD_SPECS:
         assert set(options) <= {'num_warps', 'num_stages'}
         assert list(sig) == fn.arg_names

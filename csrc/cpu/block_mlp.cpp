@@ -52,7 +52,8 @@ namespace {
 
 // ---------------------------------------------------------------------------
 // Storage types. S = the activation / weight dtype; acc_t<S> = the arithmetic
-// and GEMM-output type (fp32 for fp32 and bf16, fp64 for fp64).
+// and GEMM-output type (fp32 for fp32 and bf16, fp64 for fp64). One mixed
+// pair besides: fp32 activations with bf16 weights (mixed_precision below).
 // ---------------------------------------------------------------------------
 template <typename S>
 using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
@@ -85,6 +86,16 @@ RIFORMER_INLINE c10::BFloat16 from_acc<c10::BFloat16>(float v) {
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   const uint16_t bits = (v != v) ? uint16_t(0x7FC0) : uint16_t(rounded);
   return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
+
+// v in type D: the same value where D is v's type, else rounded through the
+// accumulation type (fp32 -> bf16 for the mixed instantiation's g tiles).
+template <typename D, typename S>
+RIFORMER_INLINE D convert_to(S v) {
+  if constexpr (std::is_same_v<D, S>)
+    return v;
+  else
+    return from_acc<D>(to_acc(v));
 }
 
 // Independent accumulator lanes for row sums (reductions.h).
@@ -313,15 +324,30 @@ at::Tensor coeff(const at::Tensor& t, int64_t N, int64_t C, at::ScalarType acc, 
   return t.to(acc).contiguous();
 }
 
-// A (Hd, C[, 1, 1]) weight as a contiguous matrix in x's dtype.
-at::Tensor weight(const at::Tensor& w, int64_t rows, int64_t cols, at::ScalarType st,
+// A (Hd, C[, 1, 1]) weight as a contiguous matrix in the GEMM dtype `gt`.
+at::Tensor weight(const at::Tensor& w, int64_t rows, int64_t cols, at::ScalarType gt,
                   const char* name, const char* op) {
   TORCH_CHECK(w.numel() == rows * cols && w.size(0) == rows, "riformer::", op, ": ", name,
               " must have shape (", rows, ", ", cols, ", 1, 1), got ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == st, "riformer::", op, ": ", name, " has dtype ",
-              w.scalar_type(), ", expected the input's ", st);
+  TORCH_CHECK(w.scalar_type() == gt, "riformer::", op, ": ", name, " has dtype ",
+              w.scalar_type(), ", expected w1's ", gt);
   return w.contiguous().reshape({rows, cols});
 }
+
+// The GEMM-operand dtype of a call: the weights' (w1's). Either the input's
+// own dtype, or bfloat16 with a float32 input: the mixed-precision mode that
+// autocast runs (x, out, g, dz, dx in fp32, the GEMM operands z, h, dO, du
+// and the weights in bf16, fp32 accumulation), so the residual stream keeps
+// fp32 as the reference under autocast does.
+at::ScalarType gemm_type(const at::Tensor& x, const at::Tensor& w1, const char* op) {
+  const auto st = x.scalar_type(), gt = w1.scalar_type();
+  TORCH_CHECK(gt == st || (st == at::kFloat && gt == at::kBFloat16), "riformer::", op,
+              ": w1 has dtype ", gt, "; expected the input's ", st,
+              " (or bfloat16 with a float32 input: mixed precision)");
+  return gt;
+}
+
+bool mixed_precision(at::ScalarType st, at::ScalarType gt) { return st != gt; }
 
 at::Tensor vec(const at::Tensor& v, int64_t n, at::ScalarType acc, const char* name,
                const char* op) {
@@ -352,6 +378,7 @@ struct ForwardArgs {
   at::Tensor x, A, B, a, b, w1, b1, w2, b2, l2;
   at::Tensor w1t, w2t;  // [C, Hd] and [Hd, C] copies, made where a route needs them
   bool channels_last;
+  at::ScalarType gemm;  // the GEMM operands' dtype (w1's): x's, or bf16 with fp32 x
   int64_t N, C, T, Hd;
 };
 
@@ -420,7 +447,8 @@ ForwardArgs forward_args(const at::Tensor& x, const at::Tensor& A, const at::Ten
   ForwardArgs f;
   f.channels_last = is_channels_last(x, op);
   check_block_dtype(x.scalar_type(), op);
-  check_blas(x.scalar_type());
+  f.gemm = gemm_type(x, w1, op);
+  check_blas(f.gemm);
   f.x = x;
   f.N = x.size(0);
   f.C = x.size(1);
@@ -434,8 +462,8 @@ ForwardArgs forward_args(const at::Tensor& x, const at::Tensor& A, const at::Ten
   f.a = coeff(a, f.N, f.C, acc, "a", op);
   f.b = coeff(b, f.N, f.C, acc, "b", op);
   f.l2 = coeff(l2, f.N, f.C, acc, "l2", op);
-  f.w1 = weight(w1, f.Hd, f.C, st, "w1", op);
-  f.w2 = weight(w2, f.C, f.Hd, st, "w2", op);
+  f.w1 = weight(w1, f.Hd, f.C, f.gemm, "w1", op);
+  f.w2 = weight(w2, f.C, f.Hd, f.gemm, "w2", op);
   TORCH_CHECK(w2.size(0) == f.C, "riformer::", op, ": w2 must have ", f.C, " rows");
   f.b1 = vec(b1, f.Hd, acc, "b1", op);
   f.b2 = vec(b2, f.C, acc, "b2", op);
@@ -447,7 +475,7 @@ ForwardArgs forward_args(const at::Tensor& x, const at::Tensor& A, const at::Ten
 // (tile_gemm): at C=512 the two copies cost ~4% of a training step. `w2t_always`:
 // the NCHW backward's weight2_grad_t reads W2^T elementwise, on any route.
 void add_transposed_weights(ForwardArgs& f, bool w2t_always) {
-  const bool copies = f.x.scalar_type() == at::kFloat && blas::brgemm_f32_usable();
+  const bool copies = f.gemm == at::kFloat && blas::brgemm_f32_usable();
   if (copies) f.w1t = f.w1.t().contiguous();
   if (copies || w2t_always) f.w2t = f.w2.t().contiguous();
 }
@@ -461,13 +489,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_forward_common(
   at::Tensor out = at::empty(f.x.sizes(), f.x.options().memory_format(fmt));
   at::Tensor mean = at::empty({emit_moments ? f.N : 0, f.C}, f.x.options().dtype(acc));
   at::Tensor var = at::empty({emit_moments ? f.N : 0, f.C}, f.x.options().dtype(acc));
+  // u is a GEMM-side tensor: saved in the GEMM dtype (bf16 in the mixed mode).
   at::Tensor u = at::empty({save_u ? f.N : 0, f.Hd, f.x.size(2), f.x.size(3)},
-                           f.x.options().memory_format(fmt));
+                           f.x.options().dtype(f.gemm).memory_format(fmt));
   poison(out);
   poison(mean);
   poison(var);
   poison(u);
   if (f.N * f.C == 0) return {out, mean, var, u};
+  if (mixed_precision(st, f.gemm)) {
+    RIFORMER_ISA_CALL(mlp_forward_kernel_f32_bf16, f, out, emit_moments, mean, var,
+                      save_u ? &u : nullptr);
+    return {out, mean, var, u};
+  }
   RIFORMER_DISPATCH_BLOCK_TYPES(st, "riformer_mlp_forward_cpu", [&] {
     RIFORMER_ISA_CALL(mlp_forward_kernel<scalar_t>, f, out, emit_moments, mean, var,
                       save_u ? &u : nullptr);
@@ -511,8 +545,8 @@ mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
                     u_saved->size(2) == x.size(2) && u_saved->size(3) == x.size(3),
                 "riformer::mlp_backward: u_saved must have shape (N, 4C, H, W) = (", f.N, ", ",
                 f.Hd, ", ", x.size(2), ", ", x.size(3), "), got ", u_saved->sizes());
-    TORCH_CHECK(u_saved->scalar_type() == st, "riformer::mlp_backward: u_saved has dtype ",
-                u_saved->scalar_type(), ", expected ", st);
+    TORCH_CHECK(u_saved->scalar_type() == f.gemm, "riformer::mlp_backward: u_saved has dtype ",
+                u_saved->scalar_type(), ", expected w1's ", f.gemm);
     TORCH_CHECK(u_saved->is_contiguous(format_of(f.channels_last)),
                 "riformer::mlp_backward: u_saved must have x's memory format");
     us = &*u_saved;
@@ -527,6 +561,11 @@ mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
   for (at::Tensor* t : {&dz, &dw1, &db1, &dw2, &db2, &sums}) poison(*t);
   if (f.N * f.C == 0) {
     for (at::Tensor* t : {&dw1, &db1, &dw2, &db2, &sums}) t->zero_();
+    return {dz, dw1, db1, dw2, db2, sums};
+  }
+  if (mixed_precision(st, f.gemm)) {
+    RIFORMER_ISA_CALL(mlp_backward_kernel_f32_bf16, f, grad_out, m, us, dz, dw1, db1, dw2, db2,
+                      sums);
     return {dz, dw1, db1, dw2, db2, sums};
   }
   RIFORMER_DISPATCH_BLOCK_TYPES(st, "riformer_mlp_backward_cpu", [&] {

@@ -15,27 +15,29 @@
 // coefficient is per row; "cols": token-major tile, per column.
 // ---------------------------------------------------------------------------
 
-// z = A x + B for a channel-major tile: rows c, x row stride ldx.
-template <typename S>
-void prologue_rows(const S* __restrict x, int64_t ldx,
+// z = A x + B for a channel-major tile: rows c, x row stride ldx. IO: the
+// activations' type (x, out, g, dz), S the GEMM operands' (z, h, weights):
+// the same but for the mixed-precision instantiation (fp32 IO, bf16 GEMMs).
+template <typename S, typename IO = S>
+void prologue_rows(const IO* __restrict x, int64_t ldx,
                                        const acc_t<S>* __restrict A,
                                        const acc_t<S>* __restrict B, int64_t rows,
                                        int64_t L, S* __restrict z, int64_t ldz) {
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t<S> ar = A[r], br = B[r];
-    const S* __restrict xr = x + r * ldx;
+    const IO* __restrict xr = x + r * ldx;
     S* __restrict zr = z + r * ldz;
     for (int64_t j = 0; j < L; ++j) zr[j] = from_acc<S>(block_z(ar, br, to_acc(xr[j])));
   }
 }
 
 // z = A x + B for a token-major tile: L rows of C contiguous channels.
-template <typename S>
-void prologue_cols(const S* __restrict x, const acc_t<S>* __restrict A,
+template <typename S, typename IO = S>
+void prologue_cols(const IO* __restrict x, const acc_t<S>* __restrict A,
                                        const acc_t<S>* __restrict B, int64_t L, int64_t C,
                                        S* __restrict z) {
   for (int64_t j = 0; j < L; ++j) {
-    const S* __restrict xr = x + j * C;
+    const IO* __restrict xr = x + j * C;
     S* __restrict zr = z + j * C;
     for (int64_t c = 0; c < C; ++c) zr[c] = from_acc<S>(block_z(A[c], B[c], to_acc(xr[c])));
   }
@@ -98,37 +100,37 @@ void gelu_cols(acc_t<S>* __restrict u, const acc_t<S>* __restrict b1,
 // Epilogue of a channel-major tile: out = a x + b + l2 (acc + b2), rounded to
 // S; `acc` is overwritten with the rounded values (the moments below are of
 // exactly what was stored, i.e. what the next block will read).
-template <typename S>
-void epilogue_rows(const S* __restrict x, int64_t ld, const acc_t<S>* a,
+template <typename S, typename IO = S>
+void epilogue_rows(const IO* __restrict x, int64_t ld, const acc_t<S>* a,
                                        const acc_t<S>* b, const acc_t<S>* l2,
                                        const acc_t<S>* b2, int64_t rows, int64_t L,
                                        acc_t<S>* __restrict acc, int64_t ldacc,
-                                       S* __restrict out) {
+                                       IO* __restrict out) {
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t<S> ar = a[r], br = b[r], lr = l2[r], b2r = b2[r];
-    const S* __restrict xr = x + r * ld;
-    S* __restrict outr = out + r * ld;
+    const IO* __restrict xr = x + r * ld;
+    IO* __restrict outr = out + r * ld;
     acc_t<S>* __restrict accr = acc + r * ldacc;
     for (int64_t j = 0; j < L; ++j) {
-      const S v = from_acc<S>(block_out(ar, br, lr, b2r, to_acc(xr[j]), accr[j]));
+      const IO v = from_acc<IO>(block_out(ar, br, lr, b2r, to_acc(xr[j]), accr[j]));
       outr[j] = v;
       accr[j] = to_acc(v);
     }
   }
 }
 
-template <typename S>
-void epilogue_cols(const S* __restrict x, const acc_t<S>* __restrict a,
+template <typename S, typename IO = S>
+void epilogue_cols(const IO* __restrict x, const acc_t<S>* __restrict a,
                                        const acc_t<S>* __restrict b,
                                        const acc_t<S>* __restrict l2,
                                        const acc_t<S>* __restrict b2, int64_t L, int64_t C,
-                                       acc_t<S>* __restrict acc, S* __restrict out) {
+                                       acc_t<S>* __restrict acc, IO* __restrict out) {
   for (int64_t j = 0; j < L; ++j) {
-    const S* __restrict xr = x + j * C;
-    S* __restrict outr = out + j * C;
+    const IO* __restrict xr = x + j * C;
+    IO* __restrict outr = out + j * C;
     acc_t<S>* __restrict accr = acc + j * C;
     for (int64_t c = 0; c < C; ++c) {
-      const S v = from_acc<S>(block_out(a[c], b[c], l2[c], b2[c], to_acc(xr[c]), accr[c]));
+      const IO v = from_acc<IO>(block_out(a[c], b[c], l2[c], b2[c], to_acc(xr[c]), accr[c]));
       outr[c] = v;
       accr[c] = to_acc(v);
     }
@@ -210,68 +212,90 @@ void gelu_grad_from_saved(const S* __restrict u, int64_t ldu, int64_t rows,
   }
 }
 
-// dO = l2 g for a channel-major tile (g row stride ldg) ...
-template <typename S>
-void scale_rows(const S* __restrict g, int64_t ldg,
+// v rounded to S, and with kLo the rounding's remainder v - hi rounded to S
+// as well: a two-term (hi + lo) operand whose two GEMMs give the product to
+// ~2^-16 relative in bf16 (see kCompensate in mlp_backward_kernel).
+template <typename S, bool kLo>
+RIFORMER_INLINE void store_split(acc_t<S> v, S& hi, S* lo) {
+  const S h = from_acc<S>(v);
+  hi = h;
+  if constexpr (kLo) *lo = from_acc<S>(v - to_acc(h));
+}
+
+// dO = l2 g for a channel-major tile (g row stride ldg) (kLo: also its
+// remainder into lo, same layout) ...
+template <typename S, typename IO = S, bool kLo = false>
+void scale_rows(const IO* __restrict g, int64_t ldg,
                                     const acc_t<S>* __restrict l2, int64_t rows, int64_t L,
-                                    S* __restrict out, int64_t ldo) {
+                                    S* __restrict out, int64_t ldo, S* __restrict lo = nullptr) {
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t<S> lr = l2[r];
-    const S* __restrict gr = g + r * ldg;
+    const IO* __restrict gr = g + r * ldg;
     S* __restrict o = out + r * ldo;
-    for (int64_t j = 0; j < L; ++j) o[j] = from_acc<S>(lr * to_acc(gr[j]));
+    S* __restrict ol = kLo ? lo + r * ldo : nullptr;
+    for (int64_t j = 0; j < L; ++j) store_split<S, kLo>(lr * to_acc(gr[j]), o[j], ol + j);
   }
 }
 
 // ... and for a token-major one.
-template <typename S>
-void scale_cols(const S* __restrict g, const acc_t<S>* __restrict l2,
-                                    int64_t L, int64_t C, S* __restrict out) {
+template <typename S, typename IO = S, bool kLo = false>
+void scale_cols(const IO* __restrict g, const acc_t<S>* __restrict l2,
+                                    int64_t L, int64_t C, S* __restrict out,
+                                    S* __restrict lo = nullptr) {
   for (int64_t j = 0; j < L; ++j)
     for (int64_t c = 0; c < C; ++c)
-      out[j * C + c] = from_acc<S>(l2[c] * to_acc(g[j * C + c]));
+      store_split<S, kLo>(l2[c] * to_acc(g[j * C + c]), out[j * C + c],
+                          kLo ? lo + j * C + c : nullptr);
 }
 
 // du = dh * GELU'(u) over a channel-major tile, db1 += row sums of du.
-// du may alias dh (fp32: computed in place).
-template <typename S>
+// du may alias dh (fp32: computed in place). kLo (bf16 only): also du's
+// rounding remainder into lo (same layout as du), see store_split.
+template <typename S, bool kLo = false>
 void hidden_grad_rows(acc_t<S>* __restrict dh, const acc_t<S>* __restrict d,
                                           int64_t rows, int64_t L, S* __restrict du,
-                                          acc_t<S>* __restrict db1) {
+                                          acc_t<S>* __restrict db1, S* __restrict lo = nullptr) {
   using A = acc_t<S>;
+  static_assert(!kLo || !kSameType<S>, "a remainder only where du is rounded");
   for (int64_t r = 0; r < rows; ++r) {
     A* __restrict dhr = dh + r * L;
     const A* __restrict dr = d + r * L;
     S* __restrict dur = kSameType<S> ? reinterpret_cast<S*>(dhr) : du + r * L;
+    S* __restrict lor = kLo ? lo + r * L : nullptr;
     A lane[kLanes] = {};
     int64_t i = 0;
     for (; i + kLanes <= L; i += kLanes)
       for (int64_t q = 0; q < kLanes; ++q) {
         const A v = dhr[i + q] * dr[i + q];
-        if constexpr (kSameType<S>) dhr[i + q] = v; else dur[i + q] = from_acc<S>(v);
+        if constexpr (kSameType<S>) dhr[i + q] = v;
+        else store_split<S, kLo>(v, dur[i + q], lor + i + q);
         lane[q] += v;
       }
     for (; i < L; ++i) {
       const A v = dhr[i] * dr[i];
-      if constexpr (kSameType<S>) dhr[i] = v; else dur[i] = from_acc<S>(v);
+      if constexpr (kSameType<S>) dhr[i] = v;
+      else store_split<S, kLo>(v, dur[i], lor + i);
       lane[i % kLanes] += v;
     }
     db1[r] += sum_lanes(lane);
   }
 }
 
-template <typename S>
+template <typename S, bool kLo = false>
 void hidden_grad_cols(acc_t<S>* __restrict dh, const acc_t<S>* __restrict d,
                                           int64_t L, int64_t Hd, S* __restrict du,
-                                          acc_t<S>* __restrict db1) {
+                                          acc_t<S>* __restrict db1, S* __restrict lo = nullptr) {
   using A = acc_t<S>;
+  static_assert(!kLo || !kSameType<S>, "a remainder only where du is rounded");
   for (int64_t j = 0; j < L; ++j) {
     A* __restrict dhr = dh + j * Hd;
     const A* __restrict dr = d + j * Hd;
     S* __restrict dur = kSameType<S> ? reinterpret_cast<S*>(dhr) : du + j * Hd;
+    S* __restrict lor = kLo ? lo + j * Hd : nullptr;
     for (int64_t c = 0; c < Hd; ++c) {
       const A v = dhr[c] * dr[c];
-      if constexpr (kSameType<S>) dhr[c] = v; else dur[c] = from_acc<S>(v);
+      if constexpr (kSameType<S>) dhr[c] = v;
+      else store_split<S, kLo>(v, dur[c], lor + c);
       db1[c] += v;
     }
   }
@@ -280,18 +304,18 @@ void hidden_grad_cols(acc_t<S>* __restrict dh, const acc_t<S>* __restrict d,
 // Per-channel sums of a channel-major tile: sums[0..3][c] = sum_t g,
 // g (x - m), dz, dz (x - m); also stores dz (acc buffer, dense) to its
 // tensor (row stride ld).
-template <typename S>
-void tile_sums_rows(const S* __restrict g, const S* __restrict x,
+template <typename S, typename IO = S>
+void tile_sums_rows(const IO* __restrict g, const IO* __restrict x,
                                         const acc_t<S>* __restrict dzacc, int64_t ld,
                                         int64_t ldacc, const acc_t<S>* __restrict mean,
-                                        int64_t rows, int64_t L, S* __restrict dz,
+                                        int64_t rows, int64_t L, IO* __restrict dz,
                                         acc_t<S>* __restrict sums) {
   using A = acc_t<S>;
   for (int64_t r = 0; r < rows; ++r) {
-    const S* __restrict gr = g + r * ld;
-    const S* __restrict xr = x + r * ld;
+    const IO* __restrict gr = g + r * ld;
+    const IO* __restrict xr = x + r * ld;
     const A* __restrict zr = dzacc + r * ldacc;
-    S* __restrict dzr = dz + r * ld;
+    IO* __restrict dzr = dz + r * ld;
     const A m = mean[r];
     A sg[kLanes] = {}, sgx[kLanes] = {}, sd[kLanes] = {}, sdx[kLanes] = {};
     int64_t i = 0;
@@ -299,7 +323,7 @@ void tile_sums_rows(const S* __restrict g, const S* __restrict x,
       for (int64_t q = 0; q < kLanes; ++q) {
         const A gv = to_acc(gr[i + q]);
         const A xc = to_acc(xr[i + q]) - m;
-        const S dzs = from_acc<S>(zr[i + q]);
+        const IO dzs = from_acc<IO>(zr[i + q]);
         const A dv = to_acc(dzs);
         dzr[i + q] = dzs;
         sg[q] += gv;
@@ -310,7 +334,7 @@ void tile_sums_rows(const S* __restrict g, const S* __restrict x,
     for (; i < L; ++i) {
       const A gv = to_acc(gr[i]);
       const A xc = to_acc(xr[i]) - m;
-      const S dzs = from_acc<S>(zr[i]);
+      const IO dzs = from_acc<IO>(zr[i]);
       const A dv = to_acc(dzs);
       dzr[i] = dzs;
       const int64_t q = i % kLanes;
@@ -326,11 +350,11 @@ void tile_sums_rows(const S* __restrict g, const S* __restrict x,
   }
 }
 
-template <typename S>
-void tile_sums_cols(const S* __restrict g, const S* __restrict x,
+template <typename S, typename IO = S>
+void tile_sums_cols(const IO* __restrict g, const IO* __restrict x,
                                         const acc_t<S>* __restrict dzacc,
                                         const acc_t<S>* __restrict mean, int64_t L, int64_t C,
-                                        S* __restrict dz, acc_t<S>* __restrict sums) {
+                                        IO* __restrict dz, acc_t<S>* __restrict sums) {
   using A = acc_t<S>;
   A* __restrict sg = sums;
   A* __restrict sgx = sums + C;
@@ -342,7 +366,7 @@ void tile_sums_cols(const S* __restrict g, const S* __restrict x,
       const int64_t e = j * C + c;
       const A gv = to_acc(g[e]);
       const A xc = to_acc(x[e]) - mean[c];
-      const S dzs = from_acc<S>(dzacc[e]);
+      const IO dzs = from_acc<IO>(dzacc[e]);
       const A dv = to_acc(dzs);
       dz[e] = dzs;
       sg[c] += gv;
@@ -384,29 +408,30 @@ void weight2_grad(const acc_t<S>* __restrict gh, const S* __restrict w2,
 
 // dst[c, r] = src[r, c] for a [rows, cols] block (row strides lds, ldd): the
 // GEMMs take no transposed operands, so the kernels transpose the small ones
-// (z and g tiles, C x L values) rather than the 4C x L hidden tiles.
-template <typename S>
+// (z and g tiles, C x L values) rather than the 4C x L hidden tiles. D: the
+// destination type (the mixed instantiation transposes fp32 g into bf16).
+template <typename S, typename D = S>
 void transpose_block(const S* __restrict src, int64_t lds, int64_t rows, int64_t cols,
-                     S* __restrict dst, int64_t ldd) {
+                     D* __restrict dst, int64_t ldd) {
   constexpr int64_t kB = 16;
   for (int64_t r0 = 0; r0 < rows; r0 += kB)
     for (int64_t c0 = 0; c0 < cols; c0 += kB) {
       const int64_t r1 = std::min(rows, r0 + kB), c1 = std::min(cols, c0 + kB);
       for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
+        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = convert_to<D>(src[r * lds + c]);
     }
 }
 
 // sum_t g (o + b2) per channel of a channel-major segment (o = W2 h before
 // its bias, row stride ldo; g row stride ldg) ...
-template <typename S>
-void sum_g_o_rows(const S* __restrict g, int64_t ldg,
+template <typename S, typename IO = S>
+void sum_g_o_rows(const IO* __restrict g, int64_t ldg,
                                       const acc_t<S>* __restrict o, int64_t ldo,
                                       const acc_t<S>* __restrict b2, int64_t rows, int64_t L,
                                       acc_t<S>* __restrict sgo) {
   using A = acc_t<S>;
   for (int64_t r = 0; r < rows; ++r) {
-    const S* __restrict gr = g + r * ldg;
+    const IO* __restrict gr = g + r * ldg;
     const A* __restrict orow = o + r * ldo;
     const A br = b2[r];
     A lane[kLanes] = {};
@@ -419,8 +444,8 @@ void sum_g_o_rows(const S* __restrict g, int64_t ldg,
 }
 
 // ... and of a token-major one ([L, C], both row stride C).
-template <typename S>
-void sum_g_o_cols(const S* __restrict g, const acc_t<S>* __restrict o,
+template <typename S, typename IO = S>
+void sum_g_o_cols(const IO* __restrict g, const acc_t<S>* __restrict o,
                                       const acc_t<S>* __restrict b2, int64_t L, int64_t C,
                                       acc_t<S>* __restrict sgo) {
   for (int64_t c = 0; c < C; ++c) sgo[c] = 0;
@@ -496,19 +521,21 @@ void input_grad_cols(const S* __restrict g, const S* __restrict dz,
 // ---------------------------------------------------------------------------
 // Wm [M, K] or its transposed copy WmT [K, M] may be null (add_transposed_weights
 // makes copies only for brgemm); the GEMM then reads the other one transposed.
+// accumulate: Y += the product instead of Y = it.
 template <typename S, typename Acc>
 void tile_gemm(bool cl, int64_t L, int64_t M, int64_t K, const S* Wm, const S* WmT,
-               const S* X, Acc* Y) {
+               const S* X, Acc* Y, bool accumulate = false) {
+  const Acc beta = accumulate ? Acc(1) : Acc(0);
   if (!cl) {
     if (Wm != nullptr)
-      blas::gemm_nn(M, L, K, Wm, K, X, L, Y, L, false);
+      blas::gemm_nn(M, L, K, Wm, K, X, L, Y, L, accumulate);
     else
-      blas::gemm(true, false, M, L, K, Acc(1), WmT, M, X, L, Acc(0), Y, L);
+      blas::gemm(true, false, M, L, K, Acc(1), WmT, M, X, L, beta, Y, L);
   } else {
     if (WmT != nullptr)
-      blas::gemm_nn(L, M, K, X, K, WmT, M, Y, M, false);
+      blas::gemm_nn(L, M, K, X, K, WmT, M, Y, M, accumulate);
     else
-      blas::gemm(false, true, L, M, K, Acc(1), X, K, Wm, K, Acc(0), Y, M);
+      blas::gemm(false, true, L, M, K, Acc(1), X, K, Wm, K, beta, Y, M);
   }
 }
 
@@ -536,7 +563,7 @@ void tile_transpose(bool cl, int64_t L, int64_t rows, const S* src, S* dst) {
 }
 
 
-template <typename S>
+template <typename S, typename IO = S>
 void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments,
                         at::Tensor& out_mean, at::Tensor& out_var, at::Tensor* u_out) {
   using Acc = acc_t<S>;
@@ -549,8 +576,8 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
                   whole_batch_tokens<S>());
   const int64_t K = tiling.per_sample, W = tiling.width();
 
-  const S* X = f.x.const_data_ptr<S>();
-  S* OUT = out.mutable_data_ptr<S>();
+  const IO* X = f.x.const_data_ptr<IO>();
+  IO* OUT = out.mutable_data_ptr<IO>();
   S* UOUT = u_out ? u_out->mutable_data_ptr<S>() : nullptr;
   const Acc *cA = f.A.const_data_ptr<Acc>(), *cB = f.B.const_data_ptr<Acc>();
   const Acc *ca = f.a.const_data_ptr<Acc>(), *cb = f.b.const_data_ptr<Acc>();
@@ -579,9 +606,10 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
       tiling.for_each_segment_parallel(task, inline_tile, [&](int64_t n, int64_t, int64_t t0,
                                                               int64_t len, int64_t col) {
         if (!cl)
-          prologue_rows<S>(X + n * C * T + t0, T, cA + n * C, cB + n * C, C, len, Z + col, L);
+          prologue_rows<S, IO>(X + n * C * T + t0, T, cA + n * C, cB + n * C, C, len, Z + col,
+                               L);
         else
-          prologue_cols<S>(X + (n * T + t0) * C, cA + n * C, cB + n * C, len, C, Z + col * C);
+          prologue_cols<S, IO>(X + (n * T + t0) * C, cA + n * C, cB + n * C, len, C, Z + col * C);
       });
       tile_gemm<S>(cl, L, Hd, C, W1, W1T, Z, U);  // u = W1 z
       if (!cl) {
@@ -620,12 +648,12 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
         Acc* pm2n = emit_moments ? pm2.data() + (n * K + k) * C : nullptr;
         if (!cl) {
           const int64_t off = n * C * T + t0;
-          epilogue_rows<S>(X + off, T, ca + nc, cb + nc, cl2 + nc, B2, C, len, O + col, L,
+          epilogue_rows<S, IO>(X + off, T, ca + nc, cb + nc, cl2 + nc, B2, C, len, O + col, L,
                            OUT + off);
           if (emit_moments) row_moments<Acc>(O + col, L, C, len, pmn, pm2n);
         } else {
           const int64_t off = (n * T + t0) * C;
-          epilogue_cols<S>(X + off, ca + nc, cb + nc, cl2 + nc, B2, len, C, O + col * C,
+          epilogue_cols<S, IO>(X + off, ca + nc, cb + nc, cl2 + nc, B2, len, C, O + col * C,
                            OUT + off);
           if (emit_moments) col_moments<Acc>(O + col * C, len, C, moment_scratch, pmn, pm2n);
         }
@@ -649,7 +677,7 @@ void mlp_forward_kernel(const ForwardArgs& f, at::Tensor& out, bool emit_moments
 }
 
 
-template <typename S>
+template <typename S, typename IO = S>
 void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Tensor& mean_t,
                          const at::Tensor* u_saved, at::Tensor& dz, at::Tensor& dw1,
                          at::Tensor& db1, at::Tensor& dw2, at::Tensor& db2, at::Tensor& sums) {
@@ -671,14 +699,26 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
   // 1 thread: C512@7x7 backward 33 -> 29 ms; C320@14x14 39 vs 43 ms the
   // other way).
   const bool weight2_by_gemm = T < kWeight2GemmBelowTokens;
+  // The mixed-precision mode (fp32 activations, bf16 GEMMs: autocast) runs the
+  // two GEMMs on the way from g to dz -- dh = W2^T dO and dz = W1^T du -- on
+  // two-term operands, dO = hi + lo and du = hi + lo, each term bf16 (two GEMMs
+  // each, fp32 accumulation): the products then carry ~2^-16 relative error
+  // instead of bf16's 2^-8 in dO and du. Those two roundings dominate the
+  // error of dz's per-(n, c) sums, and so of the O(C) gradients (norm, mixer,
+  // layer scales), which come from sums with heavy cancellation: measured
+  // (C=32, 40 draws per form, fp32 input) the worst draw's error there was
+  // 2.4x the reference's under autocast with single bf16 operands (median
+  // 0.86x), 1.64x with the two terms (every quantity <= 1.76x).
+  // The other GEMMs (u, dW1, dW2, o / G H^T) keep single bf16 operands.
+  constexpr bool kCompensate = !std::is_same_v<S, IO>;
   const int64_t group_bytes = (2 * Hd * C + Hd) * int64_t(sizeof(Acc));
   const int64_t groups = std::max<int64_t>(
       1, std::min({tasks, kMaxGroups, kGroupBudgetBytes / std::max<int64_t>(group_bytes, 1)}));
 
-  const S* X = f.x.const_data_ptr<S>();
-  const S* G = g.const_data_ptr<S>();
+  const IO* X = f.x.const_data_ptr<IO>();
+  const IO* G = g.const_data_ptr<IO>();
   const S* US = u_saved ? u_saved->const_data_ptr<S>() : nullptr;
-  S* DZ = dz.mutable_data_ptr<S>();
+  IO* DZ = dz.mutable_data_ptr<IO>();
   const Acc *cA = f.A.const_data_ptr<Acc>(), *cB = f.B.const_data_ptr<Acc>();
   const Acc* cl2 = f.l2.const_data_ptr<Acc>();
   const Acc* MEAN = mean_t.const_data_ptr<Acc>();
@@ -706,7 +746,8 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
     S* ZT = Z + C * W;      // z transposed (the dW1 GEMM's operand)
     S* GT = ZT + C * W;     // a segment of g transposed (the G H^T GEMM's operand)
     S* DOT = GT + C * W;    // dO transposed (weight2_by_gemm)
-    S* DO = thread_scratch<S>(1, C * W);
+    S* DO = thread_scratch<S>(1, (kCompensate ? 2 : 1) * C * W);
+    S* DOL = kCompensate ? DO + C * W : nullptr;  // dO's remainder (kCompensate)
     Acc* U = thread_scratch<Acc>(2, Hd * W);  // u, then GELU'(u)
     Acc* DH = thread_scratch<Acc>(3, Hd * W);
     Acc* GH = thread_scratch<Acc>(4, C * Hd);
@@ -714,6 +755,7 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
     Acc* O = DZT + C * W;   // W2 h without bias (weight2_by_gemm)
     S* Hh = thread_scratch<S>(6, Hd * W);
     S* DU = kSameType<S> ? reinterpret_cast<S*>(DH) : thread_scratch<S>(7, Hd * W);
+    S* DUL = kCompensate ? thread_scratch<S>(12, Hd * W) : nullptr;  // du's remainder
     // One group on the calling thread: its elementwise passes are split over the threads.
     const bool inline_tile = groups == 1;
     for (int64_t grp = gbegin; grp < gend; ++grp) {
@@ -735,15 +777,17 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
           const int64_t nc = n * C;
           if (!cl) {
             const int64_t off = n * C * T + t0;
-            prologue_rows<S>(X + off, T, cA + nc, cB + nc, C, len, Z + col, L);
-            scale_rows<S>(G + off, T, cl2 + nc, C, len, DO + col, L);
+            prologue_rows<S, IO>(X + off, T, cA + nc, cB + nc, C, len, Z + col, L);
+            scale_rows<S, IO, kCompensate>(G + off, T, cl2 + nc, C, len, DO + col, L,
+                                           kCompensate ? DOL + col : nullptr);
             if (US) {
               gelu_grad_from_saved<S>(US + n * Hd * T + t0, T, Hd, len, Hh + col, U + col, L);
             }
           } else {
             const int64_t off = (n * T + t0) * C;
-            prologue_cols<S>(X + off, cA + nc, cB + nc, len, C, Z + col * C);
-            scale_cols<S>(G + off, cl2 + nc, len, C, DO + col * C);
+            prologue_cols<S, IO>(X + off, cA + nc, cB + nc, len, C, Z + col * C);
+            scale_cols<S, IO, kCompensate>(G + off, cl2 + nc, len, C, DO + col * C,
+                                           kCompensate ? DOL + col * C : nullptr);
             if (US) {
               gelu_grad_from_saved<S>(US + (n * T + t0) * Hd, Hd, len, Hd, Hh + col * Hd,
                                       U + col * Hd, Hd);
@@ -764,15 +808,19 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
           });
         }
         tile_gemm<S>(cl, L, Hd, C, W2T, W2, DO, DH);  // dh = W2^T dO
+        if constexpr (kCompensate) tile_gemm<S>(cl, L, Hd, C, W2T, W2, DOL, DH, true);
         if (!cl) {
           rows_maybe_parallel(inline_tile, Hd, [&](int64_t r0, int64_t r1) {
-            hidden_grad_rows<S>(DH + r0 * L, U + r0 * L, r1 - r0, L, DU + r0 * L, dB1 + r0);
+            hidden_grad_rows<S, kCompensate>(DH + r0 * L, U + r0 * L, r1 - r0, L, DU + r0 * L,
+                                             dB1 + r0, kCompensate ? DUL + r0 * L : nullptr);
           });
         } else {
-          hidden_grad_cols<S>(DH, U, L, Hd, DU, dB1);  // db1 sums over tokens: one pass
+          // db1 sums over tokens: one pass
+          hidden_grad_cols<S, kCompensate>(DH, U, L, Hd, DU, dB1, DUL);
         }
         tile_weight_grad<S>(cl, L, Hd, C, DU, ZT, dW1, accumulate);  // dW1 (+)= dU z^T
         tile_gemm<S>(cl, L, C, Hd, W1T, W1, DU, DZT);                // dz = W1^T dU
+        if constexpr (kCompensate) tile_gemm<S>(cl, L, C, Hd, W1T, W1, DUL, DZT, true);
         if (weight2_by_gemm) {
           tile_transpose<S>(cl, L, C, DO, DOT);
           tile_weight_grad<S>(cl, L, Hd, C, Hh, DOT, dW2, accumulate);  // dW2^T (+)= h dO^T
@@ -789,25 +837,25 @@ void mlp_backward_kernel(const ForwardArgs& f, const at::Tensor& g, const at::Te
           Acc* ts = tsum + (n * K + k) * 5 * C;
           if (!cl) {
             const int64_t off = n * C * T + t0;
-            tile_sums_rows<S>(G + off, X + off, DZT + col, T, L, MEAN + nc, C, len, DZ + off,
+            tile_sums_rows<S, IO>(G + off, X + off, DZT + col, T, L, MEAN + nc, C, len, DZ + off,
                               ts);
             if (weight2_by_gemm) {
-              sum_g_o_rows<S>(G + off, T, O + col, L, B2, C, len, ts + 4 * C);
+              sum_g_o_rows<S, IO>(G + off, T, O + col, L, B2, C, len, ts + 4 * C);
               return;
             }
             // GH^T[Hd, C] = H[Hd, len] G^T[len, C]
-            transpose_block<S>(G + off, T, C, len, GT, C);
+            transpose_block<IO, S>(G + off, T, C, len, GT, C);
             blas::gemm_nn(Hd, C, len, Hh + col, L, GT, C, GH, C, false);
             weight2_grad_t<S>(GH, W2T, cl2 + nc, B2, ts, C, Hd, dW2, ts + 4 * C);
           } else {
             const int64_t off = (n * T + t0) * C;
-            tile_sums_cols<S>(G + off, X + off, DZT + col * C, MEAN + nc, len, C, DZ + off, ts);
+            tile_sums_cols<S, IO>(G + off, X + off, DZT + col * C, MEAN + nc, len, C, DZ + off, ts);
             if (weight2_by_gemm) {
-              sum_g_o_cols<S>(G + off, O + col * C, B2, len, C, ts + 4 * C);
+              sum_g_o_cols<S, IO>(G + off, O + col * C, B2, len, C, ts + 4 * C);
               return;
             }
             // GH[C, Hd] = G^T[C, len] H[len, Hd]
-            transpose_block<S>(G + off, C, len, C, GT, len);
+            transpose_block<IO, S>(G + off, C, len, C, GT, len);
             blas::gemm_nn(C, Hd, len, GT, len, Hh + col * Hd, Hd, GH, Hd, false);
             weight2_grad<S>(GH, W2, cl2 + nc, B2, ts, C, Hd, dW2, ts + 4 * C);
           }
@@ -903,4 +951,22 @@ void input_grad_kernel(const at::Tensor& grad_out, const at::Tensor& dz, const a
       }
     });
   }
+}
+
+
+// The mixed-precision instantiations (fp32 activations x, out, g, dz; bf16
+// GEMM operands z, h, dO, du and weights, fp32 accumulation): what the
+// pipeline runs under autocast, so the residual stream stays fp32 as in the
+// reference under autocast. Named functions because RIFORMER_ISA_CALL's
+// argument list cannot hold a template argument list's comma.
+void mlp_forward_kernel_f32_bf16(const ForwardArgs& f, at::Tensor& out, bool emit_moments,
+                                 at::Tensor& out_mean, at::Tensor& out_var, at::Tensor* u_out) {
+  mlp_forward_kernel<c10::BFloat16, float>(f, out, emit_moments, out_mean, out_var, u_out);
+}
+
+void mlp_backward_kernel_f32_bf16(const ForwardArgs& f, const at::Tensor& g,
+                                  const at::Tensor& mean_t, const at::Tensor* u_saved,
+                                  at::Tensor& dz, at::Tensor& dw1, at::Tensor& db1,
+                                  at::Tensor& dw2, at::Tensor& db2, at::Tensor& sums) {
+  mlp_backward_kernel<c10::BFloat16, float>(f, g, mean_t, u_saved, dz, dw1, db1, dw2, db2, sums);
 }

@@ -12,7 +12,8 @@ Run by `riformer_kernels.pipeline` (statistics, fold, autograd, chaining live th
   phase 2: `riformer::input_grad` (dx = P g + Q dz + R (x - m) + S).
 
 Layouts: NCHW-contiguous and channels_last are read natively; any other strides are copied to
-NCHW first. dtypes: float32, bfloat16, float64.
+NCHW first. dtypes: float32, bfloat16, float64; and float32 activations with bfloat16 weights
+(the mixed-precision mode autocast runs: bf16 GEMM operands, fp32 residual stream).
 
 ISA levels (csrc/cpu/isa.h): the tile code is compiled for baseline x86-64, AVX2 (x86-64-v3) and
 AVX-512 (x86-64-v4); each kernel call runs the copy of min(what the CPU supports, the cap).
@@ -27,7 +28,7 @@ import torch
 
 from .. import _ext
 from ..dispatch import recompute_for
-from ..pipeline import KernelSet, Partials, Phase1, register_kernel_set
+from ..pipeline import KernelSet, Partials, Phase1, autocast_plan, register_kernel_set
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _OPS = ('moments', 'mlp_forward', 'mlp_forward_save_u', 'mlp_backward', 'input_grad')
@@ -197,6 +198,14 @@ def _is_training_call(block, x: torch.Tensor) -> bool:
 def _auto_declines(block, x: torch.Tensor) -> str | None:
     if not SLOWER_THAN_REFERENCE:
         return None
+    plan = autocast_plan(block, x)
+    if plan is not None and plan.mixed:
+        # The classes were measured for plain calls against the eager reference in the same
+        # dtype. A mixed-precision call (autocast) is another class: against the reference under
+        # autocast (bf16 convs, which this AVX2 CPU emulates) it measured 7-30x faster for a
+        # training step at S12 stage 1 and 3 shapes (docs/kernels.md, "Mixed precision"), so no
+        # class of it is declined.
+        return None
     mode = 'train' if _is_training_call(block, x) else 'forward'
     recompute = recompute_for(block)
     level = _active_level()
@@ -269,9 +278,10 @@ def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _like(x, channels=None):
+def _like(x, channels=None, dtype=None):
     shape = (x.shape[0], x.shape[1] if channels is None else channels, x.shape[2], x.shape[3])
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device,
+                       memory_format=_memory_format(x))
 
 
 def _stats(x, rows=None):
@@ -294,7 +304,8 @@ def _register_fakes():
     @torch.library.register_fake(lib + 'mlp_forward_save_u')
     def _(x, A, B, a, b, w1, b1, w2, b2, l2, emit_moments):
         rows = x.shape[0] if emit_moments else 0
-        return _like(x), _stats(x, rows), _stats(x, rows), _like(x, w1.shape[0])
+        # u is GEMM-side: in w1's dtype (bf16 with fp32 x in the mixed-precision mode)
+        return _like(x), _stats(x, rows), _stats(x, rows), _like(x, w1.shape[0], w1.dtype)
 
     @torch.library.register_fake(lib + 'mlp_backward')
     def _(grad_out, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
@@ -317,5 +328,8 @@ KERNELS = KernelSet(
     'cpu', availability=_availability, supports=_supports, prepare_input=_prepare_input,
     moments=_moments, merge=_merge, mlp_forward=_mlp_forward, output_span=lambda out: 0,
     backward_weights_and_sums=_backward_weights_and_sums, backward_dx=_backward_dx,
-    auto_declines=_auto_declines)
+    auto_declines=_auto_declines,
+    # csrc/cpu's mixed instantiation: fp32 activations around MKL's bf16 x bf16 -> fp32 GEMM
+    # (no fp16 GEMM route in the kernels, so CPU autocast in fp16 declines).
+    mixed_precision=(torch.bfloat16,))
 register_kernel_set(KERNELS)

@@ -115,5 +115,8 @@ KERNELS = KernelSet(
     'triton', availability=_availability, supports=_supports, prepare_input=_prepare_input,
     moments=_moments, merge=lambda m1, m2, tokens, span: tfw.merge_partials(m1, m2, tokens, span),
     mlp_forward=_mlp_forward, output_span=_output_span,
-    backward_weights_and_sums=_backward_weights_and_sums, backward_dx=_backward_dx)
+    backward_weights_and_sums=_backward_weights_and_sums, backward_dx=_backward_dx,
+    # fp32 x / out / g / dz / dx with half weights: the dot dtype is the weights' (forward.py
+    # `_dot_flags`, backward.py `_prepare`).
+    mixed_precision=(torch.float16, torch.bfloat16))
 register_kernel_set(KERNELS)

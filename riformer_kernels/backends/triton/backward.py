@@ -52,11 +52,24 @@ Other entry points: `mlp_backward` (phase 1 with dz itself; on the small path dz
 phase-2 kernel with (P, Q, R, S) = (0, 1, 0, 0)) and `input_grad` (`_input_grad_kernel`: phase 2
 alone from a given dz), for tests and callers that want the pieces.
 
-Interpreter (TRITON_INTERPRET=1, read at import): bf16 `tl.dot` is broken there, so dot operands
-are kept in fp32 (the interpreter's bf16 results are then slightly *more* accurate than a GPU's);
-fp32 -> bf16 casts truncate there, so stores (dz, dx and the large path's bf16 h/du scratch)
-round to nearest even by integer arithmetic instead: the interpreter rounds the scratch as a GPU
-does, and reads it back to fp32 dot operands.
+Mixed precision (what autocast runs; `riformer_kernels.pipeline.AutocastPlan`): x, g, dz and
+dx fp32 with w1/w2 in a half dtype. Every config and path follows the weights' dtype (the dots'),
+the activation pointers are fp32. The two GEMMs on the way from g to dz run on two-term operands
+(SPLIT): dh = W2^T (dO_hi + dO_lo) and dz = W1^T (du_hi + du_lo), each term in the half dtype
+(`backward_kernels._split`), so those products carry ~2^-16 relative error instead of the half
+dtype's rounding of dO and du, which dominated the error of the O(C) gradients (sums of dz with
+heavy cancellation; measured in the interpreter at C=32, fp32 input: one draw reached 2.07x the
+reference-under-autocast's error without the split; with it the worst of 40 draws (20 per form)
+is 1.53x). Cost: one more dot for dh
+and one for dz per tile on the small path (and for the sums' dz share in the weight-gradient
+kernel); on the large path the du scratch is fp32 (kernel B splits it in registers), the same
+bytes as the two half terms.
+
+Interpreter (TRITON_INTERPRET=1, read at import): bf16 `tl.dot` is broken there, so the dots run
+in fp32 on operands rounded to bf16 values first (`backward_kernels._operand`), the operands a
+GPU's bf16 dots see; fp32 -> bf16 casts truncate there, so stores to bf16 (dz, dx and the large
+path's bf16 h/du scratch) round to nearest even by integer arithmetic instead, and stores to fp32
+(the mixed mode's dz and dx) are exact.
 """
 from __future__ import annotations
 
@@ -292,9 +305,13 @@ def _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
     cdt = w1.dtype
     for name, t in (('x', x), ('g', g), ('w1', w1), ('w2', w2), ('b1', b1), ('b2', b2)):
         _check_floating(name, t)
-    if not (x.dtype == g.dtype == cdt == w2.dtype):
-        raise ValueError(f"x, g, w1, w2 must share one dtype; got {x.dtype}, {g.dtype}, "
-                         f"{w1.dtype}, {w2.dtype}")
+    # One dtype for x and g and one for w1 and w2 (the dots'): the same, or fp32 activations
+    # with half weights (the mixed-precision mode autocast runs; dz and dx are then fp32).
+    mixed = _is_mixed(x, w1)
+    if not (x.dtype == g.dtype and cdt == w2.dtype and (x.dtype == cdt or mixed)):
+        raise ValueError(f"x, g, w1, w2 must share one dtype, or x and g be float32 with w1 "
+                         f"and w2 in one half dtype; got {x.dtype}, {g.dtype}, {w1.dtype}, "
+                         f"{w2.dtype}")
     if tuple(w1.shape[:2]) != (hid, c) or tuple(w2.shape[:2]) != (c, hid):
         raise ValueError(f"w1 {tuple(w1.shape)} / w2 {tuple(w2.shape)} do not match C={c}")
     if u_saved is not None and (tuple(u_saved.shape) != (n, hid, hh, ww) or u_saved.dtype != cdt):
@@ -311,7 +328,8 @@ def _prepare(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
         su=_token_strides(u) if has_u else (0, 0, 0),
         w1=w1.reshape(hid, c).contiguous(), w2=w2.reshape(c, hid).contiguous(),
         b1=b1.contiguous(), b2=b2.contiguous(),
-        dot_f32=_dot_f32(cdt), prec=_precision(cdt), round_bf16=_round_bf16(cdt))
+        dot_f32=_dot_f32(cdt), prec=_precision(cdt),
+        round_bf16=_round_bf16(cdt) or _round_bf16(x.dtype), split=mixed)
     a.update(zip(('mean', 'A', 'B', 'l2'),
                  (v.to(torch.float32).contiguous() for v in (mean, A, B, l2))))
     return a
@@ -359,7 +377,8 @@ def _dx_small(a, P, Q, R, S):
         P, Q, R, S, dx, c, a['T'], a['hid'], tiles,
         *a['sx'], *a['sg'], *_token_strides(dx),
         BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=a['dot_f32'],
-        PRECISION=a['prec'], ROUND_BF16=a['round_bf16'], num_warps=warps, num_stages=stages)
+        PRECISION=a['prec'], ROUND_BF16=a['round_bf16'], SPLIT=a['split'], num_warps=warps,
+        num_stages=stages)
     return dx
 
 
@@ -394,6 +413,17 @@ def _mlp_backward_impl(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
     zero, one = (torch.full((1, 1), v, dtype=torch.float32, device=a['dev']) for v in (0., 1.))
     dz = _dx_small(a, zero, one, zero, zero)
     return dz, dw1, db1, dw2, db2, sums
+
+
+def _dus_dtype(cdt: torch.dtype, split: bool) -> torch.dtype:
+    """The du scratch's dtype: the compute dtype, or fp32 in the mixed-precision mode (SPLIT),
+    whose kernel B splits du into two half terms in registers (one fp32 read instead of two
+    half ones: the same bytes)."""
+    return torch.float32 if split else cdt
+
+
+def _is_mixed(x: torch.Tensor, w1: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and w1.dtype in (torch.float16, torch.bfloat16)
 
 
 def _scratch_shapes(n, c, T, hid, dtype):
@@ -503,7 +533,7 @@ def _launch_weight_grad(a, bt, bh, bw, bk, warps, hs=None, dus=None, fuse=None, 
         *(a['su'] if has_u else (0, 0, 0)), *_token_strides(dz), *_token_strides(dx),
         HAS_U=has_u, SCRATCH=scratch, SUMS=sums, FUSE_DX=fuse is not None, BLOCK_T=bt,
         BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk, DOT_F32=a['dot_f32'], PRECISION=a['prec'],
-        ROUND_BF16=a['round_bf16'], num_warps=warps)
+        ROUND_BF16=a['round_bf16'], SPLIT=a['split'], num_warps=warps)
     return dw1p, dw2p, db1p, splits, part, slots
 
 
@@ -531,7 +561,7 @@ def _phase1_large(a):
     n, c, T, hid, dev = a['n'], a['c'], a['T'], a['hid'], a['dev']
     x = a['x']
     hs = _empty((n, hid, T), a['w1'].dtype, dev)
-    dus = _empty((n, hid, T), a['w1'].dtype, dev)
+    dus = _empty((n, hid, T), _dus_dtype(a['w1'].dtype, a['split']), dev)
 
     cfg = _large_config(a['w1'].dtype, a['layout'])
     bt, bh, bk, warps, stages = cfg['hidden']
@@ -541,7 +571,8 @@ def _phase1_large(a):
         x, a['g'], a['u'], a['A'], a['B'], a['l2'], a['w1'], a['b1'], a['w2'], hs, dus, db1p,
         c, T, hid, tiles_a, n_hb, *a['sx'], *a['sg'], *a['su'],
         HAS_U=a['has_u'], BLOCK_T=bt, BLOCK_H=bh, BLOCK_K=bk, DOT_F32=a['dot_f32'],
-        PRECISION=a['prec'], ROUND_BF16=a['round_bf16'], num_warps=warps, num_stages=stages)
+        PRECISION=a['prec'], ROUND_BF16=a['round_bf16'], SPLIT=a['split'], num_warps=warps,
+        num_stages=stages)
 
     bt, bc, bh, warps, stages = cfg['dz']
     tiles, n_cb = triton.cdiv(T, bt), triton.cdiv(c, bc)
@@ -551,7 +582,7 @@ def _phase1_large(a):
         x, a['g'], a['mean'], a['w1'], a['w2'], a['b2'], hs, dus, dz, part,
         n, c, T, hid, tiles, n_cb, *a['sx'], *a['sg'], *_token_strides(dz),
         BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=a['dot_f32'], PRECISION=a['prec'],
-        ROUND_BF16=a['round_bf16'], num_warps=warps, num_stages=stages)
+        ROUND_BF16=a['round_bf16'], SPLIT=a['split'], num_warps=warps, num_stages=stages)
 
     return dz, part, tiles, (hs, dus, db1p)
 
@@ -666,7 +697,8 @@ def _(g, x, mean, A, B, w1, b1, w2, b2, l2, u_saved):
     f32 = dict(dtype=torch.float32, device=x.device)
     hs, dus, db1p = _scratch_shapes(n, c, hh * ww, hid, w1.dtype)
     return (torch.empty_like(x), x.new_empty((5, n, c), **f32), x.new_empty((c,), **f32),
-            x.new_empty(hs, dtype=w1.dtype), x.new_empty(dus, dtype=w1.dtype),
+            x.new_empty(hs, dtype=w1.dtype),
+            x.new_empty(dus, dtype=_dus_dtype(w1.dtype, _is_mixed(x, w1))),
             x.new_empty(db1p, **f32))
 
 
@@ -788,12 +820,13 @@ def _unit_args(fn, layout: str, has_u: bool):
     return ones
 
 
-def _spec(fn, name, tn, constexprs, layout, has_u, config, options, ones=()):
+def _spec(fn, name, tn, constexprs, layout, has_u, config, options, ones=(), io=None):
     """(jit_fn, signature, constexprs, description, options): the tuple gpu_build_report reads.
     The arguments equal to 1 at launch (`_unit_args` and `ones`) become constexpr 1; `options`
     (num_warps, num_stages) must match the launch, or the report checks another kernel than the
-    one that runs."""
-    pointer_types = _ptrs(tn, [k for k in fn.arg_names if k.endswith('_ptr')])
+    one that runs. io: the activations' type where it differs from `tn` (the dots' type): the
+    mixed-precision mode, fp32 x, g, dz, dx and biases."""
+    pointer_types = _ptrs(tn, [k for k in fn.arg_names if k.endswith('_ptr')], io)
     const = dict(constexprs)
     for k in [*_unit_args(fn, layout, has_u), *ones]:
         const[k] = 1
@@ -806,20 +839,25 @@ def _spec(fn, name, tn, constexprs, layout, has_u, config, options, ones=()):
         else:
             sig[arg] = 'i32'
     tag = '/cl' if layout == 'cl' else ''
-    desc = f"{name}{tag} {tn} {config} num_warps={options['num_warps']}"
+    mixed = f" {io} with {tn} dots" if io not in (None, tn) else f" {tn}"
+    desc = f"{name}{tag}{mixed} {config} num_warps={options['num_warps']}"
     if 'num_stages' in options:
         desc += f" num_stages={options['num_stages']}"
     return (fn, sig, const, desc, options)
 
 
-def _ptrs(tn, names):
-    """Pointer types: the activations/weights/scratch in the io dtype, the rest fp32."""
-    io = {'x_ptr', 'g_ptr', 'u_ptr', 'w1_ptr', 'b1_ptr', 'w2_ptr', 'b2_ptr', 'hs_ptr', 'dus_ptr',
-          'dz_ptr', 'dx_ptr'}
-    return {k: (tn if k in io else 'fp32') for k in names}
+def _ptrs(tn, names, io=None):
+    """Pointer types: the weights, u and the scratch in the dots' type `tn`; the activations
+    and biases in `io` (default `tn`); the rest fp32. In the mixed mode (io differs) the du
+    scratch is fp32 (`_dus_dtype`)."""
+    dot_side = {'u_ptr', 'w1_ptr', 'w2_ptr', 'hs_ptr'} | ({'dus_ptr'} if io in (None, tn)
+                                                         else set())
+    io_side = {'x_ptr', 'g_ptr', 'b1_ptr', 'b2_ptr', 'dz_ptr', 'dx_ptr'}
+    io = tn if io is None else io
+    return {k: (tn if k in dot_side else io if k in io_side else 'fp32') for k in names}
 
 
-def _small_path_specs(dtype, layout):
+def _small_path_specs(dtype, layout, io=None):
     tn, prec = _TL_NAME[dtype], _precision(dtype)
     specs = []
     for bc in _DX_CONFIGS:
@@ -827,24 +865,25 @@ def _small_path_specs(dtype, layout):
             continue            # never launched: that C takes the large path in this dtype
         bt, _, bh, warps, stages = _dx_config(bc, dtype, layout)
         const = dict(BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=False, PRECISION=prec,
-                     ROUND_BF16=False)
+                     ROUND_BF16=False, SPLIT=io is not None)
         specs.append(_spec(
             _mlp_dx_kernel, 'mlp_dx', tn, const, layout, False,
-            f"C<={bc} BLOCK_T={bt} BLOCK_H={bh}", {'num_warps': warps, 'num_stages': stages}))
+            f"C<={bc} BLOCK_T={bt} BLOCK_H={bh}", {'num_warps': warps, 'num_stages': stages},
+            io=io))
         for has_u in (False, True):
             wbt, wbh, wbw, wbk, wwarps = _wg_config(bc, dtype, layout)
             const = dict(HAS_U=has_u, SCRATCH=False, SUMS=True, FUSE_DX=False, BLOCK_T=wbt,
                          BLOCK_H=wbh, BLOCK_W=wbw, BLOCK_K=wbk, DOT_F32=False, PRECISION=prec,
-                         ROUND_BF16=False)
+                         ROUND_BF16=False, SPLIT=io is not None)
             specs.append(_spec(
                 _mlp_weight_grad_kernel, 'mlp_weight_grad', tn, const, layout, has_u,
                 f"C<={_pow2_channels(_small_path_max(dtype))} u_saved={has_u} sums "
                 f"BLOCK_T={wbt} BLOCK_H={wbh} BLOCK_W={wbw} BLOCK_K={wbk}",
-                {'num_warps': wwarps}))
+                {'num_warps': wwarps}, io=io))
     return specs
 
 
-def _large_path_specs(dtype, layout):
+def _large_path_specs(dtype, layout, io=None):
     """The large-C path's kernel configurations for one dtype and layout (any C > 256); kernels
     A and B also with TILES == 1 (T <= BLOCK_T, e.g. 7x7 tokens)."""
     tn, prec = _TL_NAME[dtype], _precision(dtype)
@@ -853,30 +892,31 @@ def _large_path_specs(dtype, layout):
     bt, bh, bk, warps, stages = cfg['hidden']
     for has_u in (False, True):
         const = dict(HAS_U=has_u, BLOCK_T=bt, BLOCK_H=bh, BLOCK_K=bk, DOT_F32=False,
-                     PRECISION=prec, ROUND_BF16=False)
+                     PRECISION=prec, ROUND_BF16=False, SPLIT=io is not None)
         for one_tile in (False, True):
             specs.append(_spec(
                 _mlp_hidden_kernel, 'mlp_hidden', tn, const, layout, has_u,
                 f"C>256 u_saved={has_u}{' TILES=1' if one_tile else ''} BLOCK_T={bt} "
                 f"BLOCK_H={bh} BLOCK_K={bk}", {'num_warps': warps, 'num_stages': stages},
-                ones=('TILES',) if one_tile else ()))
+                ones=('TILES',) if one_tile else (), io=io))
     bt, bc, bh, warps, stages = cfg['dz']
     const = dict(BLOCK_T=bt, BLOCK_C=bc, BLOCK_H=bh, DOT_F32=False, PRECISION=prec,
-                 ROUND_BF16=False)
+                 ROUND_BF16=False, SPLIT=io is not None)
     for one_tile in (False, True):
         specs.append(_spec(
             _mlp_dz_chunk_kernel, 'mlp_dz_chunk', tn, const, layout, False,
             f"C>256{' TILES=1' if one_tile else ''} BLOCK_T={bt} BLOCK_C={bc} BLOCK_H={bh}",
-            {'num_warps': warps, 'num_stages': stages}, ones=('TILES',) if one_tile else ()))
+            {'num_warps': warps, 'num_stages': stages}, ones=('TILES',) if one_tile else (),
+            io=io))
     bt, bh, bw, warps = cfg['wg']
     for fuse in (False, True):
         const = dict(HAS_U=False, SCRATCH=True, SUMS=False, FUSE_DX=fuse, BLOCK_T=bt,
                      BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bw, DOT_F32=False, PRECISION=prec,
-                     ROUND_BF16=False)
+                     ROUND_BF16=False, SPLIT=io is not None)
         specs.append(_spec(
             _mlp_weight_grad_kernel, 'mlp_weight_grad', tn, const, layout, False,
             f"C>256 scratch fuse_dx={fuse} BLOCK_T={bt} BLOCK_H={bh} BLOCK_W={bw}",
-            {'num_warps': warps}))
+            {'num_warps': warps}, io=io))
     return specs
 
 
@@ -892,6 +932,13 @@ def _build_specs():
                 _input_grad_kernel, 'input_grad', tn, const, layout, False,
                 f"BLOCK_T={_INPUT_GRAD_BLOCK_T} BLOCK_C={_INPUT_GRAD_BLOCK_C}",
                 {'num_warps': _INPUT_GRAD_WARPS}))
+    # The mixed-precision mode (autocast): fp32 activations with half weights, on the half
+    # configs (the backward's configs and path follow the weights' dtype). Its input_grad is
+    # the fp32 kernel above.
+    for dtype in (torch.float16, torch.bfloat16):
+        for layout in _LAYOUTS:
+            specs += _small_path_specs(dtype, layout, io='fp32')
+            specs += _large_path_specs(dtype, layout, io='fp32')
     specs.append(_spec(_sum_partials_kernel, 'sum_partials', 'fp32', dict(BLOCK=_SUM_BLOCK),
                        'nchw', False, f"BLOCK={_SUM_BLOCK}", {'num_warps': _SUM_WARPS}))
     # One spec per distinct compiled kernel (C<=32..256 share the weight-gradient config).

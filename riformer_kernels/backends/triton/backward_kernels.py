@@ -21,17 +21,42 @@ def _gelu_and_grad(u):
 
 
 @triton.jit
-def _round_for_store(v, ROUND_BF16: tl.constexpr):
-    """fp32 value ready to be cast to the output dtype.
+def _round_for_store(v, dst_dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """fp32 value cast to the output dtype `dst_dtype`.
 
-    With ROUND_BF16 (interpreter only, whose fp32->bf16 cast truncates) round to nearest even
-    in integer arithmetic, so the cast after it is exact.
+    With ROUND_BF16 (interpreter only, whose fp32->bf16 cast truncates) a bf16 destination is
+    rounded to nearest even in integer arithmetic first, so the cast after it is exact; any
+    other destination (fp32 dz / dx of the mixed-precision mode) is cast as it is.
     """
     if ROUND_BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        v = bits.to(tl.float32, bitcast=True)
-    return v
+        if dst_dtype == tl.bfloat16:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            v = bits.to(tl.float32, bitcast=True)
+    return v.to(dst_dtype)
+
+
+@triton.jit
+def _operand(v, cdt: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """An fp32 tile as a dot operand in the compute dtype `cdt`. Where the interpreter's bf16
+    dot is avoided (bf16 weights: cdt is fp32 and ROUND_BF16 set), v is rounded to bf16 values
+    (nearest even, in integer arithmetic), so the interpreted dots see the operands a GPU's
+    bf16 dots do."""
+    if ROUND_BF16:
+        if cdt == tl.float32:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            v = bits.to(tl.float32, bitcast=True)
+    return v.to(cdt)
+
+
+@triton.jit
+def _split(v, cdt: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """A two-term dot operand v = hi + lo, both in `cdt` (lo: the rounding remainder of hi):
+    two dots on them give the product to ~2^-16 relative in bf16. SPLIT (the mixed-precision
+    mode) uses it for dO and du on the way to dz: see backward.py's docstring."""
+    hi = _operand(v, cdt, ROUND_BF16)
+    return hi, _operand(v - hi.to(tl.float32), cdt, ROUND_BF16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,7 +68,8 @@ def _hidden_tile_grads(
     n, n64, offs_t, mt, offs_h, mh, C, HID,
     sxn, sxc, sxt, sgn, sgc, sgt, sun, suc, sut,
     HAS_U: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """h = GELU(u) and du = (W2^T dO) GELU'(u), fp32 (BLOCK_T, BLOCK_H), of one token tile and
     one hidden chunk, streaming C in BLOCK_K chunks (no C-wide tile): u = W1_chunk z + b1 with
@@ -67,7 +93,8 @@ def _hidden_tile_grads(
             b_k = tl.load(B_ptr + n * C + ck, mask=mk, other=0.0)
             x_k = tl.load(x_ptr + n64 * sxn + offs_t[:, None] * sxt + ck[None, :] * sxc,
                           mask=mtk, other=0.0).to(tl.float32)
-            z_k = tl.where(mtk, a_k[None, :] * x_k + b_k[None, :], 0.0).to(cdt)
+            z_k = _operand(tl.where(mtk, a_k[None, :] * x_k + b_k[None, :], 0.0), cdt,
+                           ROUND_BF16)
             w1_k = tl.load(w1_ptr + offs_h[:, None] * C + ck[None, :],
                            mask=mh[:, None] & mk[None, :], other=0.0).to(cdt)
             u += tl.dot(z_k, tl.trans(w1_k), input_precision=PRECISION)
@@ -82,7 +109,13 @@ def _hidden_tile_grads(
                       mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
         w2_k = tl.load(w2_ptr + ck[:, None] * HID + offs_h[None, :],
                        mask=mk[:, None] & mh[None, :], other=0.0).to(cdt)
-        dh += tl.dot((l2_k[None, :] * g_k).to(cdt), w2_k, input_precision=PRECISION)
+        if SPLIT:
+            do_hi, do_lo = _split(l2_k[None, :] * g_k, cdt, ROUND_BF16)
+            dh += tl.dot(do_hi, w2_k, input_precision=PRECISION)
+            dh += tl.dot(do_lo, w2_k, input_precision=PRECISION)
+        else:
+            dh += tl.dot(_operand(l2_k[None, :] * g_k, cdt, ROUND_BF16), w2_k,
+                         input_precision=PRECISION)
     h, dgelu = _gelu_and_grad(u)
     return h, dh * dgelu
 
@@ -98,7 +131,7 @@ def _store_dz_and_sums(
     m2 = mt[:, None] & mc[None, :]
     o += b2[None, :]
     tl.store(dz_ptr + n64 * szn + offs_t[:, None] * szt + offs_c[None, :] * szc,
-             _round_for_store(dz, ROUND_BF16).to(dz_ptr.dtype.element_ty), mask=m2)
+             _round_for_store(dz, dz_ptr.dtype.element_ty, ROUND_BF16), mask=m2)
     xc = tl.where(m2, x - mean[None, :], 0.0)
     dz = tl.where(m2, dz, 0.0)
     base = part_ptr + row * C + offs_c
@@ -112,9 +145,11 @@ def _store_dz_and_sums(
 
 @triton.jit
 def _load_tile_z_and_d_o(x_ptr, g_ptr, A_ptr, B_ptr, l2_ptr, n, n64, offs_t, offs_c, mask_c,
-                         mask2, C, sxn, sxc, sxt, sgn, sgc, sgt, cdt: tl.constexpr):
+                         mask2, C, sxn, sxc, sxt, sgn, sgc, sgt, cdt: tl.constexpr,
+                         ROUND_BF16: tl.constexpr):
     """x and g of a (tokens, channels) tile in fp32 (0 outside mask2) and what the MLP backward
-    starts from: z = A x + B (the norm2 input) and dO = l2 g, both in the dot dtype `cdt`.
+    starts from: z = A x + B (the norm2 input) and dO = l2 g, both in the dot dtype `cdt`,
+    and dO's rounding remainder (`_split`; dead code unless a SPLIT caller uses it).
     g is 0 on masked tokens and channels, so dO and everything derived from it vanish there."""
     a_c = tl.load(A_ptr + n * C + offs_c, mask=mask_c, other=0.0)
     b_c = tl.load(B_ptr + n * C + offs_c, mask=mask_c, other=0.0)
@@ -123,8 +158,9 @@ def _load_tile_z_and_d_o(x_ptr, g_ptr, A_ptr, B_ptr, l2_ptr, n, n64, offs_t, off
                 mask=mask2, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + n64 * sgn + offs_t[:, None] * sgt + offs_c[None, :] * sgc,
                 mask=mask2, other=0.0).to(tl.float32)
-    z = tl.where(mask2, a_c[None, :] * x + b_c[None, :], 0.0).to(cdt)
-    return x, g, z, (l2[None, :] * g).to(cdt)
+    z = _operand(tl.where(mask2, a_c[None, :] * x + b_c[None, :], 0.0), cdt, ROUND_BF16)
+    d_o, d_o_lo = _split(l2[None, :] * g, cdt, ROUND_BF16)
+    return x, g, z, d_o, d_o_lo
 
 
 @triton.jit
@@ -150,6 +186,7 @@ def _mlp_dx_kernel(
     sxn, sxc, sxt, sgn, sgc, sgt, sdn, sdc, sdt,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """Phase 2 of the small path, one program per token tile of one sample: recompute
     dz = W1^T ((W2^T dO) GELU'(u)) over the hidden chunks (z = A x + B, u = W1 z + b1,
@@ -175,8 +212,9 @@ def _mlp_dx_kernel(
     mc = offs_c < C
     m2 = mt[:, None] & mc[None, :]
 
-    x, g, z, d_o = _load_tile_z_and_d_o(x_ptr, g_ptr, A_ptr, B_ptr, l2_ptr, n, n64, offs_t,
-                                        offs_c, mc, m2, C, sxn, sxc, sxt, sgn, sgc, sgt, cdt)
+    x, g, z, d_o, d_o_lo = _load_tile_z_and_d_o(x_ptr, g_ptr, A_ptr, B_ptr, l2_ptr, n, n64, offs_t,
+                                        offs_c, mc, m2, C, sxn, sxc, sxt, sgn, sgc, sgt, cdt,
+                                        ROUND_BF16)
 
     dz = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
     for h0 in range(0, HID, BLOCK_H):
@@ -190,11 +228,17 @@ def _mlp_dx_kernel(
         u = tl.dot(z, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
         _, dgelu = _gelu_and_grad(u)
         dh = tl.dot(d_o, tl.trans(w2t), input_precision=PRECISION)
-        dz += tl.dot((dh * dgelu).to(cdt), w1, input_precision=PRECISION)
+        if SPLIT:
+            dh += tl.dot(d_o_lo, tl.trans(w2t), input_precision=PRECISION)
+            du_hi, du_lo = _split(dh * dgelu, cdt, ROUND_BF16)
+            dz += tl.dot(du_hi, w1, input_precision=PRECISION)
+            dz += tl.dot(du_lo, w1, input_precision=PRECISION)
+        else:
+            dz += tl.dot(_operand(dh * dgelu, cdt, ROUND_BF16), w1, input_precision=PRECISION)
 
     dx = _dx_tile(g, dz, x, P_ptr, Q_ptr, R_ptr, S_ptr, mean_ptr, n * C + offs_c, mc)
     tl.store(dx_ptr + n64 * sdn + offs_t[:, None] * sdt + offs_c[None, :] * sdc,
-             _round_for_store(dx, ROUND_BF16).to(dx_ptr.dtype.element_ty), mask=m2)
+             _round_for_store(dx, dx_ptr.dtype.element_ty, ROUND_BF16), mask=m2)
 
 
 # The split shape arguments are 1 in most launches and larger in others; Triton would compile a
@@ -214,6 +258,7 @@ def _mlp_weight_grad_kernel(
     HAS_U: tl.constexpr, SCRATCH: tl.constexpr, SUMS: tl.constexpr, FUSE_DX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """dW1 = du z^T, dW2 = dO h^T (and db1 = sum du unless SCRATCH) of one (hidden chunk,
     channel chunk) over the token tiles of one split; one fp32 partial per split.
@@ -289,15 +334,18 @@ def _mlp_weight_grad_kernel(
                 x_ptr, g_ptr, u_ptr, A_ptr, B_ptr, l2_ptr, w1_ptr, b1_ptr, w2_ptr,
                 n, n64, offs_t, mt, offs_h, mh, C, HID,
                 sxn, sxc, sxt, sgn, sgc, sgt, sun, suc, sut,
-                HAS_U, BLOCK_T, BLOCK_H, BLOCK_K, DOT_F32, PRECISION)
+                HAS_U, BLOCK_T, BLOCK_H, BLOCK_K, DOT_F32, PRECISION, ROUND_BF16, SPLIT)
             acc_b1 += tl.sum(du, 0)
 
         mtw = mt[:, None] & mw[None, :]
-        x_w, g_w, z_w, d_o_w = _load_tile_z_and_d_o(
+        x_w, g_w, z_w, d_o_w, _ = _load_tile_z_and_d_o(
             x_ptr, g_ptr, A_ptr, B_ptr, l2_ptr, n, n64, offs_t, offs_w, mw, mtw, C,
-            sxn, sxc, sxt, sgn, sgc, sgt, cdt)
-        acc_w1 += tl.dot(tl.trans(du.to(cdt)), z_w, input_precision=PRECISION)
-        acc_w2 += tl.dot(tl.trans(d_o_w), h.to(cdt), input_precision=PRECISION)
+            sxn, sxc, sxt, sgn, sgc, sgt, cdt, ROUND_BF16)
+        # (scratch h and du are stored rounded already: rounding again changes nothing)
+        du_op = _operand(du, cdt, ROUND_BF16)
+        h_op = _operand(h, cdt, ROUND_BF16)
+        acc_w1 += tl.dot(tl.trans(du_op), z_w, input_precision=PRECISION)
+        acc_w2 += tl.dot(tl.trans(d_o_w), h_op, input_precision=PRECISION)
         if SUMS:
             # W1[chunk, chunk_c] and W2[chunk_c, chunk]^T as (hidden, channel) tiles.
             mhw = mh[:, None] & mw[None, :]
@@ -305,8 +353,11 @@ def _mlp_weight_grad_kernel(
                             other=0.0).to(cdt)
             w2_hw = tl.load(w2_ptr + offs_w[None, :] * HID + offs_h[:, None], mask=mhw,
                             other=0.0).to(cdt)
-            dz_part = tl.dot(du.to(cdt), w1_hw, input_precision=PRECISION)
-            o_part = tl.dot(h.to(cdt), w2_hw, input_precision=PRECISION)
+            dz_part = tl.dot(du_op, w1_hw, input_precision=PRECISION)
+            if SPLIT:
+                du_lo = _operand(du - du_op.to(tl.float32), cdt, ROUND_BF16)
+                dz_part += tl.dot(du_lo, w1_hw, input_precision=PRECISION)
+            o_part = tl.dot(h_op, w2_hw, input_precision=PRECISION)
             mean_w = tl.load(mean_ptr + n * C + offs_w, mask=mw, other=0.0)
             xc = tl.where(mtw, x_w - mean_w[None, :], 0.0)
             s_g += tl.sum(g_w, 0)
@@ -356,7 +407,7 @@ def _mlp_weight_grad_kernel(
                 dx = _dx_tile(g_w, dz_w, x_w, P_ptr, Q_ptr, R_ptr, S_ptr, mean_ptr,
                               n * C + offs_w, mw)
                 tl.store(dx_ptr + n64 * sdn + offs_t[:, None] * sdt + offs_w[None, :] * sdc,
-                         _round_for_store(dx, ROUND_BF16).to(dx_ptr.dtype.element_ty), mask=mtw)
+                         _round_for_store(dx, dx_ptr.dtype.element_ty, ROUND_BF16), mask=mtw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,6 +421,7 @@ def _mlp_hidden_kernel(
     sxn, sxc, sxt, sgn, sgc, sgt, sun, suc, sut,
     HAS_U: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """Kernel A, one program per (token tile of one sample, hidden chunk), the hidden chunk
     varying fastest (neighbouring programs share the x and g tile in L2): h and du of the chunk
@@ -388,12 +440,11 @@ def _mlp_hidden_kernel(
         x_ptr, g_ptr, u_ptr, A_ptr, B_ptr, l2_ptr, w1_ptr, b1_ptr, w2_ptr,
         n, n64, offs_t, mt, offs_h, mh, C, HID,
         sxn, sxc, sxt, sgn, sgc, sgt, sun, suc, sut,
-        HAS_U, BLOCK_T, BLOCK_H, BLOCK_K, DOT_F32, PRECISION)
+        HAS_U, BLOCK_T, BLOCK_H, BLOCK_K, DOT_F32, PRECISION, ROUND_BF16, SPLIT)
     sp = n64 * HID * T + offs_h[None, :] * T + offs_t[:, None]
     mth = mt[:, None] & mh[None, :]
-    tl.store(hs_ptr + sp, _round_for_store(h, ROUND_BF16).to(hs_ptr.dtype.element_ty), mask=mth)
-    tl.store(dus_ptr + sp, _round_for_store(du, ROUND_BF16).to(dus_ptr.dtype.element_ty),
-             mask=mth)
+    tl.store(hs_ptr + sp, _round_for_store(h, hs_ptr.dtype.element_ty, ROUND_BF16), mask=mth)
+    tl.store(dus_ptr + sp, _round_for_store(du, dus_ptr.dtype.element_ty, ROUND_BF16), mask=mth)
     tl.store(db1p_ptr + row.to(tl.int64) * HID + offs_h, tl.sum(du, 0), mask=mh)
 
 
@@ -404,6 +455,7 @@ def _mlp_dz_chunk_kernel(
     sxn, sxc, sxt, sgn, sgc, sgt, szn, szc, szt,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """Kernel B, one program per (token tile of one sample, channel chunk), the channel chunk
     varying fastest: dz_chunk = W1^T du and o_chunk = W2 h + b2 over the hidden chunks of the
@@ -430,11 +482,17 @@ def _mlp_dz_chunk_kernel(
         mw = mh[:, None] & mc[None, :]
         sp = n64 * HID * T + offs_h[None, :] * T + offs_t[:, None]
         mth = mt[:, None] & mh[None, :]
-        du = tl.load(dus_ptr + sp, mask=mth, other=0.0).to(cdt)
         h = tl.load(hs_ptr + sp, mask=mth, other=0.0).to(cdt)
         w1 = tl.load(w1_ptr + offs_h[:, None] * C + offs_c[None, :], mask=mw, other=0.0).to(cdt)
         w2t = tl.load(w2_ptr + offs_c[None, :] * HID + offs_h[:, None], mask=mw, other=0.0).to(cdt)
-        dz += tl.dot(du, w1, input_precision=PRECISION)
+        if SPLIT:
+            # du's scratch is fp32 here: split into the two terms in registers
+            du_hi, du_lo = _split(tl.load(dus_ptr + sp, mask=mth, other=0.0), cdt, ROUND_BF16)
+            dz += tl.dot(du_hi, w1, input_precision=PRECISION)
+            dz += tl.dot(du_lo, w1, input_precision=PRECISION)
+        else:
+            du = tl.load(dus_ptr + sp, mask=mth, other=0.0).to(cdt)
+            dz += tl.dot(du, w1, input_precision=PRECISION)
         o += tl.dot(h, w2t, input_precision=PRECISION)
 
     m2 = mt[:, None] & mc[None, :]
@@ -487,4 +545,4 @@ def _input_grad_kernel(
     x = tl.load(x_ptr + n64 * sxn + t2 * sxt + c2 * sxc, mask=m2, other=0.0).to(tl.float32)
     dx = _dx_tile(g, dz, x, P_ptr, Q_ptr, R_ptr, S_ptr, mean_ptr, n * C + offs_c, mc)
     tl.store(dx_ptr + n64 * sdn + t2 * sdt + c2 * sdc,
-             _round_for_store(dx, ROUND_BF16).to(dx_ptr.dtype.element_ty), mask=m2)
+             _round_for_store(dx, dx_ptr.dtype.element_ty, ROUND_BF16), mask=m2)

@@ -14,7 +14,7 @@ Kernels:
 * The two-GEMM path, no C-wide register tile: `mlp_gemm1_kernel` (grid: sample x token tile x
   hidden tile; K-loop over C in masked BLOCK_K chunks, so C=320 is not padded to 512; prologue
   z = A x + B built per chunk; writes h = GELU(W1 z + b1) and optionally u = W1 z + b1 to
-  token-major (N, 4C, H, W) channels_last buffers in x's dtype) and `mlp_gemm2_kernel` (grid:
+  token-major (N, 4C, H, W) channels_last buffers in the weights' dtype) and `mlp_gemm2_kernel` (grid:
   sample x token span x channel tile; K-loop over 4C; the flash kernel's epilogue and partial
   moments, shared as the `_epilogue_and_moments` helper, so chaining works identically). Cost:
   the hidden makes one round trip, 2 x 4C/C = 8 |x| more traffic than the flash kernel (plus x
@@ -93,6 +93,14 @@ Every entry point is a `torch.library.custom_op` with a fake implementation (nam
 fp32->bf16 casts truncate, so bf16 operands are upcast to fp32 for the dot after being rounded to
 bf16 precision (round-to-nearest-even done in integer arithmetic), and bf16 stores (out, h, u) are
 rounded the same way first, which reproduces the GPU's numerics.
+
+Mixed precision (what autocast runs): fp32 x and out with half weights. The dots run in the
+weights' dtype (`dot_dtype` = w1's: z and h are rounded to it, h and u are stored in it), the
+epilogue reads x and writes out in fp32, so the residual stream is never rounded to the half
+dtype. The launch configuration follows x's dtype (the fp32 tiles: their shapes are valid half
+MMA shapes, K a multiple of 16; and the partials' span stays a function of the output alone,
+which `KernelSet.output_span` needs); the dot flags follow the weights'. GPU_BUILD_SPECS list the
+mixed variants; their spill counts have not been checked on a GPU yet.
 """
 from __future__ import annotations
 
@@ -130,23 +138,35 @@ def _round_to_bf16(v):
 
 
 @triton.jit
-def _dot_operand(v, io_dtype: tl.constexpr, DOT_FP32: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """An fp32 tile as the A operand of a dot: io_dtype on a GPU, fp32 rounded to bf16 precision
-    when the interpreter's bf16 dot is avoided, plain fp32 for fp32 inputs."""
+def _dot_operand(v, dot_dtype: tl.constexpr, DOT_FP32: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """An fp32 tile as the A operand of a dot: dot_dtype (the weights' dtype) on a GPU, fp32
+    rounded to bf16 precision when the interpreter's bf16 dot is avoided, plain fp32 for fp32
+    weights."""
     if DOT_FP32:
         if ROUND_BF16:
-            v = _round_to_bf16(v)
+            if dot_dtype == tl.bfloat16:
+                v = _round_to_bf16(v)
     else:
-        v = v.to(io_dtype)
+        v = v.to(dot_dtype)
+    return v
+
+
+@triton.jit
+def _rounded_for(v, dst_dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """v ready to be cast to dst_dtype: rounded to nearest-even bf16 first where ROUND_BF16 (the
+    interpreter, whose fp32 -> bf16 cast truncates) and dst_dtype is bf16; unchanged for any
+    other destination (fp32 out and dx of the mixed-precision mode: no rounding at all)."""
+    if ROUND_BF16:
+        if dst_dtype == tl.bfloat16:
+            v = _round_to_bf16(v)
     return v
 
 
 @triton.jit
 def _store_rounded(ptrs, v, mask, ROUND_BF16: tl.constexpr):
     """Store an fp32 tile in the pointer's dtype, rounding to nearest even (also interpreted)."""
-    if ROUND_BF16:
-        v = _round_to_bf16(v)
-    tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
+    dst = ptrs.dtype.element_ty
+    tl.store(ptrs, _rounded_for(v, dst, ROUND_BF16).to(dst), mask=mask)
 
 
 @triton.jit
@@ -165,11 +185,9 @@ def _epilogue_and_moments(acc, x_ptrs, o_ptrs, mask, mask_t, a, b, l2, b2, count
     # through the hidden loop, which would cost BLOCK_T*BLOCK_C/threads more registers.
     xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     out = a[None, :] * xv + b[None, :] + l2[None, :] * (acc + b2[None, :])
-    if ROUND_BF16:
-        out = _round_to_bf16(out)
-    out_io = out.to(o_ptrs.dtype.element_ty)
+    out_io = _rounded_for(out, o_ptrs.dtype.element_ty, ROUND_BF16).to(o_ptrs.dtype.element_ty)
     tl.store(o_ptrs, out_io, mask=mask)
-    # Moments of the value the next block will read, i.e. after rounding to io_dtype.
+    # Moments of the value the next block will read, i.e. after rounding to out's dtype.
     ov = out_io.to(tl.float32)
     return _merge_tile_moments(tl.where(mask, ov, 0.0), mask, mask_t, count, mean, m2)
 
@@ -249,7 +267,8 @@ def fused_mlp_kernel(x_ptr, out_ptr, u_ptr, A_ptr, B_ptr, a_ptr, b_ptr, l2_ptr,
     x_base = x_ptr + pid_n.to(tl.int64) * stride_xn
     o_base = out_ptr + pid_n.to(tl.int64) * stride_on
     u_base = u_ptr + pid_n.to(tl.int64) * stride_un
-    io_dtype = out_ptr.dtype.element_ty
+    # The dots run in the weights' dtype; x and out may be wider (fp32 under autocast).
+    dot_dtype = w1_ptr.dtype.element_ty
 
     count, mean, m2 = _no_moments(BLOCK_T, BLOCK_C)
     # A runtime loop: registers do not grow with the number of tiles a program takes.
@@ -259,7 +278,7 @@ def fused_mlp_kernel(x_ptr, out_ptr, u_ptr, A_ptr, B_ptr, a_ptr, b_ptr, l2_ptr,
         xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         # Padded channels must be exactly zero: they are the K extent of the first dot.
         z = tl.where(mask_c[None, :], A[None, :] * xv + B[None, :], 0.0)
-        z = _dot_operand(z, io_dtype, DOT_FP32, ROUND_BF16)
+        z = _dot_operand(z, dot_dtype, DOT_FP32, ROUND_BF16)
         acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
         for h0 in range(0, HID, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
@@ -276,7 +295,7 @@ def fused_mlp_kernel(x_ptr, out_ptr, u_ptr, A_ptr, B_ptr, a_ptr, b_ptr, l2_ptr,
             if SAVE_U:
                 _store_rounded(u_base + offs_t[:, None] * stride_ut + offs_h[None, :], u,
                                mask_t[:, None] & mask_h[None, :], ROUND_BF16)
-            h = _dot_operand(_gelu(u), io_dtype, DOT_FP32, ROUND_BF16)
+            h = _dot_operand(_gelu(u), dot_dtype, DOT_FP32, ROUND_BF16)
             acc = tl.dot(h, w2, acc, input_precision=INPUT_PRECISION)
         count, mean, m2 = _epilogue_and_moments(
             acc, x_ptrs, o_base + offs_t[:, None] * stride_ot + offs_c[None, :] * stride_oc,
@@ -306,7 +325,8 @@ def mlp_gemm1_kernel(x_ptr, h_ptr, u_ptr, A_ptr, B_ptr, w1_ptr, b1_ptr,
     """Two-GEMM path, GEMM 1 with the fold as prologue: h = GELU(W1 (A x + B) + b1) for one
     (sample, token tile, hidden tile), K-loop over C in BLOCK_K chunks (masked: C need not be a
     power of two). h (and u = W1 z + b1 when SAVE_U) go to token-major buffers (hidden stride 1:
-    an (N, HID, H, W) channels_last tensor), in h's dtype (x's dtype, fp32 for fp32 inputs)."""
+    an (N, HID, H, W) channels_last tensor), in the weights' dtype (the dot dtype: x's, or
+    the half dtype of the mixed-precision mode)."""
     # hidden tiles fastest: programs running together share the x tile (L2) and differ in W1
     pid_h, pid_n, pid_t = _program_tile(n_htiles, n_ttiles)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -315,7 +335,7 @@ def mlp_gemm1_kernel(x_ptr, h_ptr, u_ptr, A_ptr, B_ptr, w1_ptr, b1_ptr,
     mask_h = offs_h < HID
     offs_k = tl.arange(0, BLOCK_K)
     x_base = x_ptr + pid_n.to(tl.int64) * stride_xn
-    io_dtype = h_ptr.dtype.element_ty
+    dot_dtype = w1_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
     for k0 in range(0, C, BLOCK_K):
         kk = k0 + offs_k
@@ -326,7 +346,7 @@ def mlp_gemm1_kernel(x_ptr, h_ptr, u_ptr, A_ptr, B_ptr, w1_ptr, b1_ptr,
                      mask=mask_t[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         # channels past C must be exactly zero: they are part of the dot's K extent
         z = tl.where(mask_k[None, :], A[None, :] * xv + B[None, :], 0.0)
-        z = _dot_operand(z, io_dtype, DOT_FP32, ROUND_BF16)
+        z = _dot_operand(z, dot_dtype, DOT_FP32, ROUND_BF16)
         w1 = tl.load(w1_ptr + offs_h[None, :] * stride_w1h + kk[:, None] * stride_w1c,
                      mask=mask_k[:, None] & mask_h[None, :], other=0.0)
         if DOT_FP32:
@@ -495,11 +515,17 @@ def mlp_config(n: int, c: int, t: int, dtype: torch.dtype, path: str | None = No
 MAX_CHANNELS = None   # no limit: C beyond the flash tiles takes the two-GEMM path
 
 
-def _dot_flags(dtype: torch.dtype, fp32_precision: str = 'ieee') -> dict:
-    # fp32 must not silently become plain tf32 (1e-5 accuracy contract); bf16 dots are broken in
-    # the interpreter, so there they run in fp32 on bf16-rounded operands.
-    bf16_interp = INTERPRET and dtype == torch.bfloat16
-    return dict(DOT_FP32=dtype == torch.float32 or bf16_interp, ROUND_BF16=bf16_interp,
+def _dot_flags(dtype: torch.dtype, fp32_precision: str = 'ieee', io_dtype=None) -> dict:
+    """Constexprs of a launch whose dots run in `dtype` (the weights') on activations in
+    `io_dtype` (default: the same; fp32 in the mixed-precision mode). fp32 must not silently
+    become plain tf32 (1e-5 accuracy contract); bf16 dots are broken in the interpreter, so
+    there they run in fp32 on bf16-rounded operands. ROUND_BF16 (interpreter, bf16 anywhere):
+    round before every cast to bf16, which the interpreter truncates; `_rounded_for` applies it
+    only where the destination is bf16, so fp32 outputs of the mixed mode are stored exact."""
+    io_dtype = dtype if io_dtype is None else io_dtype
+    bf16_dot_interp = INTERPRET and dtype == torch.bfloat16
+    return dict(DOT_FP32=dtype == torch.float32 or bf16_dot_interp,
+                ROUND_BF16=INTERPRET and torch.bfloat16 in (dtype, io_dtype),
                 INPUT_PRECISION=fp32_precision if dtype == torch.float32 else 'tf32')
 
 
@@ -571,8 +597,9 @@ def _(x):
 
 
 def _hidden_buffer(x: torch.Tensor, hid: int, dtype=None) -> torch.Tensor:
-    """(N, HID, H, W) channels_last (token-major, hidden stride 1) in x's dtype: the h scratch
-    and the saved u. Token stride HID (a multiple of 16 for C % 4 == 0)."""
+    """(N, HID, H, W) channels_last (token-major, hidden stride 1) in `dtype` (the weights'
+    dtype: h and u are dot-side tensors) or x's: the h scratch and the saved u. Token stride
+    HID (a multiple of 16 for C % 4 == 0)."""
     n, _, hh, ww = x.shape
     return _empty((n, hid, hh, ww), dtype or x.dtype, x.device, memory_format=torch.channels_last)
 
@@ -587,14 +614,14 @@ def _launch_gemm1(x, A, B, w1, b1, save_u: bool, cfg: dict):
     t = hh * ww
     hid = w1.shape[0]
     g = cfg['gemm1']
-    h = _hidden_buffer(x, hid)
-    u = _hidden_buffer(x, hid) if save_u else _no_u(x)
+    h = _hidden_buffer(x, hid, w1.dtype)
+    u = _hidden_buffer(x, hid, w1.dtype) if save_u else _no_u(x)
     n_ttiles, n_htiles = triton.cdiv(t, g['BLOCK_T']), triton.cdiv(hid, g['BLOCK_H'])
     mlp_gemm1_kernel[(n * n_ttiles * n_htiles,)](
         x, h, u if save_u else h, A, B, w1, b1, c, t, hid, n_ttiles, n_htiles,
         *token_strides(x), hid * t, hid, w1.stride(0), w1.stride(1),
         BLOCK_T=g['BLOCK_T'], BLOCK_H=g['BLOCK_H'], BLOCK_K=g['BLOCK_K'],
-        num_warps=g['num_warps'], SAVE_U=save_u, **_dot_flags(x.dtype))
+        num_warps=g['num_warps'], SAVE_U=save_u, **_dot_flags(w1.dtype, io_dtype=x.dtype))
     return h, u
 
 
@@ -612,7 +639,7 @@ def _launch_gemm2(h, x, a, b, l2, w2, b2, cfg: dict):
         cfg['SUBTILES'], hid * t, hid, *token_strides(x), *token_strides(out),
         l2.stride(0), w2.stride(0), w2.stride(1),
         BLOCK_T=g['BLOCK_T'], BLOCK_C=g['BLOCK_C'], BLOCK_K=g['BLOCK_K'],
-        num_warps=g['num_warps'], **_dot_flags(x.dtype))
+        num_warps=g['num_warps'], **_dot_flags(w2.dtype, io_dtype=x.dtype))
     return out, pmean, pm2
 
 
@@ -623,18 +650,31 @@ def _launch_flash(x, A, B, a, b, l2, w1, b1, w2, b2, save_u: bool, cfg: dict):
     out = _empty(x.shape, x.dtype, x.device, memory_format=output_format(x))
     pmean = _empty((n, cfg['n_parts'], c), torch.float32, x.device)
     pm2 = _empty((n, cfg['n_parts'], c), torch.float32, x.device)
-    u = _hidden_buffer(x, hid) if save_u else _no_u(x)
+    u = _hidden_buffer(x, hid, w1.dtype) if save_u else _no_u(x)
     fused_mlp_kernel[(cfg['n_parts'], n)](
         x, out, u if save_u else out, A, B, a, b, l2, w1, b1, w2, b2, pmean, pm2,
         c, t, hid, cfg['n_parts'], cfg['SUBTILES'], *token_strides(x), *token_strides(out),
         hid * t, hid, l2.stride(0), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
         BLOCK_T=cfg['BLOCK_T'], BLOCK_C=cfg['BLOCK_C'], BLOCK_H=cfg['BLOCK_H'],
-        num_warps=cfg['num_warps'], SAVE_U=save_u, **_dot_flags(x.dtype, cfg['fp32_precision']))
+        num_warps=cfg['num_warps'], SAVE_U=save_u,
+        **_dot_flags(w1.dtype, cfg['fp32_precision'], io_dtype=x.dtype))
     return out, pmean, pm2, u
 
 
+def _check_dtypes(x, w1, w2):
+    """x's dtype is the weights' (w1 = w2), or fp32 with half weights: the mixed-precision mode
+    (x, out and the epilogue in fp32, the dots on half operands: what autocast runs)."""
+    if w1.dtype != w2.dtype or not (x.dtype == w1.dtype or (
+            x.dtype == torch.float32 and w1.dtype in (torch.float16, torch.bfloat16))):
+        raise ValueError(f"x {x.dtype} with w1 {w1.dtype}, w2 {w2.dtype}: the weights share one "
+                         f"dtype, x's or a half dtype with fp32 x (mixed precision)")
+
+
 def _launch_mlp(x, A, B, a, b, l2, w1, b1, w2, b2, save_u=False, path=None):
-    """The MLP forward by `mlp_config`'s path: (out, pmean, pm2, u or an empty tensor)."""
+    """The MLP forward by `mlp_config`'s path: (out, pmean, pm2, u or an empty tensor). The
+    launch configuration follows x's dtype (so the partials' span is a function of the output
+    alone, `KernelSet.output_span`); the dot flags follow the weights' dtype."""
+    _check_dtypes(x, w1, w2)
     n, c, hh, ww = x.shape
     cfg = mlp_config(n, c, hh * ww, x.dtype, path)
     if cfg['path'] == 'flash':
@@ -648,8 +688,8 @@ def _fake_mlp(x, w1, save_u, path):
     n, c, h, w = x.shape
     p = mlp_config(n, c, h * w, x.dtype, path)['n_parts']
     out = torch.empty_like(x, memory_format=output_format(x))
-    u = (x.new_empty((n, w1.shape[0], h, w)).contiguous(memory_format=torch.channels_last)
-         if save_u else x.new_empty((0,)))
+    u = (x.new_empty((n, w1.shape[0], h, w), dtype=w1.dtype).contiguous(
+        memory_format=torch.channels_last) if save_u else x.new_empty((0,)))
     return (out, x.new_empty((n, p, c), dtype=torch.float32),
             x.new_empty((n, p, c), dtype=torch.float32), u)
 
@@ -663,7 +703,8 @@ def fused_mlp_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, a: torc
     by the path `mlp_path` picks (flash or two-GEMM).
 
     A, B, a, b: (N, C) fp32 contiguous; l2: (N, C) fp32 with unit channel stride (its sample
-    stride may be 0); w1 (HID, C, 1, 1), w2 (C, HID, 1, 1), biases in x's dtype.
+    stride may be 0); w1 (HID, C, 1, 1), w2 (C, HID, 1, 1) in x's dtype, or in a half dtype
+    with fp32 x (the mixed-precision mode); biases in any float dtype (read as fp32).
     """
     with device_of(x):
         return _launch_mlp(x, A, B, a, b, l2, w1, b1, w2, b2)[:3]
@@ -680,7 +721,7 @@ def mlp_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, a: torch.Tens
                 w2: torch.Tensor, b2: torch.Tensor, save_u: bool = False, path: str = 'auto'
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`fused_mlp_forward` with options: returns (out, pmean, pm2, u). save_u: also write
-    u = W1 z + b1 (pre-GELU) as an (N, HID, H, W) channels_last tensor in x's dtype (what
+    u = W1 z + b1 (pre-GELU) as an (N, HID, H, W) channels_last tensor in w1's dtype (what
     `backward.mlp_backward(u_saved=...)` takes), else u is an empty tensor. path:
     'auto' (the rule, `mlp_path`), 'flash' or 'two_gemm'."""
     with device_of(x):
@@ -696,7 +737,7 @@ def _(x, A, B, a, b, l2, w1, b1, w2, b2, save_u=False, path='auto'):
 def mlp_hidden(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, w1: torch.Tensor,
                b1: torch.Tensor, save_u: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """GEMM 1 of the two-GEMM path alone: (h, u), h = GELU(u), u = W1 (A x + B) + b1, both
-    (N, HID, H, W) channels_last in x's dtype; u is empty unless save_u."""
+    (N, HID, H, W) channels_last in w1's dtype; u is empty unless save_u."""
     n, c, hh, ww = x.shape
     with device_of(x):
         return _launch_gemm1(x, A, B, w1, b1, save_u,
@@ -706,7 +747,8 @@ def mlp_hidden(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, w1: torch.Tens
 @mlp_hidden.register_fake
 def _(x, A, B, w1, b1, save_u=False):
     n, _, h, w = x.shape
-    hid = x.new_empty((n, w1.shape[0], h, w)).contiguous(memory_format=torch.channels_last)
+    hid = x.new_empty((n, w1.shape[0], h, w), dtype=w1.dtype).contiguous(
+        memory_format=torch.channels_last)
     return hid, (torch.empty_like(hid) if save_u else x.new_empty((0,)))
 
 
@@ -756,54 +798,64 @@ def _flags(dtype: torch.dtype, fp32_precision: str = 'ieee') -> dict:
                 INPUT_PRECISION=fp32_precision if dtype == torch.float32 else 'tf32')
 
 
-def _mlp_spec(block_c: int, dtype: torch.dtype, channels_last: bool, save_u: bool):
+def _mixed_tag(dtype, dot) -> str:
+    return '' if dot == dtype else f" dots {_TORCH_TO_TL[dot]}"
+
+
+def _mlp_spec(block_c: int, dtype: torch.dtype, channels_last: bool, save_u: bool, dot=None):
+    """dtype: x's (the activations'); dot: the weights' where they differ (the mixed-precision
+    mode: fp32 activations and biases, half weights and u, the config of fp32 x)."""
+    dot = dtype if dot is None else dot
     cfg = mlp_config(1, block_c, 1, dtype, 'flash')
-    tl_t = _TORCH_TO_TL[dtype]
-    sig = {'x_ptr': f'*{tl_t}', 'out_ptr': f'*{tl_t}', 'u_ptr': f'*{tl_t}', 'A_ptr': '*fp32',
+    tl_t, tl_w = _TORCH_TO_TL[dtype], _TORCH_TO_TL[dot]
+    sig = {'x_ptr': f'*{tl_t}', 'out_ptr': f'*{tl_t}', 'u_ptr': f'*{tl_w}', 'A_ptr': '*fp32',
            'B_ptr': '*fp32', 'a_ptr': '*fp32', 'b_ptr': '*fp32', 'l2_ptr': '*fp32',
-           'w1_ptr': f'*{tl_t}', 'b1_ptr': f'*{tl_t}', 'w2_ptr': f'*{tl_t}', 'b2_ptr': f'*{tl_t}',
+           'w1_ptr': f'*{tl_w}', 'b1_ptr': f'*{tl_t}', 'w2_ptr': f'*{tl_w}', 'b2_ptr': f'*{tl_t}',
            'pmean_ptr': '*fp32', 'pm2_ptr': '*fp32'}
     sig.update({k: _I32 for k in ('C', 'T', 'HID', 'n_parts', 'subtiles', 'stride_xn',
                                   'stride_xc', 'stride_xt', 'stride_on', 'stride_oc',
                                   'stride_ot', 'stride_un', 'stride_ut', 'stride_l2n',
                                   'stride_w1h', 'stride_w1c', 'stride_w2c', 'stride_w2h')})
     const = dict(BLOCK_T=cfg['BLOCK_T'], BLOCK_C=block_c, BLOCK_H=cfg['BLOCK_H'],
-                 SAVE_U=save_u, **_flags(dtype, cfg['fp32_precision']))
+                 SAVE_U=save_u, **_flags(dot, cfg['fp32_precision']))
     _layout_consts(sig, const, channels_last, 'xo')
     tag = ('/cl' if channels_last else '') + ('+u' if save_u else '')
-    desc = (f"fused_mlp{tag} C<={block_c} {tl_t} T{cfg['BLOCK_T']} H{cfg['BLOCK_H']} "
-            f"w{cfg['num_warps']}")
+    desc = (f"fused_mlp{tag} C<={block_c} {tl_t}{_mixed_tag(dtype, dot)} T{cfg['BLOCK_T']} "
+            f"H{cfg['BLOCK_H']} w{cfg['num_warps']}")
     return fused_mlp_kernel, sig, const, desc, dict(num_warps=cfg['num_warps'])
 
 
-def _gemm1_spec(dtype: torch.dtype, channels_last: bool, save_u: bool):
+def _gemm1_spec(dtype: torch.dtype, channels_last: bool, save_u: bool, dot=None):
+    dot = dtype if dot is None else dot
     bt, bh, bk, warps = GEMM1_TILES[_kind(dtype)]
-    tl_t = _TORCH_TO_TL[dtype]
-    sig = {'x_ptr': f'*{tl_t}', 'h_ptr': f'*{tl_t}', 'u_ptr': f'*{tl_t}', 'A_ptr': '*fp32',
-           'B_ptr': '*fp32', 'w1_ptr': f'*{tl_t}', 'b1_ptr': f'*{tl_t}'}
+    tl_t, tl_w = _TORCH_TO_TL[dtype], _TORCH_TO_TL[dot]
+    sig = {'x_ptr': f'*{tl_t}', 'h_ptr': f'*{tl_w}', 'u_ptr': f'*{tl_w}', 'A_ptr': '*fp32',
+           'B_ptr': '*fp32', 'w1_ptr': f'*{tl_w}', 'b1_ptr': f'*{tl_t}'}
     sig.update({k: _I32 for k in ('C', 'T', 'HID', 'n_ttiles', 'n_htiles', 'stride_xn',
                                   'stride_xc', 'stride_xt', 'stride_hn', 'stride_ht',
                                   'stride_w1h', 'stride_w1c')})
-    const = dict(BLOCK_T=bt, BLOCK_H=bh, BLOCK_K=bk, SAVE_U=save_u, **_flags(dtype))
+    const = dict(BLOCK_T=bt, BLOCK_H=bh, BLOCK_K=bk, SAVE_U=save_u, **_flags(dot))
     _layout_consts(sig, const, channels_last, 'x')
     tag = ('/cl' if channels_last else '') + ('+u' if save_u else '')
-    desc = f"mlp_gemm1{tag} {tl_t} T{bt} H{bh} K{bk} w{warps}"
+    desc = f"mlp_gemm1{tag} {tl_t}{_mixed_tag(dtype, dot)} T{bt} H{bh} K{bk} w{warps}"
     return mlp_gemm1_kernel, sig, const, desc, dict(num_warps=warps)
 
 
-def _gemm2_spec(dtype: torch.dtype, channels_last: bool):
+def _gemm2_spec(dtype: torch.dtype, channels_last: bool, dot=None):
+    dot = dtype if dot is None else dot
     bt, bc, bk, warps = GEMM2_TILES[_kind(dtype)]
-    tl_t = _TORCH_TO_TL[dtype]
-    sig = {'h_ptr': f'*{tl_t}', 'x_ptr': f'*{tl_t}', 'out_ptr': f'*{tl_t}', 'a_ptr': '*fp32',
-           'b_ptr': '*fp32', 'l2_ptr': '*fp32', 'w2_ptr': f'*{tl_t}', 'b2_ptr': f'*{tl_t}',
+    tl_t, tl_w = _TORCH_TO_TL[dtype], _TORCH_TO_TL[dot]
+    sig = {'h_ptr': f'*{tl_w}', 'x_ptr': f'*{tl_t}', 'out_ptr': f'*{tl_t}', 'a_ptr': '*fp32',
+           'b_ptr': '*fp32', 'l2_ptr': '*fp32', 'w2_ptr': f'*{tl_w}', 'b2_ptr': f'*{tl_t}',
            'pmean_ptr': '*fp32', 'pm2_ptr': '*fp32'}
     sig.update({k: _I32 for k in ('C', 'T', 'HID', 'n_parts', 'n_ctiles', 'subtiles',
                                   'stride_hn', 'stride_ht', 'stride_xn', 'stride_xc',
                                   'stride_xt', 'stride_on', 'stride_oc', 'stride_ot',
                                   'stride_l2n', 'stride_w2c', 'stride_w2h')})
-    const = dict(BLOCK_T=bt, BLOCK_C=bc, BLOCK_K=bk, **_flags(dtype))
+    const = dict(BLOCK_T=bt, BLOCK_C=bc, BLOCK_K=bk, **_flags(dot))
     _layout_consts(sig, const, channels_last, 'xo')
-    desc = f"mlp_gemm2{'/cl' if channels_last else ''} {tl_t} T{bt} C{bc} K{bk} w{warps}"
+    desc = (f"mlp_gemm2{'/cl' if channels_last else ''} {tl_t}{_mixed_tag(dtype, dot)} T{bt} "
+            f"C{bc} K{bk} w{warps}")
     return mlp_gemm2_kernel, sig, const, desc, dict(num_warps=warps)
 
 
@@ -834,6 +886,17 @@ def _gpu_build_specs():
             # moments: every C-block the rule can pick (16 for C<=16, else 32)
             for block_c in (16, 32):
                 specs.append(_moments_spec(block_c, dtype, cl))
+    # The mixed-precision mode (autocast): fp32 activations with half weights, launched with
+    # fp32 x's configs (`mlp_config` follows x's dtype) and half dots.
+    for dot in (torch.float16, torch.bfloat16):
+        for cl in (False, True):
+            for block_c, kind in MLP_TILES:
+                if kind == 'fp32':
+                    for save_u in (False, True):
+                        specs.append(_mlp_spec(block_c, torch.float32, cl, save_u, dot))
+            for save_u in (False, True):
+                specs.append(_gemm1_spec(torch.float32, cl, save_u, dot))
+            specs.append(_gemm2_spec(torch.float32, cl, dot))
     return specs
 
 
