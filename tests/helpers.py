@@ -67,6 +67,23 @@ def run_block(block, x, backend, grad_out=None):
     return out.detach(), grads
 
 
+def saved_for_backward_bytes(block, x, backend) -> int:
+    """Unique storages autograd keeps for a backward of block(x) under `backend`, parameters
+    excluded (they live anyway)."""
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rk.use_backend(backend):
+        block(x)
+    return sum(storages.values())
+
+
 def random_input(shape, dtype=torch.float64, channels_last=False, offset=0.0, device='cpu'):
     """Drawn on the CPU in fp64 and rounded there (the same values on every device), then
     moved to `device`."""

@@ -470,6 +470,19 @@ def test_backward_kernels_move_exactly_their_operands():
     assert dx.write_distinct == nbytes(x)
 
 
+@needs_emulated_backend
+@pytest.mark.parametrize('recompute,limit', [(True, 1.2), (False, 5.2)])
+def test_saved_for_backward_bytes(recompute, limit):
+    """<= 1.2 |x| per block with recompute, <= 5.2 |x| when u is saved (the cuda forward's u)."""
+    block = make_block(16, dtype=torch.float32).train()
+    block.recompute = recompute
+    x = random_input((2, 16, 8, 8), torch.float32).requires_grad_(True)
+    ratio = helpers.saved_for_backward_bytes(block, x, 'cuda') / (x.numel() * x.element_size())
+    assert ratio <= limit, ratio
+    if not recompute:
+        assert ratio >= 4.9   # u (4C channels) really is saved
+
+
 def test_one_split_writes_the_weight_gradients_in_place():
     # N = 2, T = 42: 4 tiles, one split of all of them (the plan's choice for this small shape).
     # Phase 1 writes dW1, dW2, db1 directly (no partials to write, read back and copy) and the

@@ -170,19 +170,7 @@ def test_dropout_falls_back_to_torch_with_the_reason(monkeypatch):
 
 
 def _saved_bytes(block, x):
-    """Unique storages autograd keeps for backward, parameters excluded (they live anyway)."""
-    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    storages = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rk.use_backend('triton'):
-        block(x)
-    return sum(storages.values())
+    return helpers.saved_for_backward_bytes(block, x, 'triton')
 
 
 @pytest.mark.parametrize('recompute,limit', [(True, 1.2), (False, 5.2)])

@@ -204,18 +204,21 @@ def record_launches(calls):
 
 def _block_calls(n, c, hh, ww, dtype, layout, context, label):
     """One block's forward (with and without u) and both backward memory modes as the pipeline
-    runs them (pipeline.py / backends/triton/__init__.py), on meta tensors."""
+    runs them (pipeline.py / backends/triton/__init__.py), on meta tensors. `dtype` is a torch
+    dtype, or (x's dtype, the GEMM dtype) for autocast's mixed-precision calls: fp32 x, g and
+    biases, the MLP weights in the GEMM dtype (pipeline.AutocastPlan)."""
     import torch
     from riformer_kernels.backends.triton import backward as tb
     from riformer_kernels.backends.triton import forward as tf
+    dtype, gemm_dtype = dtype if isinstance(dtype, tuple) else (dtype, dtype)
     meta = dict(device='meta')
     fmt = torch.channels_last if layout == 'cl' else torch.contiguous_format
     x = torch.empty((n, c, hh, ww), dtype=dtype, **meta).contiguous(memory_format=fmt)
     g = torch.empty_like(x)
     hid = 4 * c
     f32 = lambda *s: torch.empty(s, dtype=torch.float32, **meta)
-    w1 = torch.empty((hid, c, 1, 1), dtype=dtype, **meta)
-    w2 = torch.empty((c, hid, 1, 1), dtype=dtype, **meta)
+    w1 = torch.empty((hid, c, 1, 1), dtype=gemm_dtype, **meta)
+    w2 = torch.empty((c, hid, 1, 1), dtype=gemm_dtype, **meta)
     b1, b2 = torch.empty(hid, dtype=dtype, **meta), torch.empty(c, dtype=dtype, **meta)
     A, B, a, b, mean = (f32(n, c) for _ in range(5))
     P, Q, R, S = (f32(n, c) for _ in range(4))
@@ -230,7 +233,7 @@ def _block_calls(n, c, hh, ww, dtype, layout, context, label):
             u = us[True] if save_u else None
             context.update(shape=label, phase='backward' + (' u_saved' if save_u else '') + dp)
             args = (mean, A, B, w1, b1, w2, b2, l2, u)
-            if tb._large_path(c, dtype):
+            if tb._large_path(c, gemm_dtype):
                 dz, _, _, hs, dus, db1p = tb._backward_dz_impl(g, x, *args)
                 tb._backward_weights_dx_impl(g, x, dz, *args, hs, dus, db1p, P, Q, R, S)
             else:
@@ -251,6 +254,9 @@ def describe_variant(fn_name, sig, const, attrs, opts):
     ints/pointers *without* divisibility 16 (the unaligned ones) in brackets."""
     x_ty = next((sig[k] for k in ('x_ptr', 'p_ptr') if k in sig), '')
     dtype = x_ty.lstrip('*') if x_ty != 'constexpr' else ''
+    w_ty = sig.get('w1_ptr', sig.get('w2_ptr', '')).lstrip('*')
+    if dtype and w_ty and w_ty != dtype:      # autocast's mixed precision: x fp32, weights half
+        dtype += f'+w{w_ty}'
     unit_c = [k for k in ('stride_xc', 'sxc', 'sgc') if const.get(k) == 1]
     unit_t = [k for k in ('stride_xt', 'sxt', 'sgt') if const.get(k) == 1]
     stride = lambda k: k.startswith('stride_') or (len(k) == 3 and k[0] == 's')
@@ -284,15 +290,20 @@ def launched_variants(shapes=None, batches=BATCHES, dtypes=None, layouts=LAYOUTS
     Pure: nothing is compiled or launched."""
     import torch
     shapes = stage_shapes() if shapes is None else shapes
-    dtypes = dtypes or (torch.float32, torch.float16, torch.bfloat16)
-    tn = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}
+    # Plain dtypes and autocast's mixed calls (fp32 x, half GEMM operands).
+    dtypes = dtypes or (torch.float32, torch.float16, torch.bfloat16,
+                        (torch.float32, torch.float16), (torch.float32, torch.bfloat16))
+    names = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}
+
+    def tn(dtype):
+        return '+'.join(names[d] for d in dtype) if isinstance(dtype, tuple) else names[dtype]
 
     def calls(context):
         for (c, hh, ww), labels in shapes.items():
             for n in batches:
                 for dtype in dtypes:
                     for layout in layouts:
-                        label = f"{labels[0]} N={n} {tn[dtype]} {layout} ({c}x{hh}x{ww})"
+                        label = f"{labels[0]} N={n} {tn(dtype)} {layout} ({c}x{hh}x{ww})"
                         _block_calls(n, c, hh, ww, dtype, layout, context, label)
 
     variants = {}
