@@ -9,6 +9,8 @@ fused in). Every kernel here is compiled for sm_80/sm_90 by the GPU build report
 import triton
 import triton.language as tl
 
+from .forward import _round_to_bf16   # the one nearest-even fp32 -> bf16 rounding
+
 # ---------------------------------------------------------------------------------------------
 # jit helpers
 
@@ -30,9 +32,7 @@ def _round_for_store(v, dst_dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
     """
     if ROUND_BF16:
         if dst_dtype == tl.bfloat16:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            v = bits.to(tl.float32, bitcast=True)
+            v = _round_to_bf16(v)
     return v.to(dst_dtype)
 
 
@@ -44,9 +44,7 @@ def _operand(v, cdt: tl.constexpr, ROUND_BF16: tl.constexpr):
     bf16 dots do."""
     if ROUND_BF16:
         if cdt == tl.float32:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            v = bits.to(tl.float32, bitcast=True)
+            v = _round_to_bf16(v)
     return v.to(cdt)
 
 
