@@ -55,7 +55,8 @@ step() {  # step NAME SECONDS CMD...: time-limited, logged to $OUT/NAME.log, nev
 KERNEL_TESTS=(tests/test_triton_forward.py tests/test_triton_backward.py
               tests/test_triton_training.py tests/test_gpu_readiness.py tests/test_pipeline.py
               tests/test_extension.py tests/test_selftest.py tests/test_cuda_emulated.py
-              tests/test_cuda_backward_compiled.py tests/test_host_sync.py)
+              tests/test_cuda_backward_compiled.py tests/test_host_sync.py
+              tests/test_autocast.py)
 
 step env 60 bash -c "nvidia-smi || true; $PY -c 'import sys, torch, triton; print(sys.version);
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__);

@@ -14,7 +14,9 @@ inputs and for inputs in the autocast dtype (a stage's first block after a conv)
 dtype (and x's gradient's) is the reference's.
 
 The triton kernels run under the interpreter on CPU tensors here (CPU autocast, bf16 and fp16),
-and compiled on a GPU under CUDA autocast (marker `gpu`).
+and compiled on a GPU under CUDA autocast (marker `gpu`); the cuda kernels under the SIMT
+emulator on CPU tensors (RIFORMER_CUDA_EMULATE=1, set by tests/helpers.py) under CPU autocast in
+both half dtypes -- the kernels a GPU runs under CUDA autocast, with every emulator check on.
 """
 import copy
 import dataclasses
@@ -134,11 +136,13 @@ def test_cpu_under_autocast_channels_last_and_saved_u(backend, x_dtype):
 @pytest.mark.parametrize('x_dtype', ['fp32', 'autocast'])
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=['fp16', 'bf16'])
 @_FORMS
-def test_triton_under_cuda_autocast_at_s12_stage_widths(deploy, dtype, x_dtype):
-    """CUDA autocast, both half dtypes, compiled kernels, S12's stage 1 and 3 widths."""
+@pytest.mark.parametrize('backend', ['triton', 'cuda'])
+def test_under_cuda_autocast_at_s12_stage_widths(backend, deploy, dtype, x_dtype):
+    """CUDA autocast, both half dtypes, compiled kernels (triton's, and the cuda kernel set's
+    compiled CUDA), S12's stage 1 and 3 widths."""
     xd = torch.float32 if x_dtype == 'fp32' else dtype
     for seed, shape in ((0, (4, 64, 14, 14)), (1, (4, 320, 7, 7))):
-        _check_twice_reference_error('triton', deploy, seed, shape, device='cuda', dtype=dtype,
+        _check_twice_reference_error(backend, deploy, seed, shape, device='cuda', dtype=dtype,
                                      x_dtype=xd)
 
 
@@ -194,6 +198,46 @@ def test_triton_under_autocast_two_gemm_and_large_backward(backend, dtype, x_dty
         _check_twice_reference_error(backend, deploy, seed, (2, 24, 3, 5),
                                      device=helpers.KERNEL_DEVICE, dtype=dtype,
                                      x_dtype=x_dtype)
+
+
+_CUDA_AUTOCAST = pytest.mark.parametrize(
+    'dtype, x_dtype', [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)],
+    ids=['bf16_fp32_input', 'fp16_fp16_input'])
+
+
+@pytest.mark.parametrize('seed', [31, 32])
+@_CUDA_AUTOCAST
+@_FORMS
+@pytest.mark.parametrize('backend', [_usable('cuda')])
+def test_cuda_under_autocast_within_twice_reference_error(backend, deploy, dtype, x_dtype, seed):
+    """The cuda kernel set's mixed-precision mode, emulated: C = 32 takes the tensor-core
+    forward (fp32 x and out around fp16/bf16 mma operands) and the FFMA backward (fp32
+    activations, half weights widened on load)."""
+    _check_twice_reference_error(backend, deploy, seed, (2, 32, 4, 3), dtype=dtype,
+                                 x_dtype=x_dtype)
+
+
+@pytest.mark.parametrize('backend', [_usable('cuda')])
+def test_cuda_under_autocast_other_kernels_layouts_and_saved_u(backend):
+    """The rest of the mixed mode's launches: the FFMA forward with half weights (C = 24 is
+    no multiple of 16), the two-GEMM path (h scratch in the half dtype) on both kernels,
+    channels_last, and recompute=False (u saved in the weights' dtype, read by phase 1)."""
+    from riformer_kernels.backends import cuda_emu
+    assert cuda_emu.mlp_plan(24, 96, torch.bfloat16).kernel == 'ffma'
+    assert cuda_emu.mlp_plan(32, 128, torch.float16).kernel == 'mma'
+    cases = ((41, (2, 24, 3, 4), torch.bfloat16, dict(channels_last=True)),
+             (42, (2, 32, 3, 3), torch.float16, dict(recompute=False)),
+             (43, (2, 24, 4, 3), torch.float16, dict(channels_last=True, recompute=False)))
+    for seed, shape, dtype, kwargs in cases:
+        _check_twice_reference_error(backend, seed % 2 == 0, seed, shape, dtype=dtype, **kwargs)
+    real_plan = cuda_emu.mlp_plan
+    try:
+        cuda_emu.mlp_plan = lambda c, hd, dt, kernel='auto', path='auto': real_plan(
+            c, hd, dt, kernel, 'two_gemm')
+        for seed, c, dtype in ((44, 32, torch.bfloat16), (45, 24, torch.float16)):
+            _check_twice_reference_error(backend, seed % 2 == 0, seed, (2, c, 3, 4), dtype=dtype)
+    finally:
+        cuda_emu.mlp_plan = real_plan
 
 
 @pytest.mark.parametrize('backend', [_usable('cpu')])

@@ -135,6 +135,55 @@ def test_fake_cuda_training_step_traces_into_the_compiled_ops(monkeypatch):
     assert not any(name.startswith('riformer_cuda_emu') for name in calls)
 
 
+class _cuda_autocast_without_a_device:
+    """CUDA autocast switched on through the global setters: `torch.autocast('cuda')` disables
+    itself where no CUDA device is visible, and the fake step needs the pipeline to see CUDA
+    autocast on. Restores the previous state."""
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.saved = (torch.is_autocast_enabled('cuda'), torch.get_autocast_dtype('cuda'))
+        torch.set_autocast_enabled('cuda', True)
+        torch.set_autocast_dtype('cuda', self.dtype)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_autocast_enabled('cuda', self.saved[0])
+        torch.set_autocast_dtype('cuda', self.saved[1])
+        return False
+
+
+@needs_schemas
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=str)
+def test_fake_cuda_autocast_step_runs_the_compiled_mixed_mode(monkeypatch, dtype):
+    """Under CUDA autocast an fp32 block on CUDA tensors runs the cuda kernel set's
+    mixed-precision mode through the compiled ops: the forward op gets fp32 x and biases with
+    half weights and saves u in the weights' dtype, the backward ops get fp32 g and x with
+    the same half weights, and the output and dx are fp32 (the reference's dtype)."""
+    monkeypatch.setattr(cuda_backend, '_COMPILED', None)
+    block = make_block(32, dtype=torch.float32).train()
+    with _cuda_autocast_without_a_device(dtype):
+        x, out, grads, log, *_ = _fake_cuda_step(block, (2, 32, 5, 7), torch.float32, False,
+                                                 recompute=False)
+        *_, graph = _fake_cuda_step(block, (2, 32, 5, 7), torch.float32, False,
+                                    recompute=False, trace=True)
+    assert out.dtype == torch.float32 and grads[0].dtype == torch.float32
+    for name in (*COMPILED, 'riformer.mlp_forward_save_u.default'):
+        assert log.counts.get(name) == 1, (name, log.counts)
+    assert not any(name.startswith('riformer_cuda_emu') for name in log.counts)
+    calls = {str(n.target): n for n in graph.graph.nodes if n.op == 'call_function'}
+
+    def dtypes(node, idx):
+        return [node.args[i].meta['val'].dtype for i in idx]
+    forward = calls['riformer.mlp_forward_save_u.default']   # x, A, B, a, b, w1, b1, w2, b2, ..
+    assert dtypes(forward, (0, 6, 8)) == [torch.float32] * 3
+    assert dtypes(forward, (5, 7)) == [dtype] * 2
+    p1 = calls[COMPILED[0]]     # g, x, mean, A, B, l2, w1, b1, w2, b2, u
+    assert dtypes(p1, (0, 1, 7, 9)) == [torch.float32] * 4
+    assert dtypes(p1, (6, 8, 10)) == [dtype] * 3
+
+
 @needs_schemas
 def test_fakes_match_the_emulated_ops_outputs():
     # The compiled ops return what the emulated ops return (the kernel set treats them alike):

@@ -185,6 +185,41 @@ def test_backward_kernels_half_within_twice_reference_error(case, seed, dtype, k
     assert rel_err(got[-1], truth[-2]) >= 0.05 * torch.finfo(dtype).eps
 
 
+MIXED_KERNEL_CASES = [  # (N, C, hidden, H, W, tiles_per_split, channels_last)
+    (2, 16, 64, 5, 7, 0, False),
+    (1, 80, 72, 3, 3, 0, True),   # two channel chunks, a partial hidden chunk
+    (3, 16, 64, 5, 7, 3, True),   # splits across sample boundaries
+]
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('case', MIXED_KERNEL_CASES, ids=lambda c: 'x'.join(map(str, c[:6])))
+def test_backward_kernels_mixed_precision(case, dtype):
+    """The mixed-precision mode (autocast): fp32 x, g, dx and biases, w1 / w2 (and a saved u)
+    in a half dtype. The FFMA kernels run it (the mma kernels take half activations only) and
+    round nothing: against the fp64 truth of the same rounded weights, the fp32 budget; with a
+    saved half u, GELU and GELU' see u rounded once (its ulp), nothing else."""
+    *shape, tps, channels_last = case
+    x, g, coeffs, weights, pqrs = _inputs(*shape, torch.float32, channels_last)
+    weights = [weights[0].to(dtype), weights[1], weights[2].to(dtype), weights[3]]
+    args = (x, g, coeffs, weights, pqrs)
+    truth = _truth(*args)
+    assert cuda_emu.mlp_backward_kernel(shape[1], shape[2], torch.float32) == 'ffma'
+    got = _run(*args, tiles_per_split=tps)
+    for name, a, b in zip(NAMES, got, truth):
+        assert a.dtype == torch.float32, name
+        assert rel_err(a, b) <= KERNEL_TOL[torch.float32], (dtype, name, rel_err(a, b))
+    assert got[-1].stride() == x.stride()
+    u = truth[-1].to(dtype).contiguous(memory_format=torch.channels_last)
+    saved = _run(*args, u=u, tiles_per_split=tps)
+    for name, a, b in zip(NAMES, saved, truth):
+        assert rel_err(a, b) <= 4 * torch.finfo(dtype).eps, (dtype, name, rel_err(a, b))
+    with pytest.raises(ValueError, match='u is .* expected .*' + str(dtype).split('.')[-1]):
+        _run(*args, u=truth[-1].float())          # u must be in the weights' dtype
+    with pytest.raises(ValueError, match='mma backward kernels'):
+        _run(*args, kernel='mma')                 # fp32 activations: FFMA only
+
+
 def test_backward_kernels_bitwise_deterministic():
     # No atomics; every output summed by one thread in a fixed order: two runs, and a run with
     # another emulator scheduling seed, give the same bits. Two channel chunks, several hidden

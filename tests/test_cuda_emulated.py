@@ -208,6 +208,78 @@ def test_mlp_forward_half_within_twice_reference_error(case, dtype):
     assert cuda_emu.mlp_kernel(c, hd, dtype) == ('mma' if 'mma' in kernels else 'ffma')
 
 
+MIXED_CASES = [  # (N, C, hidden, H, W, channels_last, kernels): fp32 x, half weights
+    (1, 16, 64, 5, 7, False, ('ffma', 'mma')),
+    (2, 48, 192, 3, 3, True, ('ffma', 'mma')),
+    (1, 96, 384, 5, 7, True, ('mma',)),          # two output-channel slices
+    (1, 24, 72, 5, 7, False, ('ffma',)),         # C % 16 != 0: the mma kernel declines
+]
+
+
+def _mlp_autocast_reference(x, coeffs, weights, dtype):
+    """What the reference under autocast computes for the folded MLP: the convs' inputs (z, h)
+    and outputs (u, o) rounded to `dtype`, fp32 around them (in float64 here, so only those
+    roundings count)."""
+    A, B, a, b, l2 = (t.double()[:, :, None, None] for t in coeffs)
+    w1, b1, w2, b2 = (t.double() for t in weights)
+    x = x.double()
+
+    def rounded(t):
+        return t.to(dtype).double()
+    u = rounded(torch.nn.functional.conv2d(rounded(A * x + B), w1[:, :, None, None], b1))
+    h = rounded(torch.nn.functional.gelu(u))
+    o = rounded(torch.nn.functional.conv2d(h, w2[:, :, None, None], b2))
+    return a * x + b + l2 * o
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('case', MIXED_CASES, ids=lambda c: 'x'.join(map(str, c[:5])))
+def test_mlp_forward_mixed_precision(case, dtype):
+    """The mixed-precision mode (autocast): fp32 x, out and biases, w1 / w2 in a half dtype.
+    The FFMA kernel rounds nothing but what it is given (fp32 budget against the truth of the
+    same rounded weights); the mma kernel rounds z and h to the weights' dtype and the two-GEMM
+    path stores h in it: within twice the error of the reference under autocast. u is saved in
+    the weights' dtype."""
+    n, c, hd, h, w, channels_last, kernels = case
+    x, coeffs, weights = _mlp_inputs(n, c, hd, h, w, torch.float32, channels_last)
+    weights = [weights[0].to(dtype), weights[1], weights[2].to(dtype), weights[3]]
+    truth = _mlp_reference(x, coeffs, weights)
+    ref_err = rel_err(_mlp_autocast_reference(x, coeffs, weights, dtype), truth)
+    u_truth = torch.nn.functional.conv2d(
+        coeffs[0].double()[:, :, None, None] * x.double() + coeffs[1].double()[:, :, None, None],
+        weights[0].double()[:, :, None, None], weights[1].double())
+    assert cuda_emu.mlp_kernel(c, hd, dtype) == ('mma' if 'mma' in kernels else 'ffma')
+    for kernel in kernels:
+        for path in ('fused', 'two_gemm'):
+            res = cuda_emu.mlp_forward(x, *coeffs, *weights, kernel=kernel, path=path,
+                                       save_u=True, emit_moments=True)
+            assert res.out.dtype == torch.float32 and res.out.stride() == x.stride()
+            assert res.u.dtype == dtype and res.mean.dtype == torch.float32
+            err = rel_err(res.out, truth)
+            if kernel == 'ffma' and path == 'fused':
+                assert err <= 1e-5, (kernel, path, err)
+            assert err <= 2 * ref_err, (kernel, path, err, ref_err)
+            # u rounded once to the weights' dtype (from fp32 z on FFMA, half z on mma)
+            assert rel_err(res.u, u_truth) <= 4 * torch.finfo(dtype).eps, (kernel, path)
+            mean, var = _moments_of(res.out)
+            assert rel_err(res.mean, mean) <= 2e-6 and rel_err(res.var, var) <= 2e-6
+
+
+def test_mlp_forward_mixed_precision_rejects_other_pairs():
+    x, coeffs, weights = _mlp_inputs(1, 16, 64, 3, 3, torch.float32, False)
+    w1, b1, w2, b2 = weights
+    with pytest.raises(TypeError, match='w2 is torch.float16.*bfloat16'):
+        cuda_emu.mlp_forward(x, *coeffs, w1.bfloat16(), b1, w2.half(), b2)
+    with pytest.raises(TypeError, match='b1 is torch.bfloat16'):
+        cuda_emu.mlp_forward(x, *coeffs, w1.bfloat16(), b1.bfloat16(), w2.bfloat16(), b2)
+    xh, ch, wh = _mlp_inputs(1, 16, 64, 3, 3, torch.float16, False)
+    with pytest.raises(TypeError, match='w1 is torch.float32'):   # only fp32 x mixes
+        cuda_emu.mlp_forward(xh, *ch, wh[0].float(), wh[1], wh[2].float(), wh[3])
+    xd, cd, wd = _mlp_inputs(1, 16, 64, 3, 3, torch.float64, False)
+    with pytest.raises(TypeError, match='w1 is torch.bfloat16'):
+        cuda_emu.mlp_forward(xd, *cd, wd[0].bfloat16(), wd[1], wd[2].bfloat16(), wd[3])
+
+
 def test_mlp_forward_mma_takes_misaligned_weight_views():
     # A weight view starting one element into its storage: copied, not read as misaligned pairs.
     x, coeffs, (w1, b1, w2, b2) = _mlp_inputs(1, 16, 64, 3, 3, torch.float16, False)
@@ -221,7 +293,7 @@ def test_mlp_forward_mma_takes_misaligned_weight_views():
     ptrs_c = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in keep])
     ptrs_w = (ctypes.c_void_p * 4)(w1v.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr())
     with pytest.raises(cuda_emu.EmulatorError, match='4-byte aligned'):
-        cuda_emu._call(cuda_emu.library().riformer_emu_mlp_forward, 2, x.data_ptr(),
+        cuda_emu._call(cuda_emu.library().riformer_emu_mlp_forward, 2, 2, x.data_ptr(),
                        torch.empty_like(x).data_ptr(), dims, ptrs_c, ptrs_w, 1, 0, None,
                        None, None)
 

@@ -279,11 +279,13 @@ def test_cuda_kernels_no_spills_no_stack():
             per_source[r["source"]] = per_source.get(r["source"], 0) + 1
         # Every instantiation the bindings can launch: moments.cu partial_nchw, partial_cl and
         # merge x 4 dtypes; mlp_forward.cu the FFMA kernel x 3 modes (fused, hidden, output) x
-        # 4 dtypes, the mma kernel x 3 modes x 2 half dtypes, and the merge x 4 dtypes;
-        # mlp_backward.cu the partials, weights, sums and dx kernels x 4 dtypes and the mma
-        # partials and dx kernels x 2 half dtypes (each launched by the binding, no other).
-        assert per_source == {"csrc/cuda/moments.cu": 12, "csrc/cuda/mlp_forward.cu": 22,
-                              "csrc/cuda/mlp_backward.cu": 20}, per_source
+        # 6 type pairs (4 dtypes, and fp32 activations with fp16 / bf16 weights: the
+        # mixed-precision mode), the mma kernel x 3 modes x 4 pairs (the 2 half dtypes, the 2
+        # mixed pairs), and the merge x 4 dtypes; mlp_backward.cu the partials, weights, sums
+        # and dx kernels x 6 pairs and the mma partials and dx kernels x 2 half dtypes (each
+        # launched by the binding, no other).
+        assert per_source == {"csrc/cuda/moments.cu": 12, "csrc/cuda/mlp_forward.cu": 34,
+                              "csrc/cuda/mlp_backward.cu": 28}, per_source
     bad = [r for r in rows if r["spill_stores"] or r["spill_loads"] or r["stack"]]
     assert not bad, "spills or stack frames:\n" + _nvcc_report.format_report(bad)
     warned = sorted({w for r in rows for w in r["warnings"]})

@@ -46,15 +46,53 @@ inline void check_device(const at::Tensor& t, const at::Tensor& x, const char* n
               ", x on ", x.device());
 }
 
-// Weights and biases in x's dtype (the kernels read them as x's type), contiguous.
+template <typename T>
+struct Tag { using type = T; };
+
+// The dtype of the MLP's GEMMs, from the weights: x's, or float16/bfloat16 for float32 x (the
+// mixed-precision mode autocast runs: fp32 activations and biases around half GEMM operands;
+// the kernels' op_t).
+inline at::ScalarType gemm_dtype(const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& x,
+                                 const char* op) {
+  const at::ScalarType io = x.scalar_type(), gemm = w1.scalar_type();
+  TORCH_CHECK(gemm == io || (io == at::kFloat && (gemm == at::kHalf || gemm == at::kBFloat16)),
+              "riformer::", op, ": w1 has dtype ", gemm, "; the kernels take the weights in x's "
+              "dtype (", io, "), or in float16/bfloat16 for float32 x (the mixed-precision mode)");
+  TORCH_CHECK(w2.scalar_type() == gemm, "riformer::", op, ": w2 has dtype ", w2.scalar_type(),
+              ", expected w1's ", gemm);
+  return gemm;
+}
+
+// Calls f(Tag<io>, Tag<gemm>) with the ATen types of the activations and of the GEMM operands:
+// the four one-dtype pairs, or float32 with float16/bfloat16 (checked by gemm_dtype first).
+template <typename F>
+void dispatch_io_and_gemm(at::ScalarType io, at::ScalarType gemm, const char* name, F&& f) {
+  if (io == gemm) {
+    switch (io) {
+      case at::kFloat: return f(Tag<float>{}, Tag<float>{});
+      case at::kDouble: return f(Tag<double>{}, Tag<double>{});
+      case at::kHalf: return f(Tag<at::Half>{}, Tag<at::Half>{});
+      case at::kBFloat16: return f(Tag<at::BFloat16>{}, Tag<at::BFloat16>{});
+      default: break;
+    }
+  } else if (io == at::kFloat && gemm == at::kHalf) {
+    return f(Tag<float>{}, Tag<at::Half>{});
+  } else if (io == at::kFloat && gemm == at::kBFloat16) {
+    return f(Tag<float>{}, Tag<at::BFloat16>{});
+  }
+  TORCH_CHECK(false, name, ": no kernels for ", io, " activations with ", gemm, " weights");
+}
+
+// A weight or bias in `dtype` (the kernels read the biases as x's type, the weights as the
+// GEMMs' type), contiguous.
 inline at::Tensor param(const at::Tensor& w, const at::Tensor& x, int64_t rows, int64_t cols,
-                        const char* name, const char* op) {
+                        const char* name, const char* op, at::ScalarType dtype) {
   check_device(w, x, name, op);
   TORCH_CHECK(w.dim() >= 1 && w.numel() == rows * cols && w.size(0) == rows, "riformer::", op,
               ": ", name, " must have ", rows, " x ", cols, " elements in ", rows,
               " rows, got ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "riformer::", op, ": ", name, " has dtype ",
-              w.scalar_type(), ", expected the input's ", x.scalar_type());
+  TORCH_CHECK(w.scalar_type() == dtype, "riformer::", op, ": ", name, " has dtype ",
+              w.scalar_type(), ", expected ", dtype);
   // The mma kernels read weight pairs as 32-bit words: a fresh contiguous copy is aligned, a
   // view at an odd element offset is not.
   at::Tensor c = w.contiguous().reshape({rows, cols});

@@ -11,7 +11,8 @@
 // those the emulator tests. Phase 1: partials (FFMA, or mma for fp16/bf16 where mma_eligible),
 // then the weights and sums reductions. Phase 2: the dx kernel (FFMA or mma, the same rule).
 // Every kernel template the bindings can launch is instantiated by these launches (the GPU build
-// report lists them: 4 FFMA kernels x 4 dtypes, 2 mma kernels x 2 half dtypes).
+// report lists them: 4 FFMA kernels x 6 type pairs -- the 4 dtypes and the mixed-precision mode's
+// fp32 activations with fp16/bf16 weights -- and 2 mma kernels x 2 half dtypes).
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -40,7 +41,8 @@ using namespace mlp_bwd_cuda;
 // The operands both phases share, checked and in the layouts the kernels read.
 struct Operands {
   at::Tensor x, g, u;        // u undefined: recompute it
-  at::Tensor w1, b1, w2, b2;  // contiguous, x's dtype, w1/w2 4-byte aligned
+  at::Tensor w1, b1, w2, b2;  // contiguous, w1/w2 4-byte aligned in `gemm`, b1/b2 in x's dtype
+  at::ScalarType gemm = at::kFloat;   // the GEMMs' dtype: x's, or half in the mixed mode
   bool channels_last = false;
   bool mma = false;
   int64_t N = 0, C = 0, Hd = 0, T = 0;
@@ -86,19 +88,20 @@ Operands prepare(const at::Tensor& g, const at::Tensor& x_in, const at::Tensor& 
               w1.sizes());
   o.Hd = w1.size(0);
   TORCH_CHECK(o.Hd > 0, "riformer::", op, ": the MLP has no hidden units");
-  o.w1 = param(w1, o.x, o.Hd, o.C, "w1", op);
-  o.b1 = param(b1, o.x, o.Hd, 1, "b1", op);
-  o.w2 = param(w2, o.x, o.C, o.Hd, "w2", op);
-  o.b2 = param(b2, o.x, o.C, 1, "b2", op);
+  o.gemm = gemm_dtype(w1, w2, o.x, op);
+  o.w1 = param(w1, o.x, o.Hd, o.C, "w1", op, o.gemm);
+  o.b1 = param(b1, o.x, o.Hd, 1, "b1", op, st);
+  o.w2 = param(w2, o.x, o.C, o.Hd, "w2", op, o.gemm);
+  o.b2 = param(b2, o.x, o.C, 1, "b2", op, st);
 
   if (u.has_value() && u->defined()) {
     const at::Tensor& s = *u;
     TORCH_CHECK(s.dim() == 4 && s.size(0) == o.N && s.size(1) == o.Hd &&
                     s.size(2) == o.x.size(2) && s.size(3) == o.x.size(3) &&
-                    s.scalar_type() == st && s.device() == o.x.device(),
+                    s.scalar_type() == o.gemm && s.device() == o.x.device(),
                 "riformer::", op, ": u is ", s.sizes(), " ", s.scalar_type(), " on ", s.device(),
-                "; expected (", o.N, ", ", o.Hd, ", ", o.x.size(2), ", ", o.x.size(3), ") ", st,
-                " on ", o.x.device());
+                "; expected (", o.N, ", ", o.Hd, ", ", o.x.size(2), ", ", o.x.size(3), ") ",
+                o.gemm, " (the weights' dtype) on ", o.x.device());
     // The kernels index u by (sample, hidden unit, token) strides: either dense layout works;
     // others are copied hidden-fastest, the layout the forward saves.
     o.u = s.is_contiguous() || s.is_contiguous(at::MemoryFormat::ChannelsLast)
@@ -106,8 +109,8 @@ Operands prepare(const at::Tensor& g, const at::Tensor& x_in, const at::Tensor& 
               : s.contiguous(at::MemoryFormat::ChannelsLast);
   }
   // The emulated entry point's choice ('auto'): tensor cores for fp16/bf16 with C and Hd
-  // multiples of 16, FFMA otherwise.
-  o.mma = (st == at::kHalf || st == at::kBFloat16) && mma_eligible(o.C, o.Hd);
+  // multiples of 16, FFMA otherwise (the mixed mode included: x is fp32 there).
+  o.mma = (st == at::kHalf || st == at::kBFloat16) && o.gemm == st && mma_eligible(o.C, o.Hd);
   return o;
 }
 
@@ -124,14 +127,17 @@ at::Tensor coeff(const at::Tensor& t, const Operands& o, const char* name, const
 
 // The fields both phases fill alike (emulated_kernels.cpp, backward_args): shapes, strides, the
 // split plan, the phase-1 coefficients and the weights.
-template <typename kernel_t, typename scalar_t, typename acc_t>
-MlpBackwardArgs<kernel_t, acc_t> args_of(const Operands& o, const SplitPlan& plan,
-                                         const at::Tensor& mean, const at::Tensor& A,
-                                         const at::Tensor& B, const at::Tensor& l2) {
-  MlpBackwardArgs<kernel_t, acc_t> p{};
+// scalar_t, gemm_t: ATen's types of the activations and of the GEMM operands.
+template <typename scalar_t, typename gemm_t, typename acc_t,
+          typename kernel_t = typename KernelType<scalar_t>::type,
+          typename op_kernel_t = typename KernelType<gemm_t>::type>
+MlpBackwardArgs<kernel_t, acc_t, op_kernel_t> args_of(const Operands& o, const SplitPlan& plan,
+                                                      const at::Tensor& mean, const at::Tensor& A,
+                                                      const at::Tensor& B, const at::Tensor& l2) {
+  MlpBackwardArgs<kernel_t, acc_t, op_kernel_t> p{};
   p.x = reinterpret_cast<const kernel_t*>(o.x.const_data_ptr<scalar_t>());
   p.g = reinterpret_cast<const kernel_t*>(o.g.const_data_ptr<scalar_t>());
-  p.u = o.u.defined() ? reinterpret_cast<const kernel_t*>(o.u.const_data_ptr<scalar_t>())
+  p.u = o.u.defined() ? reinterpret_cast<const op_kernel_t*>(o.u.const_data_ptr<gemm_t>())
                       : nullptr;
   p.N = o.N;
   p.C = o.C;
@@ -154,9 +160,9 @@ MlpBackwardArgs<kernel_t, acc_t> args_of(const Operands& o, const SplitPlan& pla
   p.B = B.const_data_ptr<acc_t>();
   p.mean = mean.const_data_ptr<acc_t>();
   p.l2 = l2.const_data_ptr<acc_t>();
-  p.w1 = reinterpret_cast<const kernel_t*>(o.w1.const_data_ptr<scalar_t>());
+  p.w1 = reinterpret_cast<const op_kernel_t*>(o.w1.const_data_ptr<gemm_t>());
   p.b1 = reinterpret_cast<const kernel_t*>(o.b1.const_data_ptr<scalar_t>());
-  p.w2 = reinterpret_cast<const kernel_t*>(o.w2.const_data_ptr<scalar_t>());
+  p.w2 = reinterpret_cast<const op_kernel_t*>(o.w2.const_data_ptr<gemm_t>());
   p.b2 = reinterpret_cast<const kernel_t*>(o.b2.const_data_ptr<scalar_t>());
   return p;
 }
@@ -185,11 +191,12 @@ void launch(Kernel* kernel, dim3 grid, int64_t smem, const Args& p, int device,
 // The launches of each phase, as the emulated entry points make them. Function templates, so
 // `if constexpr` discards the mma launches for fp32/fp64 (in the dispatch lambda it would not,
 // and nvcc would reference mma kernels of those types).
-template <typename scalar_t, typename acc_t>
-void launch_phase1(const MlpBackwardArgs<scalar_t, acc_t>& p, bool mma, dim3 grid, dim3 grid_w,
-                   dim3 grid_s, int device, cudaStream_t stream, const char* op) {
+template <typename scalar_t, typename acc_t, typename op_t>
+void launch_phase1(const MlpBackwardArgs<scalar_t, acc_t, op_t>& p, bool mma, dim3 grid,
+                   dim3 grid_w, dim3 grid_s, int device, cudaStream_t stream, const char* op) {
   bool launched = false;
-  if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
+  if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2 &&
+                std::is_same_v<scalar_t, op_t>) {
     if (mma) {
       launch(mlp_backward_partials_mma_kernel<scalar_t>, grid, partials_mma_smem_bytes(p.C), p,
              device, stream, op);
@@ -197,24 +204,25 @@ void launch_phase1(const MlpBackwardArgs<scalar_t, acc_t>& p, bool mma, dim3 gri
     }
   }
   if (!launched)
-    launch(mlp_backward_partials_kernel<scalar_t, acc_t>, grid,
+    launch(mlp_backward_partials_kernel<scalar_t, acc_t, op_t>, grid,
            partials_smem_bytes(p.C, int64_t(sizeof(acc_t))), p, device, stream, op);
   // Stream order: the reductions start once every partial is written.
-  launch(mlp_backward_weights_kernel<scalar_t, acc_t>, grid_w, 0, p, device, stream, op);
-  launch(mlp_backward_sums_kernel<scalar_t, acc_t>, grid_s, 0, p, device, stream, op);
+  launch(mlp_backward_weights_kernel<scalar_t, acc_t, op_t>, grid_w, 0, p, device, stream, op);
+  launch(mlp_backward_sums_kernel<scalar_t, acc_t, op_t>, grid_s, 0, p, device, stream, op);
 }
 
-template <typename scalar_t, typename acc_t>
-void launch_phase2(const MlpBackwardArgs<scalar_t, acc_t>& p, bool mma, dim3 grid, int device,
-                   cudaStream_t stream, const char* op) {
-  if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
+template <typename scalar_t, typename acc_t, typename op_t>
+void launch_phase2(const MlpBackwardArgs<scalar_t, acc_t, op_t>& p, bool mma, dim3 grid,
+                   int device, cudaStream_t stream, const char* op) {
+  if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2 &&
+                std::is_same_v<scalar_t, op_t>) {
     if (mma) {
       launch(mlp_backward_dx_mma_kernel<scalar_t>, grid, dx_mma_smem_bytes(p.C), p, device,
              stream, op);
       return;
     }
   }
-  launch(mlp_backward_dx_kernel<scalar_t, acc_t>, grid,
+  launch(mlp_backward_dx_kernel<scalar_t, acc_t, op_t>, grid,
          dx_smem_bytes(p.C, int64_t(sizeof(acc_t))), p, device, stream, op);
 }
 
@@ -260,11 +268,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> weights_a
   const int device = o.x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.x.scalar_type(),
-                                  "riformer_cuda_mlp_backward_weights_and_sums", [&] {
-    using kernel_t = typename KernelType<scalar_t>::type;
+  dispatch_io_and_gemm(o.x.scalar_type(), o.gemm, "riformer_cuda_mlp_backward_weights_and_sums",
+                       [&](auto io_tag, auto gemm_tag) {
+    using scalar_t = typename decltype(io_tag)::type;
+    using gemm_t = typename decltype(gemm_tag)::type;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    auto p = args_of<kernel_t, scalar_t, acc_t>(o, plan, meanc, Ac, Bc, l2c);
+    auto p = args_of<scalar_t, gemm_t, acc_t>(o, plan, meanc, Ac, Bc, l2c);
     acc_t* part[8];
     acc_t* next = scratch.mutable_data_ptr<acc_t>();
     for (int i = 0; i < 8; ++i) {
@@ -303,11 +312,13 @@ at::Tensor dx_cuda(const at::Tensor& g, const at::Tensor& x, const at::Tensor& m
   const int device = o.x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.x.scalar_type(),
-                                  "riformer_cuda_mlp_backward_dx", [&] {
+  dispatch_io_and_gemm(o.x.scalar_type(), o.gemm, "riformer_cuda_mlp_backward_dx",
+                       [&](auto io_tag, auto gemm_tag) {
+    using scalar_t = typename decltype(io_tag)::type;
+    using gemm_t = typename decltype(gemm_tag)::type;
     using kernel_t = typename KernelType<scalar_t>::type;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    auto p = args_of<kernel_t, scalar_t, acc_t>(o, plan, meanc, Ac, Bc, l2c);
+    auto p = args_of<scalar_t, gemm_t, acc_t>(o, plan, meanc, Ac, Bc, l2c);
     p.P = Pc.const_data_ptr<acc_t>();
     p.Q = Qc.const_data_ptr<acc_t>();
     p.R = Rc.const_data_ptr<acc_t>();

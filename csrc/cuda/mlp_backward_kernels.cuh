@@ -57,6 +57,13 @@
 // Arithmetic: FFMA in the accumulation type: fp32 for fp32/fp16/bf16 inputs (half types widened
 // on load, z and dO kept in fp32), fp64 for fp64 (the oracle path); and, at the end of this
 // file, tensor-core (mma.sync) variants of kernels 1 and 4 for fp16/bf16.
+// The mixed-precision mode (autocast: fp32 x, g and dx with fp16/bf16 weights, op_t below) runs
+// the FFMA kernels with the weights widened on load, every activation in fp32: the reference
+// under autocast rounds dO, du, dz and its weight gradients to the half dtype, these kernels
+// round nothing but the weights it rounds too. (A tensor-core mixed backward would round dO,
+// du, x~ and g for its mma operands; keeping the O(C) gradients within twice the reference's
+// error then needs two-term operands, as the cpu and triton kernels use for dh and dz -- not
+// built: it should be weighed on a GPU against this one first.)
 // Layouts: NCHW or channels_last, the token index t = h * W + w one stride (NCHW: st = 1,
 // sc = T; channels_last: st = C, sc = 1); g has x's strides; saved u is (N, Hd, T) with its own
 // strides (the forward writes it hidden-contiguous per token).
@@ -101,11 +108,15 @@ static_assert(kDR * (kThreads / kHTG) == kCh, "dz tile covers the channel slice"
 constexpr int64_t kMinPartialCtas = 528;
 constexpr int64_t kScratchPerInputNum = 1, kScratchPerInputDen = 2;   // 1/2
 
-template <typename scalar_t, typename acc_t>
+// scalar_t: the activations' type (x, g, dx, the biases); op_t: the GEMMs' (the weights and the
+// saved u), the same except in the mixed-precision mode (fp32 activations, fp16/bf16 weights;
+// see MlpForwardArgs), which the FFMA kernels run: every activation stays fp32 and only the
+// weights are in op_t, widened on load.
+template <typename scalar_t, typename acc_t, typename op_t = scalar_t>
 struct MlpBackwardArgs {
   const scalar_t* x;
   const scalar_t* g;      // dL/dout, x's strides
-  const scalar_t* u;      // saved u (N, Hd, T), or nullptr: recompute it
+  const op_t* u;          // saved u (N, Hd, T), or nullptr: recompute it
   scalar_t* dx;           // phase 2 output, x's strides
   int64_t N, C, Hd, T;
   int64_t sn, sc, st;     // x, g, dx strides (elements)
@@ -123,9 +134,9 @@ struct MlpBackwardArgs {
   const acc_t* Q;
   const acc_t* R;
   const acc_t* S;
-  const scalar_t* w1;     // (Hd, C) row-major
+  const op_t* w1;         // (Hd, C) row-major
   const scalar_t* b1;     // (Hd)
-  const scalar_t* w2;     // (C, Hd) row-major
+  const op_t* w2;         // (C, Hd) row-major
   const scalar_t* b2;     // (C)
   // Partials. Per split s: dw1p (Hd, C) = sum over the split's samples of E A + D (A m + B),
   // dw2p (C, Hd) = sum of l2 F, db1p (Hd) = sum of D. Per (split, sample) pair -- index
@@ -223,8 +234,9 @@ __device__ __forceinline__ double normal_cdf(double u) {
 // store(k, j, z, dO): channel k, token j of the tile, 0 past T so the GEMMs read defined values.
 // The walk follows x's unit stride (coalesced). Both phase-1/phase-2 kernel families use it,
 // each storing into its own shared layout.
-template <typename acc_t, typename scalar_t, typename Store>
-__device__ __forceinline__ void walk_z_and_do(const MlpBackwardArgs<scalar_t, acc_t>& p, int64_t n,
+template <typename acc_t, typename scalar_t, typename op_t, typename Store>
+__device__ __forceinline__ void walk_z_and_do(const MlpBackwardArgs<scalar_t, acc_t, op_t>& p,
+                                              int64_t n,
                                               int64_t t0, const Store& store) {
   const scalar_t* xn = p.x + n * p.sn;
   const scalar_t* gn = p.g + n * p.sn;
@@ -244,8 +256,9 @@ __device__ __forceinline__ void walk_z_and_do(const MlpBackwardArgs<scalar_t, ac
 }
 
 // The FFMA kernels' layout: zs / dOs [C][kTokens] in the accumulation type.
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ void load_z_and_do(const MlpBackwardArgs<scalar_t, acc_t>& p, int64_t n,
+template <typename acc_t, typename scalar_t, typename op_t>
+__device__ __forceinline__ void load_z_and_do(const MlpBackwardArgs<scalar_t, acc_t, op_t>& p,
+                                              int64_t n,
                                               int64_t t0, acc_t* zs, acc_t* dOs) {
   walk_z_and_do(p, n, t0, [&](int64_t k, int j, acc_t z, acc_t d) {
     zs[k * kTokens + j] = z;
@@ -257,8 +270,9 @@ __device__ __forceinline__ void load_z_and_do(const MlpBackwardArgs<scalar_t, ac
 // the saved u), dh = W2^T dO from dOs, then du = dh GELU'(u) into dus and, when hs is given,
 // h = GELU(u) into hs ([kHid][kTokens]). Units past Hd are written as 0 (never used); tokens
 // past T get du = 0 because dO is 0 there. The caller syncs before and after.
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ void hidden_chunk(const MlpBackwardArgs<scalar_t, acc_t>& p, int64_t n,
+template <typename acc_t, typename scalar_t, typename op_t>
+__device__ __forceinline__ void hidden_chunk(const MlpBackwardArgs<scalar_t, acc_t, op_t>& p,
+                                             int64_t n,
                                              int64_t t0, int64_t h0, const acc_t* zs,
                                              const acc_t* dOs, acc_t* hs, acc_t* dus) {
   const int tg = threadIdx.x % kHTG;   // tokens tg*kHT .. +kHT-1
@@ -336,9 +350,9 @@ __device__ __forceinline__ void store_chunk_sums(const Args& p, int tid, int64_t
   p.sgop[slot] = sgo;
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename op_t = scalar_t>
 __global__ void __launch_bounds__(kThreads)
-mlp_backward_partials_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
+mlp_backward_partials_kernel(MlpBackwardArgs<scalar_t, acc_t, op_t> p) {
   RIFORMER_DYNAMIC_SMEM(acc_t, smem);
   acc_t* const zs = smem;                          // [C][kTokens]
   acc_t* const dOs = zs + p.C * kTokens;           // [C][kTokens]
@@ -484,8 +498,8 @@ mlp_backward_partials_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
 // weight gradients are 3.3 |x| at N = 64 and 84 |x| at N = 1 -- would write them as partials,
 // read them back and write them again. Both launchers (the emulated entry and the torch
 // binding) call it after filling the pointers and before launching.
-template <typename scalar_t, typename acc_t>
-inline void weights_in_place(MlpBackwardArgs<scalar_t, acc_t>* p) {
+template <typename scalar_t, typename acc_t, typename op_t>
+inline void weights_in_place(MlpBackwardArgs<scalar_t, acc_t, op_t>* p) {
   p->weights_from = 0;
   if (p->splits != 1) return;
   p->dw1p = p->dw1;
@@ -497,8 +511,8 @@ inline void weights_in_place(MlpBackwardArgs<scalar_t, acc_t>* p) {
 // Phase 1's buffers, as both launchers hand them over: part = dw1p, dw2p, db1p, sgp, sgxp,
 // sdzp, sdzxp, sgop (the scratch, MlpBackwardArgs' order; the first three unused with one
 // split), out = dw1, db1, dw2, db2, sums. Then weights_in_place.
-template <typename scalar_t, typename acc_t>
-inline void set_phase1_buffers(MlpBackwardArgs<scalar_t, acc_t>* p, acc_t* const* part,
+template <typename scalar_t, typename acc_t, typename op_t>
+inline void set_phase1_buffers(MlpBackwardArgs<scalar_t, acc_t, op_t>* p, acc_t* const* part,
                                acc_t* const* out) {
   p->dw1p = part[0];
   p->dw2p = part[1];
@@ -517,16 +531,16 @@ inline void set_phase1_buffers(MlpBackwardArgs<scalar_t, acc_t>* p, acc_t* const
 }
 
 // Threads of the weights kernel: one per element it reduces.
-template <typename scalar_t, typename acc_t>
-inline int64_t weights_elements(const MlpBackwardArgs<scalar_t, acc_t>& p) {
+template <typename scalar_t, typename acc_t, typename op_t>
+inline int64_t weights_elements(const MlpBackwardArgs<scalar_t, acc_t, op_t>& p) {
   return 2 * p.Hd * p.C + p.Hd + p.C - p.weights_from;
 }
 
 // Elements in order: dW1 (Hd * C), dW2 (C * Hd), db1 (Hd), db2 (C), from p.weights_from on;
 // one thread each, splits ascending (db2: samples ascending, then the sample's pairs).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename op_t = scalar_t>
 __global__ void __launch_bounds__(kThreads)
-mlp_backward_weights_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
+mlp_backward_weights_kernel(MlpBackwardArgs<scalar_t, acc_t, op_t> p) {
   const int64_t i = p.weights_from + int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t HC = p.Hd * p.C;
   acc_t acc = acc_t(0);
@@ -556,9 +570,9 @@ mlp_backward_weights_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
 
 // One thread per (n, c): the five sums of docs/design.md section 3 from sample n's pairs
 // (ascending), each pair's hidden chunks ascending.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename op_t = scalar_t>
 __global__ void __launch_bounds__(kThreads)
-mlp_backward_sums_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
+mlp_backward_sums_kernel(MlpBackwardArgs<scalar_t, acc_t, op_t> p) {
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= p.N * p.C) return;
   const int64_t n = i / p.C, c = i % p.C;
@@ -584,9 +598,9 @@ mlp_backward_sums_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
   p.sums[4 * NC + i] = sgo + load_as<acc_t>(p.b2 + c) * sg;
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename op_t = scalar_t>
 __global__ void __launch_bounds__(kThreads)
-mlp_backward_dx_kernel(MlpBackwardArgs<scalar_t, acc_t> p) {
+mlp_backward_dx_kernel(MlpBackwardArgs<scalar_t, acc_t, op_t> p) {
   RIFORMER_DYNAMIC_SMEM(acc_t, smem);
   acc_t* const zs = smem;                  // [C][kTokens]
   acc_t* const dOs = zs + p.C * kTokens;   // [C][kTokens]

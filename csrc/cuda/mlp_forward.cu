@@ -4,8 +4,9 @@
 // the SIMT emulator, which is how they are tested on machines without a GPU).
 //
 // The op contract is the CPU kernels' (csrc/ops.cpp): out in x's memory format; out_mean /
-// out_var (N, C) in the statistics dtype when emit_moments, else (0, C); u (N, Hd, H, W) in x's
-// dtype and memory format. Here the moments come from the MLP kernel's epilogue (per-tile
+// out_var (N, C) in the statistics dtype when emit_moments, else (0, C); u (N, Hd, H, W) in
+// the GEMMs' dtype (x's, or the weights' half dtype with float32 x: the mixed-precision mode)
+// and x's memory format. Here the moments come from the MLP kernel's epilogue (per-tile
 // partials of the stored values) and one merge launch. Large C takes the two-GEMM path
 // (plan_mlp: prefer_two_gemm), with an (N, T, Hd) scratch for h.
 
@@ -50,31 +51,31 @@ void launch_one(Kernel* kernel, unsigned grid_y, int64_t smem, const Args& p, co
 
 // The plan's launches: one fused kernel, or the hidden then the output kernel of the two-GEMM
 // path (stream order makes h complete before the second reads it).
-template <typename scalar_t, typename acc_t>
-void launch(const MlpForwardArgs<scalar_t, acc_t>& p, const MlpPlan& plan, int device,
+template <typename scalar_t, typename acc_t, typename op_t>
+void launch(const MlpForwardArgs<scalar_t, acc_t, op_t>& p, const MlpPlan& plan, int device,
             cudaStream_t stream, const char* op) {
-  if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
+  if constexpr (std::is_same_v<acc_t, float> && sizeof(op_t) == 2) {
     if (plan.mma) {
       if (plan.two_gemm) {
-        launch_one(mlp_forward_mma_kernel<scalar_t, kHidden>, plan.grid_y_hidden,
+        launch_one(mlp_forward_mma_kernel<scalar_t, kHidden, op_t>, plan.grid_y_hidden,
                    plan.smem_hidden, p, plan, device, stream, op);
-        launch_one(mlp_forward_mma_kernel<scalar_t, kOutput>, plan.grid_y, plan.smem, p, plan,
-                   device, stream, op);
+        launch_one(mlp_forward_mma_kernel<scalar_t, kOutput, op_t>, plan.grid_y, plan.smem, p,
+                   plan, device, stream, op);
       } else {
-        launch_one(mlp_forward_mma_kernel<scalar_t, kFused>, plan.grid_y, plan.smem, p, plan,
-                   device, stream, op);
+        launch_one(mlp_forward_mma_kernel<scalar_t, kFused, op_t>, plan.grid_y, plan.smem, p,
+                   plan, device, stream, op);
       }
       return;
     }
   }
   if (plan.two_gemm) {
-    launch_one(mlp_forward_kernel<scalar_t, acc_t, kHidden>, plan.grid_y_hidden,
+    launch_one(mlp_forward_kernel<scalar_t, acc_t, kHidden, op_t>, plan.grid_y_hidden,
                plan.smem_hidden, p, plan, device, stream, op);
-    launch_one(mlp_forward_kernel<scalar_t, acc_t, kOutput>, plan.grid_y, plan.smem, p, plan,
-               device, stream, op);
+    launch_one(mlp_forward_kernel<scalar_t, acc_t, kOutput, op_t>, plan.grid_y, plan.smem, p,
+               plan, device, stream, op);
   } else {
-    launch_one(mlp_forward_kernel<scalar_t, acc_t, kFused>, plan.grid_y, plan.smem, p, plan,
-               device, stream, op);
+    launch_one(mlp_forward_kernel<scalar_t, acc_t, kFused, op_t>, plan.grid_y, plan.smem, p,
+               plan, device, stream, op);
   }
 }
 
@@ -97,29 +98,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_forward_impl(
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(fmt));
   at::Tensor mean = at::empty({emit_moments ? N : 0, C}, x.options().dtype(acc));
   at::Tensor var = at::empty({emit_moments ? N : 0, C}, x.options().dtype(acc));
+  // The GEMMs' dtype: x's, or the half weights' in the mixed-precision mode, where u (a GEMM
+  // output) and the two-GEMM path's h (a GEMM operand) are kept in it too.
+  const at::ScalarType gemm = gemm_dtype(w1, w2, x, op);
   at::Tensor u = at::empty({save_u ? N : 0, Hd, x.size(2), x.size(3)},
-                           x.options().memory_format(fmt));
+                           x.options().dtype(gemm).memory_format(fmt));
   if (N * C == 0) return {out, mean, var, u};
   TORCH_CHECK(T > 0, "riformer::", op, ": H*W must be positive, got ", x.sizes());
   const at::Tensor Ac = coeff(A, x, N, C, acc, "A", op), Bc = coeff(B, x, N, C, acc, "B", op);
   const at::Tensor ac = coeff(a, x, N, C, acc, "a", op), bc = coeff(b, x, N, C, acc, "b", op);
   const at::Tensor l2c = coeff(l2, x, N, C, acc, "l2", op);
-  const at::Tensor w1c = param(w1, x, Hd, C, "w1", op), w2c = param(w2, x, C, Hd, "w2", op);
-  const at::Tensor b1c = param(b1, x, Hd, 1, "b1", op), b2c = param(b2, x, C, 1, "b2", op);
+  const at::Tensor w1c = param(w1, x, Hd, C, "w1", op, gemm);
+  const at::Tensor w2c = param(w2, x, C, Hd, "w2", op, gemm);
+  const at::Tensor b1c = param(b1, x, Hd, 1, "b1", op, st);
+  const at::Tensor b2c = param(b2, x, C, 1, "b2", op, st);
 
-  const int elem = int(x.element_size());
+  // The plan follows the GEMM operand type (as the emulated entry's).
+  const int elem = int(c10::elementSize(gemm));
   const MlpPlan plan = plan_mlp(N, C, Hd, T, elem, elem == 2);
   TORCH_CHECK(plan.grid_x < (1u << 31), "riformer::", op, ": input too large for one launch");
   at::Tensor part = at::empty({emit_moments ? N * plan.tiles * C * 3 : 0}, x.options().dtype(acc));
   at::Tensor shift = at::empty({emit_moments ? N * C : 0}, x.options().dtype(acc));
-  at::Tensor hidden = at::empty({plan.scratch}, x.options());   // the two-GEMM path's h
+  at::Tensor hidden = at::empty({plan.scratch}, x.options().dtype(gemm));   // two-GEMM path's h
   const int device = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "riformer_mlp_forward_cuda", [&] {
-    using kernel_t = typename KernelType<scalar_t>::type;
+  dispatch_io_and_gemm(st, gemm, "riformer_mlp_forward_cuda", [&](auto io_tag, auto gemm_tag) {
+    using scalar_t = typename decltype(io_tag)::type;    // ATen's types
+    using gemm_t = typename decltype(gemm_tag)::type;
+    using kernel_t = typename KernelType<scalar_t>::type;   // the kernels' (CUDA's half types)
+    using op_kernel_t = typename KernelType<gemm_t>::type;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    MlpForwardArgs<kernel_t, acc_t> p{};
+    MlpForwardArgs<kernel_t, acc_t, op_kernel_t> p{};
     p.x = reinterpret_cast<const kernel_t*>(x.const_data_ptr<scalar_t>());
     p.out = reinterpret_cast<kernel_t*>(out.mutable_data_ptr<scalar_t>());
     p.N = N;
@@ -135,17 +145,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_forward_impl(
     p.a = ac.const_data_ptr<acc_t>();
     p.b = bc.const_data_ptr<acc_t>();
     p.l2 = l2c.const_data_ptr<acc_t>();
-    p.w1 = reinterpret_cast<const kernel_t*>(w1c.const_data_ptr<scalar_t>());
+    p.w1 = reinterpret_cast<const op_kernel_t*>(w1c.const_data_ptr<gemm_t>());
     p.b1 = reinterpret_cast<const kernel_t*>(b1c.const_data_ptr<scalar_t>());
-    p.w2 = reinterpret_cast<const kernel_t*>(w2c.const_data_ptr<scalar_t>());
+    p.w2 = reinterpret_cast<const op_kernel_t*>(w2c.const_data_ptr<gemm_t>());
     p.b2 = reinterpret_cast<const kernel_t*>(b2c.const_data_ptr<scalar_t>());
-    p.u = save_u ? reinterpret_cast<kernel_t*>(u.mutable_data_ptr<scalar_t>()) : nullptr;
+    p.u = save_u ? reinterpret_cast<op_kernel_t*>(u.mutable_data_ptr<gemm_t>()) : nullptr;
     p.u_sj = cl ? 1 : T;
     p.u_st = cl ? Hd : 1;
     p.part = emit_moments ? reinterpret_cast<Moments<acc_t>*>(part.mutable_data_ptr<acc_t>())
                           : nullptr;
     p.shift = emit_moments ? shift.mutable_data_ptr<acc_t>() : nullptr;
-    p.h = plan.two_gemm ? reinterpret_cast<kernel_t*>(hidden.mutable_data_ptr<scalar_t>())
+    p.h = plan.two_gemm ? reinterpret_cast<op_kernel_t*>(hidden.mutable_data_ptr<gemm_t>())
                         : nullptr;
     launch(p, plan, device, stream, op);
     if (emit_moments) {

@@ -54,7 +54,13 @@ static_assert(kRowGroups * kRows == kOutTile, "GEMM2 tile covers the output slic
 // Everything the kernel reads; one struct so host and device agree on one signature.
 // Strides are in elements and shared by x and out (out is allocated in x's layout); the token
 // index t = h * W + w must be one stride (NCHW: st = 1, sc = T; channels_last: st = C, sc = 1).
-template <typename scalar_t, typename acc_t>
+// Two element types: scalar_t, the activations' (x, out and the biases: the residual stream),
+// and op_t, the GEMMs' (the weights, and what the GEMMs read or write besides them: h and the
+// saved u). They are the same type except in the mixed-precision mode autocast runs, fp32
+// activations with fp16/bf16 weights (riformer_kernels.pipeline.AutocastPlan), where z and h
+// are rounded to op_t for the tensor-core GEMMs exactly as the reference under autocast
+// rounds its convs' inputs, and everything else stays fp32.
+template <typename scalar_t, typename acc_t, typename op_t = scalar_t>
 struct MlpForwardArgs {
   const scalar_t* x;
   scalar_t* out;
@@ -66,14 +72,14 @@ struct MlpForwardArgs {
   const acc_t* a;
   const acc_t* b;
   const acc_t* l2;
-  const scalar_t* w1;    // (Hd, C) row-major
+  const op_t* w1;        // (Hd, C) row-major
   const scalar_t* b1;    // (Hd)
-  const scalar_t* w2;    // (C, Hd) row-major
+  const op_t* w2;        // (C, Hd) row-major
   const scalar_t* b2;    // (C)
-  scalar_t* h;           // (N, T, Hd) hidden activations: the two-GEMM path's scratch
+  op_t* h;               // (N, T, Hd) hidden activations: the two-GEMM path's scratch
   // Optional outputs (nullptr: not wanted; uniform over the launch, so the branches on them
   // are uniform too):
-  scalar_t* u;           // (N, Hd, H, W): u = W1 z + b1 before GELU, for a backward that
+  op_t* u;               // (N, Hd, H, W): u = W1 z + b1 before GELU, for a backward that
                          // reads it instead of recomputing (recompute=False), at
                          // u[n * Hd * T + j * u_sj + t * u_st] (NCHW: u_sj = T, u_st = 1;
                          // channels_last: u_sj = 1, u_st = Hd)
@@ -243,8 +249,8 @@ __device__ __forceinline__ void prologue_tile(const Args& p, int64_t n, int64_t 
 
 // The FFMA kernels' epilogue: out = a x + b + l2 (acc + b2) for the thread's kRows x kRT
 // (channel, token) pairs, and the tile's moments of the stored values when p.part is set.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void epilogue_ffma(const MlpForwardArgs<scalar_t, acc_t>& p,
+template <typename scalar_t, typename acc_t, typename op_t>
+__device__ __forceinline__ void epilogue_ffma(const MlpForwardArgs<scalar_t, acc_t, op_t>& p,
                                               int64_t n, int64_t t0, int64_t c0, int tg, int rg,
                                               const acc_t (&acc)[kRows][kRT]) {
   const scalar_t* xn = p.x + n * p.sn;
@@ -283,9 +289,9 @@ __device__ __forceinline__ void epilogue_ffma(const MlpForwardArgs<scalar_t, acc
   }
 }
 
-template <typename scalar_t, typename acc_t, int kMode = kFused>
+template <typename scalar_t, typename acc_t, int kMode = kFused, typename op_t = scalar_t>
 __global__ void __launch_bounds__(kThreads)
-mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
+mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t, op_t> p) {
   RIFORMER_DYNAMIC_SMEM(acc_t, smem);
   acc_t* const zs = smem;                                            // [C][kTokens]
   acc_t* const hs = smem + (kMode == kOutput ? 0 : p.C * kTokens);   // [kHidChunk][kHS]
@@ -324,7 +330,7 @@ mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
       }
     } else {
       acc_t u[kRows][kRT];
-      const scalar_t* w1row[kRows];
+      const op_t* w1row[kRows];
       bool live[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
@@ -372,7 +378,7 @@ mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
     __syncthreads();  // hs complete before any thread reads other threads' rows
 
     const int64_t hn = p.Hd - h0 < kHidChunk ? p.Hd - h0 : int64_t(kHidChunk);
-    const scalar_t* w2row[kRows];
+    const op_t* w2row[kRows];
     bool out_live[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -415,8 +421,9 @@ mlp_forward_kernel(MlpForwardArgs<scalar_t, acc_t> p) {
 //     one 32-bit load (the weights are small and stay in L1/L2);
 //   * the same fixed summation order per element as the FFMA kernel (k-steps ascending, hidden
 //     chunks ascending): deterministic.
-// z and GELU(u) are rounded to the input dtype before their mma (the reference rounds them too);
-// u, GELU and the output accumulate and evaluate in fp32. Needs C % 16 == 0 and Hd % 16 == 0
+// z and GELU(u) are rounded to the operand dtype op_t (the input's, or the weights' in the
+// mixed-precision mode) before their mma (the reference rounds them too); u, GELU and the
+// output accumulate and evaluate in fp32, x and out are read and written in scalar_t. Needs C % 16 == 0 and Hd % 16 == 0
 // (whole k-steps; every RIFormer width is a multiple of 16); other shapes take the FFMA kernel.
 // The two-GEMM path uses the same kernel: kHidden stores h^T from the accumulator registers to
 // the (N, T, Hd) scratch, kOutput loads GEMM2's A fragments from it directly (no shared memory
@@ -463,10 +470,11 @@ struct MlpPlan {
   unsigned grid_y_hidden = 0;  // hidden chunks (kHidden)
   int64_t smem = 0;          // dynamic shared memory bytes (kFused, kOutput)
   int64_t smem_hidden = 0;   // (kHidden)
-  int64_t scratch = 0;       // elements of h (N * T * Hd, x's dtype) for the two-GEMM path
+  int64_t scratch = 0;       // elements of h (N * T * Hd, op_t) for the two-GEMM path
 };
 
-// elem_size: bytes of x's dtype; half: x is fp16/bf16. mma: -1 chooses (tensor cores wherever
+// elem_size: bytes of the GEMM operand type op_t (x's dtype, or the weights' half dtype in the
+// mixed-precision mode); half: op_t is fp16/bf16. mma: -1 chooses (tensor cores wherever
 // they can run), 0 forces FFMA, 1 forces mma (the caller checks mma_eligible first). two_gemm:
 // -1 applies prefer_two_gemm, 0 forces the fused kernel, 1 the two-GEMM path.
 inline MlpPlan plan_mlp(int64_t N, int64_t C, int64_t Hd, int64_t T, int elem_size, bool half,
@@ -530,14 +538,14 @@ __device__ __forceinline__ float column_sum(float v) {
   return v;
 }
 
-template <typename scalar_t, int kMode = kFused>
+template <typename scalar_t, int kMode = kFused, typename op_t = scalar_t>
 __global__ void __launch_bounds__(kThreads)
-mlp_forward_mma_kernel(MlpForwardArgs<scalar_t, float> p) {
+mlp_forward_mma_kernel(MlpForwardArgs<scalar_t, float, op_t> p) {
   static_assert(kThreads == 4 * 32 && kHidChunk == 64 && kOutTile == 64 && kMmaTokens == 64,
                 "warp w owns tokens 16w..16w+15 of the tile and all 64 columns of each GEMM");
-  RIFORMER_DYNAMIC_SMEM(scalar_t, smem);
+  RIFORMER_DYNAMIC_SMEM(op_t, smem);
   const int64_t ZS = p.C + kZPad;
-  scalar_t* const zT = smem;   // [kMmaTokens][ZS] (not in kOutput)
+  op_t* const zT = smem;   // [kMmaTokens][ZS] (not in kOutput)
   float* const wsum = reinterpret_cast<float*>(
       smem + (kMode == kOutput ? 0 : kMmaTokens * ZS));   // [4 warps][kOutTile]
 
@@ -575,7 +583,7 @@ mlp_forward_mma_kernel(MlpForwardArgs<scalar_t, float> p) {
     if constexpr (kMode == kOutput) {
       // Straight from the scratch h (N, T, Hd): a register is two consecutive hidden units of
       // one token; tokens past T and hidden units past Hd read as 0.
-      const scalar_t* hn_base = p.h + n * p.T * p.Hd;
+      const op_t* hn_base = p.h + n * p.T * p.Hd;
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         const int64_t j = h0 + 16 * kk + 2 * tq;
@@ -591,8 +599,8 @@ mlp_forward_mma_kernel(MlpForwardArgs<scalar_t, float> p) {
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) u[nt][e] = 0.f;
-      const scalar_t* zr0 = zT + (16 * warp + g) * ZS;   // rows g and g + 8 of the warp
-      const scalar_t* zr1 = zr0 + 8 * ZS;
+      const op_t* zr0 = zT + (16 * warp + g) * ZS;   // rows g and g + 8 of the warp
+      const op_t* zr1 = zr0 + 8 * ZS;
       for (int64_t k0 = 0; k0 < p.C; k0 += 16) {
         const uint32_t a[4] = {shared_pair(zr0 + k0 + 2 * tq), shared_pair(zr1 + k0 + 2 * tq),
                                shared_pair(zr0 + k0 + 2 * tq + 8),

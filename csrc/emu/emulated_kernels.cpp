@@ -14,6 +14,7 @@
 #include <cstring>
 #include <exception>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -43,6 +44,39 @@ int guarded(F&& f, char* err, size_t errlen) {
   }
   return 1;
 }
+
+template <typename T>
+struct Tag { using type = T; };
+
+// Calls f(Tag<scalar_t>, Tag<acc_t>, Tag<op_t>) for the (activations, weights) dtype codes the
+// MLP kernels take: one dtype for both, or the mixed-precision mode's fp32 activations with
+// fp16/bf16 weights (MlpForwardArgs). Anything else is refused naming the codes.
+template <typename F>
+void dispatch_mlp_types(int dtype, int wdtype, const char* what, F&& f) {
+  if (dtype == wdtype) {
+    switch (dtype) {
+      case kF32: f(Tag<float>{}, Tag<float>{}, Tag<float>{}); return;
+      case kF64: f(Tag<double>{}, Tag<double>{}, Tag<double>{}); return;
+      case kF16: f(Tag<__half>{}, Tag<float>{}, Tag<__half>{}); return;
+      case kBF16: f(Tag<__nv_bfloat16>{}, Tag<float>{}, Tag<__nv_bfloat16>{}); return;
+      default: break;
+    }
+  } else if (dtype == kF32 && wdtype == kF16) {
+    f(Tag<float>{}, Tag<float>{}, Tag<__half>{});
+    return;
+  } else if (dtype == kF32 && wdtype == kBF16) {
+    f(Tag<float>{}, Tag<float>{}, Tag<__nv_bfloat16>{});
+    return;
+  }
+  throw std::invalid_argument(std::string(what) + ": unsupported dtype codes (activations " +
+                              std::to_string(dtype) + ", weights " + std::to_string(wdtype) +
+                              ")");
+}
+
+#define RIFORMER_MLP_TYPES(s, a, o)        \
+  using scalar_t = typename decltype(s)::type; \
+  using acc_t = typename decltype(a)::type;    \
+  using op_t = typename decltype(o)::type
 
 // dims[0..6] as every MLP entry point receives them: N, C, Hd, T and x's strides sn, sc, st.
 template <typename Args>
@@ -78,29 +112,30 @@ void run_moments(const void* x, int64_t N, int64_t C, int64_t T, bool channels_l
               static_cast<acc_t*>(mean), static_cast<acc_t*>(var));
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename op_t>
 void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* const* coeffs,
                      const void* const* weights, bool mma, int two_gemm, void* u, void* mean,
                      void* var) {
   using namespace riformer;
   using namespace riformer::mlp_cuda;
-  MlpForwardArgs<scalar_t, acc_t> p;
+  MlpForwardArgs<scalar_t, acc_t, op_t> p;
   p.x = static_cast<const scalar_t*>(x);
   p.out = static_cast<scalar_t*>(out);
   unpack_shape(p, dims);
-  const MlpPlan plan = plan_mlp(p.N, p.C, p.Hd, p.T, int(sizeof(scalar_t)),
-                                sizeof(scalar_t) == 2, mma ? 1 : 0, two_gemm);
+  // The plan follows the GEMM operand type (the mixed mode plans as its half weights).
+  const MlpPlan plan = plan_mlp(p.N, p.C, p.Hd, p.T, int(sizeof(op_t)), sizeof(op_t) == 2,
+                                mma ? 1 : 0, two_gemm);
   p.tiles = plan.tiles;
   p.A = static_cast<const acc_t*>(coeffs[0]);
   p.B = static_cast<const acc_t*>(coeffs[1]);
   p.a = static_cast<const acc_t*>(coeffs[2]);
   p.b = static_cast<const acc_t*>(coeffs[3]);
   p.l2 = static_cast<const acc_t*>(coeffs[4]);
-  p.w1 = static_cast<const scalar_t*>(weights[0]);
+  p.w1 = static_cast<const op_t*>(weights[0]);
   p.b1 = static_cast<const scalar_t*>(weights[1]);
-  p.w2 = static_cast<const scalar_t*>(weights[2]);
+  p.w2 = static_cast<const op_t*>(weights[2]);
   p.b2 = static_cast<const scalar_t*>(weights[3]);
-  p.u = static_cast<scalar_t*>(u);
+  p.u = static_cast<op_t*>(u);
   p.u_sj = dims[7];
   p.u_st = dims[8];
   // Epilogue partials and shifts, poisoned (NaN) so a partial no CTA wrote shows in the merge.
@@ -122,11 +157,11 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
                 static_cast<acc_t*>(var));
   };
   // The two-GEMM path's hidden activations, poisoned like every scratch buffer here.
-  std::vector<scalar_t> h(size_t(plan.scratch));
-  std::memset(static_cast<void*>(h.data()), 0xff, h.size() * sizeof(scalar_t));
+  std::vector<op_t> h(size_t(plan.scratch));
+  std::memset(static_cast<void*>(h.data()), 0xff, h.size() * sizeof(op_t));
   p.h = plan.two_gemm ? h.data() : nullptr;
   const dim3 grid(plan.grid_x, plan.grid_y), grid_hidden(plan.grid_x, plan.grid_y_hidden);
-  if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
+  if constexpr (std::is_same_v<acc_t, float> && sizeof(op_t) == 2) {
     if (mma) {
       // The kernel loads weight pairs as 32-bit words; the emulator does not check global
       // memory, so the alignment a GPU would fault on is checked here.
@@ -136,26 +171,26 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
         throw std::invalid_argument("the mma MLP kernel needs C and the hidden size to be "
                                     "multiples of 16");
       if (plan.two_gemm) {
-        emu::launch(mlp_forward_mma_kernel<scalar_t, kHidden>, grid_hidden, dim3(kThreads),
-                    size_t(plan.smem_hidden), p);
-        emu::launch(mlp_forward_mma_kernel<scalar_t, kOutput>, grid, dim3(kThreads),
+        emu::launch(mlp_forward_mma_kernel<scalar_t, kHidden, op_t>, grid_hidden,
+                    dim3(kThreads), size_t(plan.smem_hidden), p);
+        emu::launch(mlp_forward_mma_kernel<scalar_t, kOutput, op_t>, grid, dim3(kThreads),
                     size_t(plan.smem), p);
       } else {
-        emu::launch(mlp_forward_mma_kernel<scalar_t, kFused>, grid, dim3(kThreads),
+        emu::launch(mlp_forward_mma_kernel<scalar_t, kFused, op_t>, grid, dim3(kThreads),
                     size_t(plan.smem), p);
       }
       merge();
       return;
     }
   }
-  if (mma) throw std::invalid_argument("the mma MLP kernel takes float16 or bfloat16");
+  if (mma) throw std::invalid_argument("the mma MLP kernel takes float16 or bfloat16 weights");
   if (plan.two_gemm) {
-    emu::launch(mlp_forward_kernel<scalar_t, acc_t, kHidden>, grid_hidden, dim3(kThreads),
+    emu::launch(mlp_forward_kernel<scalar_t, acc_t, kHidden, op_t>, grid_hidden, dim3(kThreads),
                 size_t(plan.smem_hidden), p);
-    emu::launch(mlp_forward_kernel<scalar_t, acc_t, kOutput>, grid, dim3(kThreads),
+    emu::launch(mlp_forward_kernel<scalar_t, acc_t, kOutput, op_t>, grid, dim3(kThreads),
                 size_t(plan.smem), p);
   } else {
-    emu::launch(mlp_forward_kernel<scalar_t, acc_t, kFused>, grid, dim3(kThreads),
+    emu::launch(mlp_forward_kernel<scalar_t, acc_t, kFused, op_t>, grid, dim3(kThreads),
                 size_t(plan.smem), p);
   }
   merge();
@@ -167,7 +202,7 @@ void run_mlp_forward(const void* x, void* out, const int64_t* dims, const void* 
 extern "C" {
 
 // Bumped whenever a signature below changes; cuda_emu.py refuses a library of another version.
-int riformer_emu_abi_version() { return 5; }
+int riformer_emu_abi_version() { return 6; }
 
 void riformer_emu_set_seed(uint64_t seed) { riformer::emu::set_seed(seed); }
 
@@ -228,24 +263,21 @@ int riformer_emu_moments(int dtype, const void* x, int64_t N, int64_t C, int64_t
 }
 
 // dims: N, C, Hd, T, sn, sc, st, u_sj, u_st (u's hidden and token strides). coeffs: A, B, a, b, l2 ((N, C) contiguous, statistics dtype).
-// weights: w1 (Hd, C), b1, w2 (C, Hd), b2, contiguous, in x's dtype.
+// weights: w1 (Hd, C), b1, w2 (C, Hd), b2, contiguous; b1, b2 in x's dtype (`dtype`), w1, w2 in
+// `wdtype`: x's, or fp16/bf16 for fp32 x (the mixed-precision mode; u is then in wdtype too).
 // mma = 1: the tensor-core kernels (float16/bfloat16 only). two_gemm: -1 the large-C rule
 // (prefer_two_gemm), 0 the fused kernel, 1 the two-GEMM path. u: (N, T, Hd) saved pre-activation
 // or null; mean, var: (N, C) moments of out in the statistics dtype, or null (not computed).
-int riformer_emu_mlp_forward(int dtype, const void* x, void* out, const int64_t* dims,
-                             const void* const* coeffs, const void* const* weights, int mma,
-                             int two_gemm, void* u, void* mean, void* var, char* err,
-                             size_t errlen) {
+int riformer_emu_mlp_forward(int dtype, int wdtype, const void* x, void* out,
+                             const int64_t* dims, const void* const* coeffs,
+                             const void* const* weights, int mma, int two_gemm, void* u,
+                             void* mean, void* var, char* err, size_t errlen) {
   return guarded([&] {
-    const bool m = mma != 0;
-    const int tg = two_gemm;
-    switch (dtype) {
-      case kF32: run_mlp_forward<float, float>(x, out, dims, coeffs, weights, m, tg, u, mean, var); break;
-      case kF64: run_mlp_forward<double, double>(x, out, dims, coeffs, weights, m, tg, u, mean, var); break;
-      case kF16: run_mlp_forward<__half, float>(x, out, dims, coeffs, weights, m, tg, u, mean, var); break;
-      case kBF16: run_mlp_forward<__nv_bfloat16, float>(x, out, dims, coeffs, weights, m, tg, u, mean, var); break;
-      default: throw std::invalid_argument("riformer_emu_mlp_forward: unknown dtype code");
-    }
+    dispatch_mlp_types(dtype, wdtype, "riformer_emu_mlp_forward", [&](auto s, auto a, auto o) {
+      RIFORMER_MLP_TYPES(s, a, o);
+      run_mlp_forward<scalar_t, acc_t, op_t>(x, out, dims, coeffs, weights, mma != 0, two_gemm,
+                                             u, mean, var);
+    });
   }, err, errlen);
 }
 
@@ -264,15 +296,15 @@ namespace {
 // (1: the tensor-core kernels; fp16/bf16 with C and Hd multiples of 16).
 // coeffs: A, B, mean, l2, then P, Q, R, S for phase 2 ((N, C) contiguous, statistics dtype).
 // weights: w1 (Hd, C), b1, w2 (C, Hd), b2 (contiguous, x's dtype).
-template <typename scalar_t, typename acc_t>
-riformer::mlp_bwd_cuda::MlpBackwardArgs<scalar_t, acc_t> backward_args(
+template <typename scalar_t, typename acc_t, typename op_t>
+riformer::mlp_bwd_cuda::MlpBackwardArgs<scalar_t, acc_t, op_t> backward_args(
     const void* x, const void* g, const void* u, const int64_t* dims, const void* const* coeffs,
     const void* const* weights) {
   using namespace riformer::mlp_bwd_cuda;
-  MlpBackwardArgs<scalar_t, acc_t> p{};
+  MlpBackwardArgs<scalar_t, acc_t, op_t> p{};
   p.x = static_cast<const scalar_t*>(x);
   p.g = static_cast<const scalar_t*>(g);
-  p.u = static_cast<const scalar_t*>(u);
+  p.u = static_cast<const op_t*>(u);
   unpack_shape(p, dims);
   p.usn = dims[7];
   p.usc = dims[8];
@@ -286,9 +318,9 @@ riformer::mlp_bwd_cuda::MlpBackwardArgs<scalar_t, acc_t> backward_args(
   p.B = static_cast<const acc_t*>(coeffs[1]);
   p.mean = static_cast<const acc_t*>(coeffs[2]);
   p.l2 = static_cast<const acc_t*>(coeffs[3]);
-  p.w1 = static_cast<const scalar_t*>(weights[0]);
+  p.w1 = static_cast<const op_t*>(weights[0]);
   p.b1 = static_cast<const scalar_t*>(weights[1]);
-  p.w2 = static_cast<const scalar_t*>(weights[2]);
+  p.w2 = static_cast<const op_t*>(weights[2]);
   p.b2 = static_cast<const scalar_t*>(weights[3]);
   return p;
 }
@@ -298,12 +330,13 @@ unsigned ceil_div(int64_t a, int64_t b) { return unsigned((a + b - 1) / b); }
 // Whether the tensor-core kernels run (mma != 0), refusing what they cannot run. The mma
 // kernels load weight pairs as 32-bit words or 16-bit halves; the emulator does not check
 // global memory, so the alignment a GPU would fault on is checked here.
-template <typename scalar_t, typename acc_t, typename Args>
+template <typename scalar_t, typename acc_t, typename op_t, typename Args>
 bool use_backward_mma(const Args& p, int64_t mma) {
   using namespace riformer::mlp_bwd_cuda;
   if (!mma) return false;
-  if (!(std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2))
-    throw std::invalid_argument("the mma backward kernels take float16 or bfloat16");
+  if (!(std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2 && std::is_same_v<scalar_t, op_t>))
+    throw std::invalid_argument("the mma backward kernels take float16 or bfloat16 activations "
+                                "and weights (the mixed-precision mode runs the FFMA kernels)");
   if (reinterpret_cast<uintptr_t>(p.w1) % 4 || reinterpret_cast<uintptr_t>(p.w2) % 4)
     throw std::invalid_argument("the mma backward kernels need w1 and w2 4-byte aligned");
   if (!mma_eligible(p.C, p.Hd))
@@ -315,53 +348,55 @@ bool use_backward_mma(const Args& p, int64_t mma) {
 // partials (see MlpBackwardArgs): dw1p, dw2p, db1p (per split: `riformer_emu_mlp_backward_splits`
 // of them; unused with one split, see weights_in_place), sgp, sgxp (per pair: splits + N), sdzp,
 // sdzxp, sgop (per pair and hidden chunk); outs: dw1, db1, dw2, db2, sums.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename op_t>
 void run_mlp_backward_phase1(const void* x, const void* g, const void* u, const int64_t* dims,
                              const void* const* coeffs, const void* const* weights,
                              void* const* partials, void* const* outs) {
   using namespace riformer;
   using namespace riformer::mlp_bwd_cuda;
-  auto p = backward_args<scalar_t, acc_t>(x, g, u, dims, coeffs, weights);
+  auto p = backward_args<scalar_t, acc_t, op_t>(x, g, u, dims, coeffs, weights);
   set_phase1_buffers(&p, reinterpret_cast<acc_t* const*>(partials),
                      reinterpret_cast<acc_t* const*>(outs));
   const dim3 grid(unsigned(p.splits), unsigned(p.hchunks), ceil_div(p.C, kCh));
   bool launched = false;
-  if (use_backward_mma<scalar_t, acc_t>(p, dims[11])) {
-    if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
+  if (use_backward_mma<scalar_t, acc_t, op_t>(p, dims[11])) {
+    if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2 &&
+                  std::is_same_v<scalar_t, op_t>) {
       emu::launch(mlp_backward_partials_mma_kernel<scalar_t>, grid, dim3(kThreads),
                   size_t(partials_mma_smem_bytes(p.C)), p);
       launched = true;
     }
   }
   if (!launched)
-    emu::launch(mlp_backward_partials_kernel<scalar_t, acc_t>, grid, dim3(kThreads),
+    emu::launch(mlp_backward_partials_kernel<scalar_t, acc_t, op_t>, grid, dim3(kThreads),
                 size_t(partials_smem_bytes(p.C, sizeof(acc_t))), p);
-  emu::launch(mlp_backward_weights_kernel<scalar_t, acc_t>,
+  emu::launch(mlp_backward_weights_kernel<scalar_t, acc_t, op_t>,
               dim3(ceil_div(weights_elements(p), kThreads)), dim3(kThreads), 0, p);
-  emu::launch(mlp_backward_sums_kernel<scalar_t, acc_t>, dim3(ceil_div(p.N * p.C, kThreads)),
-              dim3(kThreads), 0, p);
+  emu::launch(mlp_backward_sums_kernel<scalar_t, acc_t, op_t>,
+              dim3(ceil_div(p.N * p.C, kThreads)), dim3(kThreads), 0, p);
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename op_t>
 void run_mlp_backward_dx(const void* x, const void* g, const void* u, const int64_t* dims,
                          const void* const* coeffs, const void* const* weights, void* dx) {
   using namespace riformer;
   using namespace riformer::mlp_bwd_cuda;
-  auto p = backward_args<scalar_t, acc_t>(x, g, u, dims, coeffs, weights);
+  auto p = backward_args<scalar_t, acc_t, op_t>(x, g, u, dims, coeffs, weights);
   p.P = static_cast<const acc_t*>(coeffs[4]);
   p.Q = static_cast<const acc_t*>(coeffs[5]);
   p.R = static_cast<const acc_t*>(coeffs[6]);
   p.S = static_cast<const acc_t*>(coeffs[7]);
   p.dx = static_cast<scalar_t*>(dx);
   const dim3 grid(unsigned(p.N * p.tiles), ceil_div(p.C, kCh));
-  if (use_backward_mma<scalar_t, acc_t>(p, dims[11])) {
-    if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2) {
+  if (use_backward_mma<scalar_t, acc_t, op_t>(p, dims[11])) {
+    if constexpr (std::is_same_v<acc_t, float> && sizeof(scalar_t) == 2 &&
+                  std::is_same_v<scalar_t, op_t>) {
       emu::launch(mlp_backward_dx_mma_kernel<scalar_t>, grid, dim3(kThreads),
                   size_t(dx_mma_smem_bytes(p.C)), p);
       return;
     }
   }
-  emu::launch(mlp_backward_dx_kernel<scalar_t, acc_t>, grid, dim3(kThreads),
+  emu::launch(mlp_backward_dx_kernel<scalar_t, acc_t, op_t>, grid, dim3(kThreads),
               size_t(dx_smem_bytes(p.C, sizeof(acc_t))), p);
 }
 
@@ -393,43 +428,31 @@ int64_t riformer_emu_mlp_backward_splits(int64_t N, int64_t T, int64_t C, int64_
   return riformer::mlp_bwd_cuda::plan_splits(N, T, C, Hd, scalar, acc, tiles_per_split).splits;
 }
 
-int riformer_emu_mlp_backward_phase1(int dtype, const void* x, const void* g, const void* u,
-                                     const int64_t* dims, const void* const* coeffs,
-                                     const void* const* weights, void* const* partials,
-                                     void* const* outs, char* err, size_t errlen) {
+// dtype: x's, g's and the biases'; wdtype: w1's, w2's and the saved u's (x's, or fp16/bf16 for
+// fp32 x: the mixed-precision mode, which runs the FFMA kernels).
+int riformer_emu_mlp_backward_phase1(int dtype, int wdtype, const void* x, const void* g,
+                                     const void* u, const int64_t* dims,
+                                     const void* const* coeffs, const void* const* weights,
+                                     void* const* partials, void* const* outs, char* err,
+                                     size_t errlen) {
   return guarded([&] {
-    switch (dtype) {
-      case kF32:
-        run_mlp_backward_phase1<float, float>(x, g, u, dims, coeffs, weights, partials, outs);
-        break;
-      case kF64:
-        run_mlp_backward_phase1<double, double>(x, g, u, dims, coeffs, weights, partials, outs);
-        break;
-      case kF16:
-        run_mlp_backward_phase1<__half, float>(x, g, u, dims, coeffs, weights, partials, outs);
-        break;
-      case kBF16:
-        run_mlp_backward_phase1<__nv_bfloat16, float>(x, g, u, dims, coeffs, weights, partials,
-                                                      outs);
-        break;
-      default: throw std::invalid_argument("riformer_emu_mlp_backward_phase1: unknown dtype code");
-    }
+    dispatch_mlp_types(dtype, wdtype, "riformer_emu_mlp_backward_phase1",
+                       [&](auto s, auto a, auto o) {
+      RIFORMER_MLP_TYPES(s, a, o);
+      run_mlp_backward_phase1<scalar_t, acc_t, op_t>(x, g, u, dims, coeffs, weights, partials,
+                                                     outs);
+    });
   }, err, errlen);
 }
 
-int riformer_emu_mlp_backward_dx(int dtype, const void* x, const void* g, const void* u,
-                                 const int64_t* dims, const void* const* coeffs,
+int riformer_emu_mlp_backward_dx(int dtype, int wdtype, const void* x, const void* g,
+                                 const void* u, const int64_t* dims, const void* const* coeffs,
                                  const void* const* weights, void* dx, char* err, size_t errlen) {
   return guarded([&] {
-    switch (dtype) {
-      case kF32: run_mlp_backward_dx<float, float>(x, g, u, dims, coeffs, weights, dx); break;
-      case kF64: run_mlp_backward_dx<double, double>(x, g, u, dims, coeffs, weights, dx); break;
-      case kF16: run_mlp_backward_dx<__half, float>(x, g, u, dims, coeffs, weights, dx); break;
-      case kBF16:
-        run_mlp_backward_dx<__nv_bfloat16, float>(x, g, u, dims, coeffs, weights, dx);
-        break;
-      default: throw std::invalid_argument("riformer_emu_mlp_backward_dx: unknown dtype code");
-    }
+    dispatch_mlp_types(dtype, wdtype, "riformer_emu_mlp_backward_dx", [&](auto s, auto a, auto o) {
+      RIFORMER_MLP_TYPES(s, a, o);
+      run_mlp_backward_dx<scalar_t, acc_t, op_t>(x, g, u, dims, coeffs, weights, dx);
+    });
   }, err, errlen);
 }
 

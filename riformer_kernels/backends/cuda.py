@@ -27,6 +27,11 @@ same launch sequence and split plan, so the same fixed reduction orders. Both ha
 implementations, so torch.compile traces a training step on either device. The compiled
 backward has been compiled (0 spills) and traced on fake CUDA tensors, not yet run on a GPU.
 
+Autocast (`pipeline.AutocastPlan`, `mixed_precision` below): fp32 activations around fp16/bf16
+GEMMs -- the kernels' `op_t` -- with the weights cast by the pipeline; the forward on tensor
+cores where the shape allows, the backward in FFMA on fp32 activations (docs/kernels.md, "Mixed
+precision").
+
 On GPUs `auto` keeps `triton` first and `cuda` second (dispatch.AUTO_ORDER): the CUDA kernels
 have been run only under the emulator, never timed on a GPU; the order changes when a GPU
 measurement says so (docs/kernels.md).
@@ -36,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..pipeline import KernelSet, Partials, Phase1, register_kernel_set
+from ..pipeline import KernelSet, Partials, Phase1, autocast_plan, register_kernel_set
 from . import cuda_emu
 
 # The compiled ops the kernel set calls on CUDA tensors (csrc/cuda/*.cu).
@@ -120,13 +125,16 @@ def _supports(block, x: torch.Tensor) -> str | None:
         # the bytes); the emulated plan's answers are for the emulator's 227 KiB.
         return None
     c, hidden = x.shape[1], block.mlp.fc1.weight.shape[0]
-    key = (c, hidden, x.dtype)
-    smem = _probed(_SMEM, key, cuda_emu.mlp_smem_bytes)
+    # The forward's plan follows the GEMM operand dtype: under autocast (x here is the fp32
+    # stand-in of the mixed-precision mode) the autocast dtype; the backward's follows x's.
+    plan = autocast_plan(block, x)
+    gemm = plan.gemm if plan is not None and plan.mixed else x.dtype
+    smem = _probed(_SMEM, (c, hidden, gemm), cuda_emu.mlp_smem_bytes)
     if smem is not None and smem > cuda_emu.MAX_DYNAMIC_SMEM:
         return (f"C={c} in {x.dtype} needs {smem} bytes of shared memory per CTA (the MLP kernel "
                 f"keeps z for all C channels of its token tile), over {cuda_emu.MAX_DYNAMIC_SMEM}")
     if training:
-        smem = _probed(_BACKWARD_SMEM, key, cuda_emu.mlp_backward_smem_bytes)
+        smem = _probed(_BACKWARD_SMEM, (c, hidden, x.dtype), cuda_emu.mlp_backward_smem_bytes)
         if smem is not None and smem > cuda_emu.MAX_DYNAMIC_SMEM:
             return (f"training at C={c} in {x.dtype}: the backward kernels need {smem} bytes of "
                     f"shared memory per CTA (z and l2 g of all C channels of a token tile), over "
@@ -225,5 +233,10 @@ KERNELS = KernelSet(
     prepare_input=_prepare_input, moments=_moments,
     merge=lambda m1, m2, tokens, span: (m1, m2), mlp_forward=_mlp_forward,
     output_span=lambda out: 0, backward_weights_and_sums=_backward_weights_and_sums,
-    backward_dx=_backward_dx)
+    backward_dx=_backward_dx,
+    # fp32 activations around fp16/bf16 GEMMs (MlpForwardArgs' op_t): the forward on tensor
+    # cores where the shape allows (z and h rounded as the reference under autocast rounds
+    # them), the backward in FFMA on fp32 activations with the weights widened on load
+    # (csrc/cuda/mlp_backward_kernels.cuh, "Arithmetic").
+    mixed_precision=(torch.float16, torch.bfloat16))
 register_kernel_set(KERNELS)

@@ -35,7 +35,7 @@ from ..atomic import replacing
 
 ENV_FLAG = 'RIFORMER_CUDA_EMULATE'
 ENABLED = os.environ.get(ENV_FLAG, '0') not in ('', '0')
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / 'csrc'
@@ -48,6 +48,9 @@ MAX_DYNAMIC_SMEM = 227 * 1024
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 SUPPORTED_DTYPES = tuple(_DTYPE_CODES)
+# The weight dtypes of the mixed-precision mode (fp32 activations; what autocast runs,
+# riformer_kernels.pipeline.AutocastPlan): the GEMMs' operand dtype differs from x's.
+MIXED_WEIGHT_DTYPES = (torch.float16, torch.bfloat16)
 
 _lock = threading.Lock()   # one launch at a time: the emulator's state is process-wide
 _lib = None
@@ -138,9 +141,9 @@ def library():
             i64, ptr, cstr = ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p
             lib.riformer_emu_moments.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ctypes.c_int,
                                                  ctypes.c_int, ptr, ptr, cstr, ctypes.c_size_t]
-            lib.riformer_emu_mlp_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
-                                                     ctypes.c_int, ctypes.c_int, ptr, ptr, ptr,
-                                                     cstr, ctypes.c_size_t]
+            lib.riformer_emu_mlp_forward.argtypes = [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr,
+                                                     ptr, ptr, ctypes.c_int, ctypes.c_int, ptr,
+                                                     ptr, ptr, cstr, ctypes.c_size_t]
             lib.riformer_emu_mlp_plan.argtypes = [i64, i64, ctypes.c_int, ctypes.c_int,
                                                   ctypes.c_int, ctypes.POINTER(i64)]
             lib.riformer_emu_set_seed.argtypes = [ctypes.c_uint64]
@@ -241,6 +244,27 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def gemm_dtype(what: str, x: torch.Tensor, weights: dict) -> torch.dtype:
+    """The dtype the MLP's GEMMs run in: the weights' (w1 and w2 alike), which is x's, or
+    fp16/bf16 for fp32 x (the mixed-precision mode). The biases are always in x's dtype (they
+    are added to fp32 accumulators). Raises TypeError naming the offending tensor otherwise."""
+    w1 = weights['w1']
+    op = w1.dtype if isinstance(w1, torch.Tensor) else x.dtype
+    if op != x.dtype and not (x.dtype == torch.float32 and op in MIXED_WEIGHT_DTYPES):
+        op = x.dtype   # not a mode the kernels have: report against x's dtype below
+    for name, t in weights.items():
+        if not isinstance(t, torch.Tensor):
+            continue   # the shape checks name it
+        want = op if name in ('w1', 'w2') else x.dtype
+        if t.dtype != want or t.device != x.device:
+            mixed = (f" (or both fp16/bf16 for float32 x: the mixed-precision mode)"
+                     if name in ('w1', 'w2') else "")
+            raise TypeError(f"{what}: {name} is {t.dtype} on {t.device}; the kernels take it in "
+                            f"{want} on {x.device}: w1 and w2 in x's dtype{mixed}, b1 and b2 "
+                            f"in x's dtype")
+    return op
+
+
 def moments(x: torch.Tensor, sms: int = DEFAULT_SMS):
     """Per-(n,c) mean and population variance over H*W (statistics dtype), by the two-stage
     moments kernels of csrc/cuda/moments_kernels.cuh, launched as on a GPU with `sms` SMs."""
@@ -335,7 +359,9 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto', save_u:
 
     x: (N, C, H, W), NCHW or channels_last (other strides are copied); the output has x's
     layout. A, B, a, b, l2: (N, C) in the statistics dtype (fp64 for fp64 x, else fp32).
-    w1: (Hd, C) or (Hd, C, 1, 1); b1: (Hd,); w2: (C, Hd) or (C, Hd, 1, 1); b2: (C,), in x's dtype.
+    w1: (Hd, C) or (Hd, C, 1, 1); b1: (Hd,); w2: (C, Hd) or (C, Hd, 1, 1); b2: (C,), in x's dtype;
+    or, for float32 x, w1 and w2 in float16/bfloat16 (the mixed-precision mode: the GEMMs run on
+    operands of that dtype, x, out and the biases stay fp32, u is saved in the weights' dtype).
     """
     _check_x(x, 'mlp_forward')
     if layout(x) is None:
@@ -352,9 +378,7 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto', save_u:
         if tuple(t.shape) != shape or hd < 1:
             raise ValueError(f"mlp_forward: {name} has shape {tuple(t.shape)}, expected {shape} "
                              f"for C={c} and {hd} hidden units")
-        if t.dtype != x.dtype or t.device != x.device:
-            raise TypeError(f"mlp_forward: {name} is {t.dtype} on {t.device}; the kernel takes "
-                            f"the weights in x's dtype ({x.dtype}) on {x.device}")
+    op = gemm_dtype('mlp_forward', x, {k: t for k, (t, _) in expect.items()})
     coeffs = {'A': A, 'B': B, 'a': a, 'b': b, 'l2': l2}
     for name, t in coeffs.items():
         if not isinstance(t, torch.Tensor):
@@ -364,7 +388,7 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto', save_u:
         if t.dtype != sd or t.device != x.device:
             raise TypeError(f"mlp_forward: {name} is {t.dtype} on {t.device}, expected {sd} on "
                             f"{x.device} (the statistics dtype of {x.dtype})")
-    plan = mlp_plan(c, hd, x.dtype, kernel, path)
+    plan = mlp_plan(c, hd, op, kernel, path)   # the plan follows the GEMM operand dtype
     which = plan.kernel
     smem = max(plan.smem, plan.smem_hidden)
     if smem > MAX_DYNAMIC_SMEM:
@@ -380,7 +404,7 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto', save_u:
                          f"{x.stride()}")
     # Poisoned like out; u is (N, Hd, H, W) with the hidden index fastest (the kernel writes
     # (N, T, Hd)), the layout the Triton backend saves it in too.
-    u = (torch.full((n, h, w, hd), float('nan'), dtype=x.dtype).permute(0, 3, 1, 2)
+    u = (torch.full((n, h, w, hd), float('nan'), dtype=op).permute(0, 3, 1, 2)
          if save_u else None)
     mean, var = (torch.full((n, c) if emit_moments else (0,), float('nan'), dtype=sd)
                  for _ in range(2))
@@ -396,8 +420,8 @@ def mlp_forward(x, A, B, a, b, l2, w1, b1, w2, b2, kernel: str = 'auto', save_u:
                                 1 if save_u else 0, hd if save_u else 0)
     ptrs_c = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in keep[:5]])
     ptrs_w = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep[5:]])
-    _call(library().riformer_emu_mlp_forward, _DTYPE_CODES[x.dtype], x.data_ptr(),
-          out.data_ptr(), dims, ptrs_c, ptrs_w, int(which == 'mma'),
+    _call(library().riformer_emu_mlp_forward, _DTYPE_CODES[x.dtype], _DTYPE_CODES[op],
+          x.data_ptr(), out.data_ptr(), dims, ptrs_c, ptrs_w, int(which == 'mma'),
           int(plan.path == 'two_gemm'),
           u.data_ptr() if save_u else None, mean.data_ptr() if emit_moments else None,
           var.data_ptr() if emit_moments else None)
@@ -445,7 +469,7 @@ def _(x, A, B, a, b, l2, w1, b1, w2, b2, save_u, emit_moments):
     hd = w1.shape[0]
     sd = stats_dtype(x.dtype)
     mean, var = (x.new_empty((n, c) if emit_moments else (0,), dtype=sd) for _ in range(2))
-    u = (torch.empty((n, hd, h, w), dtype=x.dtype, device=x.device,
+    u = (torch.empty((n, hd, h, w), dtype=w1.dtype, device=x.device,
                      memory_format=torch.channels_last) if save_u else x.new_empty((0,)))
     return _out_like(x), mean, var, u
 
@@ -470,10 +494,11 @@ def _backward_library():
             lib.riformer_emu_mlp_backward_splits.argtypes = [i64, i64, i64, i64, ctypes.c_int,
                                                              i64]
             lib.riformer_emu_mlp_backward_splits.restype = i64
-            lib.riformer_emu_mlp_backward_phase1.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
-                                                             ptr, ptr, ptr, cstr, sz]
-            lib.riformer_emu_mlp_backward_dx.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
-                                                         ptr, ptr, cstr, sz]
+            lib.riformer_emu_mlp_backward_phase1.argtypes = [ctypes.c_int, ctypes.c_int, ptr, ptr,
+                                                             ptr, ptr, ptr, ptr, ptr, ptr, cstr,
+                                                             sz]
+            lib.riformer_emu_mlp_backward_dx.argtypes = [ctypes.c_int, ctypes.c_int, ptr, ptr,
+                                                         ptr, ptr, ptr, ptr, ptr, cstr, sz]
             _backward_ready = True
     return lib
 
@@ -548,9 +573,7 @@ def _check_backward_inputs(what, g, x, coeffs: dict, weights: dict, u, kernel):
         if tuple(t.shape) != shapes[name] or hd < 1:
             raise ValueError(f"{what}: {name} has shape {tuple(t.shape)}, expected "
                              f"{shapes[name]} for C={c} and {hd} hidden units")
-        if t.dtype != x.dtype or t.device != x.device:
-            raise TypeError(f"{what}: {name} is {t.dtype} on {t.device}; the kernels take the "
-                            f"weights in x's dtype ({x.dtype}) on {x.device}")
+    op = gemm_dtype(what, x, weights)
     for name, t in coeffs.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -562,18 +585,19 @@ def _check_backward_inputs(what, g, x, coeffs: dict, weights: dict, u, kernel):
     if u is not None:
         if not isinstance(u, torch.Tensor):
             raise TypeError(f"{what}: u must be a torch.Tensor or None, got {type(u).__name__}")
-        if tuple(u.shape) != (n, hd, h, w) or u.dtype != x.dtype or u.device != x.device:
+        if tuple(u.shape) != (n, hd, h, w) or u.dtype != op or u.device != x.device:
             raise ValueError(f"{what}: u is {tuple(u.shape)} {u.dtype} on {u.device}; expected "
-                             f"{(n, hd, h, w)} {x.dtype} on {x.device}")
+                             f"{(n, hd, h, w)} {op} (the weights' dtype) on {x.device}")
         if layout(u) is None:
             u = u.contiguous(memory_format=torch.channels_last)
+    # By x's dtype: the mixed mode (fp32 x) runs the FFMA kernels.
     which = mlp_backward_kernel(c, hd, x.dtype, kernel)
     smem = mlp_backward_smem_bytes(c, x.dtype, hd, which)
     if smem > MAX_DYNAMIC_SMEM:
         raise ValueError(f"{what}: C={c} in {x.dtype} needs {smem} bytes of shared memory per "
                          f"CTA (z and l2 g of all C channels of a 32-token tile), more than the "
                          f"{MAX_DYNAMIC_SMEM} a CTA can have")
-    return g, x, hd, u, which
+    return g, x, hd, u, which, op
 
 
 def _backward_weights(weights, which):
@@ -605,12 +629,15 @@ def mlp_backward_weights_and_sums(g, x, mean, A, B, l2, w1, b1, w2, b2, u=None,
     the other kernel sets return it).
 
     g, x: (N, C, H, W) in x's dtype (g is read in x's layout; copied there if it differs).
-    mean, A, B, l2: (N, C), statistics dtype. u: the saved pre-activation (N, Hd, H, W) or None
+    w1, w2 in x's dtype, or fp16/bf16 for fp32 x (the mixed-precision mode, run by the FFMA
+    kernels); b1, b2 in x's dtype.
+    mean, A, B, l2: (N, C), statistics dtype. u: the saved pre-activation (N, Hd, H, W), in the
+    weights' dtype, or None
     (recompute it). tiles_per_split > 0 overrides the split plan (tests). kernel: 'auto' (mma
     where `mlp_backward_kernel` allows, else ffma), 'ffma' or 'mma'."""
     what = 'mlp_backward_weights_and_sums'
     weights = {'w1': w1, 'b1': b1, 'w2': w2, 'b2': b2}
-    g, x, hd, u, which = _check_backward_inputs(
+    g, x, hd, u, which, op = _check_backward_inputs(
         what, g, x, {'mean': mean, 'A': A, 'B': B, 'l2': l2}, weights, u, kernel)
     if not isinstance(tiles_per_split, int) or tiles_per_split < 0:
         raise ValueError(f"{what}: tiles_per_split must be an int >= 0, got {tiles_per_split!r}")
@@ -638,7 +665,7 @@ def mlp_backward_weights_and_sums(g, x, mean, A, B, l2, w1, b1, w2, b2, u=None,
     ptrs_p = (ctypes.c_void_p * 8)(*[t.data_ptr() for t in partials])
     ptrs_o = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in outs])
     _call(_backward_library().riformer_emu_mlp_backward_phase1, _DTYPE_CODES[x.dtype],
-          x.data_ptr(), g.data_ptr(), u.data_ptr() if u is not None else None,
+          _DTYPE_CODES[op], x.data_ptr(), g.data_ptr(), u.data_ptr() if u is not None else None,
           _backward_dims(x, hd, u, which, tiles_per_split), ptrs_c, ptrs_w, ptrs_p, ptrs_o)
     return tuple(outs)
 
@@ -651,7 +678,7 @@ def mlp_backward_dx(g, x, mean, A, B, l2, w1, b1, w2, b2, P, Q, R, S, u=None,
     what = 'mlp_backward_dx'
     weights = {'w1': w1, 'b1': b1, 'w2': w2, 'b2': b2}
     coeffs = {'mean': mean, 'A': A, 'B': B, 'l2': l2, 'P': P, 'Q': Q, 'R': R, 'S': S}
-    g, x, hd, u, which = _check_backward_inputs(what, g, x, coeffs, weights, u, kernel)
+    g, x, hd, u, which, op = _check_backward_inputs(what, g, x, coeffs, weights, u, kernel)
     dx = torch.empty_like(x)
     dx.fill_(float('nan'))   # poisoned: an element the kernel fails to write stays NaN
     if dx.stride() != x.stride():
@@ -662,7 +689,8 @@ def mlp_backward_dx(g, x, mean, A, B, l2, w1, b1, w2, b2, P, Q, R, S, u=None,
     keep_w = _backward_weights(weights, which)
     ptrs_c = (ctypes.c_void_p * 8)(*[t.data_ptr() for t in keep_c])
     ptrs_w = (ctypes.c_void_p * 4)(*[t.data_ptr() for t in keep_w])
-    _call(_backward_library().riformer_emu_mlp_backward_dx, _DTYPE_CODES[x.dtype], x.data_ptr(),
+    _call(_backward_library().riformer_emu_mlp_backward_dx, _DTYPE_CODES[x.dtype],
+          _DTYPE_CODES[op], x.data_ptr(),
           g.data_ptr(), u.data_ptr() if u is not None else None, _backward_dims(x, hd, u, which),
           ptrs_c, ptrs_w, dx.data_ptr())
     return dx
