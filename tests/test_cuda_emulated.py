@@ -526,13 +526,17 @@ def test_cuda_backend_unchanged_without_the_variable():
 # ---------------------------------------------------------------------------------------------
 # the emulated kernels as torch.library custom ops: fake implementations, compile
 
-@pytest.mark.parametrize('dtype,channels_last', [(torch.float32, False), (torch.float16, True),
-                                                 (torch.bfloat16, False)])
-def test_emulated_ops_pass_opcheck(dtype, channels_last):
+@pytest.mark.parametrize('dtype,wdtype,channels_last', [
+    (torch.float32, torch.float32, False), (torch.float16, torch.float16, True),
+    (torch.bfloat16, torch.bfloat16, False),
+    (torch.float32, torch.bfloat16, True), (torch.float32, torch.float16, False)])   # mixed
+def test_emulated_ops_pass_opcheck(dtype, wdtype, channels_last):
     """Schema, fake implementation (shapes, dtypes, strides of the real outputs) and AOT dispatch
     of every riformer_cuda_emu op (moments, mlp_forward, the two backward ops), by
-    torch.library.opcheck."""
+    torch.library.opcheck; the mixed-precision mode too (fp32 x, half weights: u in the
+    weights' dtype)."""
     x, coeffs, weights = _mlp_inputs(2, 32, 64, 3, 5, dtype, channels_last)
+    weights = [weights[0].to(wdtype), weights[1], weights[2].to(wdtype), weights[3]]
     utils = ('test_schema', 'test_faketensor', 'test_aot_dispatch_dynamic')
     torch.library.opcheck(cuda_emu.moments_op, (x,), test_utils=utils)
     for save_u, emit in ((False, False), (True, True)):
