@@ -74,7 +74,8 @@ else
     ARCH=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
     step build 150 env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" RIFORMER_FORCE_CUDA=1 \
         "$PY" -m pip install --no-deps --no-build-isolation -e .
-    step selftest 60 "$PY" -m riformer_kernels.selftest
+    # 90 s: the selftest's autocast cases compile triton's mixed-precision variants as well.
+    step selftest 90 "$PY" -m riformer_kernels.selftest
     step launched 90 "$PY" -m riformer_kernels.tools.launched_kernels --json "$OUT/launched.json"
     step bench-bf16 90 "$PY" -m benchmarks --device cuda --arch s12 --res 224 --batch 128 \
         --dtype bf16 --impl eager,compile,fused-triton --out "$OUT/bench-bf16" --no-progress
