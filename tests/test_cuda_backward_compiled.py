@@ -243,6 +243,20 @@ def _compiled(x, g, coeffs, weights, pqrs, u=None):
     return (*p1, dx)
 
 
+def _emulated_and_compiled_twice(x, g, coeffs, weights, pqrs, u, emulate=True):
+    """(the emulated ops' outputs on the CPU inputs, or None without emulate; the compiled
+    ops' outputs on CUDA copies, twice; the CUDA inputs)."""
+    emu = None
+    if emulate:
+        emu = (*cuda_emu.mlp_backward_weights_and_sums(g, x, *coeffs, *weights, u=u),
+               cuda_emu.mlp_backward_dx(g, x, *coeffs, *weights, *pqrs, u=u))
+    on_gpu = (x.cuda(), g.cuda(), _cuda(coeffs), _cuda(weights), _cuda(pqrs),
+              u.cuda() if u is not None else None)
+    got, again = _compiled(*on_gpu), _compiled(*on_gpu)
+    torch.cuda.synchronize()
+    return emu, got, again, on_gpu
+
+
 @pytest.mark.gpu
 @needs_cuda_kernels
 @needs_emulator
@@ -257,14 +271,7 @@ def test_compiled_ops_match_emulated_and_truth(case, dtype, channels_last, saved
     args = _kernel_inputs(*shape, dtype, channels_last)
     truth = _truth(*args)
     u = truth[-1].to(dtype).contiguous(memory_format=torch.channels_last) if saved_u else None
-    x, g, coeffs, weights, pqrs = args
-    if emulate:
-        emu = (*cuda_emu.mlp_backward_weights_and_sums(g, x, *coeffs, *weights, u=u),
-               cuda_emu.mlp_backward_dx(g, x, *coeffs, *weights, *pqrs, u=u))
-    on_gpu = (x.cuda(), g.cuda(), _cuda(coeffs), _cuda(weights), _cuda(pqrs),
-              u.cuda() if u is not None else None)
-    got, again = _compiled(*on_gpu), _compiled(*on_gpu)
-    torch.cuda.synchronize()
+    emu, got, again, on_gpu = _emulated_and_compiled_twice(*args, u, emulate)
     for i, (name, a, b, t) in enumerate(zip(NAMES, got, again, truth)):
         assert torch.equal(a, b), ('two runs differ', name)   # fixed orders, no atomics
         assert a.device == on_gpu[0].device, name
@@ -306,12 +313,7 @@ def test_compiled_mixed_precision_ops_match_emulated_and_truth(case, wdtype, sav
     args = (x, g, coeffs, weights, pqrs)
     truth = _truth(*args)
     u = truth[-1].to(wdtype).contiguous(memory_format=torch.channels_last) if saved_u else None
-    emu = (*cuda_emu.mlp_backward_weights_and_sums(g, x, *coeffs, *weights, u=u),
-           cuda_emu.mlp_backward_dx(g, x, *coeffs, *weights, *pqrs, u=u))
-    on_gpu = (x.cuda(), g.cuda(), _cuda(coeffs), _cuda(weights), _cuda(pqrs),
-              u.cuda() if u is not None else None)
-    got, again = _compiled(*on_gpu), _compiled(*on_gpu)
-    torch.cuda.synchronize()
+    emu, got, again, _ = _emulated_and_compiled_twice(*args, u)
     bound = KERNEL_TOL[torch.float32] if u is None else 4 * torch.finfo(wdtype).eps
     for name, a, b, e, t in zip(NAMES, got, again, emu, truth):
         assert torch.equal(a, b), ('two runs differ', name)
