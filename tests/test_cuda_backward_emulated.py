@@ -198,7 +198,7 @@ def test_backward_kernels_mixed_precision(case, dtype):
     """The mixed-precision mode (autocast): fp32 x, g, dx and biases, w1 / w2 (and a saved u)
     in a half dtype. The FFMA kernels run it (the mma kernels take half activations only) and
     round nothing: against the fp64 truth of the same rounded weights, the fp32 budget; with a
-    saved half u, GELU and GELU' see u rounded once (its ulp), nothing else."""
+    saved half u, GELU and GELU' see u rounded once, nothing else (within one eps)."""
     *shape, tps, channels_last = case
     x, g, coeffs, weights, pqrs = _inputs(*shape, torch.float32, channels_last)
     weights = [weights[0].to(dtype), weights[1], weights[2].to(dtype), weights[3]]
@@ -212,8 +212,10 @@ def test_backward_kernels_mixed_precision(case, dtype):
     assert got[-1].stride() == x.stride()
     u = truth[-1].to(dtype).contiguous(memory_format=torch.channels_last)
     saved = _run(*args, u=u, tiles_per_split=tps)
+    # The saved u's single rounding (<= eps/2 per element) carried through GELU and GELU':
+    # measured at most 0.27 eps (fp16) and 0.22 eps (bf16) over these cases.
     for name, a, b in zip(NAMES, saved, truth):
-        assert rel_err(a, b) <= 4 * torch.finfo(dtype).eps, (dtype, name, rel_err(a, b))
+        assert rel_err(a, b) <= torch.finfo(dtype).eps, (dtype, name, rel_err(a, b))
     with pytest.raises(ValueError, match='u is .* expected .*' + str(dtype).split('.')[-1]):
         _run(*args, u=truth[-1].float())          # u must be in the weights' dtype
     with pytest.raises(ValueError, match='mma backward kernels'):

@@ -259,8 +259,9 @@ def test_mlp_forward_mixed_precision(case, dtype):
             if kernel == 'ffma' and path == 'fused':
                 assert err <= 1e-5, (kernel, path, err)
             assert err <= 2 * ref_err, (kernel, path, err, ref_err)
-            # u rounded once to the weights' dtype (from fp32 z on FFMA, half z on mma)
-            assert rel_err(res.u, u_truth) <= 4 * torch.finfo(dtype).eps, (kernel, path)
+            # u rounded once to the weights' dtype (from fp32 z on FFMA, half z on mma): one
+            # rounding is <= eps/2 per element; measured at most 0.45 eps over these cases
+            assert rel_err(res.u, u_truth) <= torch.finfo(dtype).eps, (kernel, path)
             mean, var = _moments_of(res.out)
             assert rel_err(res.mean, mean) <= 2e-6 and rel_err(res.var, var) <= 2e-6
 
